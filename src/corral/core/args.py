@@ -1,0 +1,261 @@
+"""llama-server arguments as data: canonical flag names, merging, rendering to argv.
+
+Theory of operation
+-------------------
+A config is a ``binary`` plus an *ordered* mapping from canonical flag names to values.
+Every spelling of a flag (``-m``, ``--model``, ``model``) maps to one canonical key, the
+long form the binary's own ``--help`` lists first, so that merging ``-m`` and then
+``--model`` touches one key. The :class:`FlagCatalog` that knows the spellings is parsed
+from ``--help`` text (see :func:`parse_help`); without one, keys are taken as given.
+
+Values are strings, or ``True`` for a bare flag. Numbers coming from JSON are turned into
+strings at the edge, so ``8081`` and ``"8081"`` are the same config (no restart).
+``False``/``None`` in a change means "remove the flag". This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from corral.errors import InvalidArgs
+
+ArgValue: TypeAlias = str | Literal[True]
+"""A flag's value: a string, or ``True`` for a flag given without value."""
+
+ChangeValue: TypeAlias = str | int | float | bool | None
+"""What a client may send for a flag: ``False``/``None`` removes it."""
+
+BINARY_KEY = "binary"
+
+_PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_|,.\-]*|\{.*\}|<.*>|\[.*\]|N)$")
+
+
+@dataclass(frozen=True)
+class Flag:
+    canonical: str
+    aliases: frozenset[str]
+    takes_value: bool
+
+
+@dataclass(frozen=True)
+class FlagCatalog:
+    """The flags one llama-server binary understands, keyed by every spelling."""
+
+    flags: Mapping[str, Flag] = field(default_factory=dict)
+
+    def lookup(self, key: str) -> Flag | None:
+        for spelling in _spellings(key):
+            if spelling in self.flags:
+                return self.flags[spelling]
+        return None
+
+    def __len__(self) -> int:
+        return len({f.canonical for f in self.flags.values()})
+
+
+def _spellings(key: str) -> list[str]:
+    """``model`` may mean ``--model`` or ``-model``; ``m`` may mean ``-m`` or ``--m``."""
+    if key.startswith("-"):
+        return [key]
+    return [f"--{key}", f"-{key}"]
+
+
+def parse_help(text: str) -> FlagCatalog:
+    """Build a catalog from llama-server's ``--help`` output.
+
+    Option lines look like ``-m,    --model FNAME     model path ...`` or
+    ``-cb,   --cont-batching   enable ...``: comma-separated spellings, then an optional
+    placeholder (upper case, ``{a,b}``, ``<x>``) meaning the flag takes a value.
+    """
+    flags: dict[str, Flag] = {}
+    for line in text.splitlines():
+        parsed = _parse_option_line(line)
+        if parsed is None:
+            continue
+        spellings, takes_value = parsed
+        canonical = next((s for s in spellings if s.startswith("--")), spellings[0])
+        flag = Flag(canonical, frozenset(spellings), takes_value)
+        for spelling in spellings:
+            flags.setdefault(spelling, flag)
+    return FlagCatalog(flags)
+
+
+def _parse_option_line(line: str) -> tuple[list[str], bool] | None:
+    stripped = line.strip()
+    if not stripped.startswith("-") or stripped.startswith("--- "):
+        return None
+    # The description starts after a run of two or more spaces.
+    head = re.split(r"\s{2,}", stripped, maxsplit=1)[0]
+    spellings: list[str] = []
+    takes_value = False
+    for token in re.split(r"[,\s]+", head):
+        if not token:
+            continue
+        if re.fullmatch(r"--?[A-Za-z0-9][A-Za-z0-9_\-.]*", token):
+            spellings.append(token)
+        elif spellings and _PLACEHOLDER.match(token):
+            takes_value = True
+        else:
+            break
+    return (spellings, takes_value) if spellings else None
+
+
+def canonical_key(key: str, catalog: FlagCatalog | None) -> str:
+    """The one name a flag is stored under. Raises :class:`InvalidArgs` for unknown flags."""
+    key = key.strip()
+    if key == BINARY_KEY:
+        return key
+    if not key or key.strip("-") == "" or " " in key:
+        raise InvalidArgs(f"{key!r} is not a flag name")
+    if catalog is None or len(catalog) == 0:
+        return key if key.startswith("-") else ("-" if len(key) == 1 else "--") + key
+    flag = catalog.lookup(key)
+    if flag is None:
+        raise InvalidArgs(f"unknown llama-server flag {key!r} (not in this binary's --help)")
+    return flag.canonical
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """What to run: a program and its flags in order. Immutable; compare with ``==``."""
+
+    binary: str
+    args: tuple[tuple[str, ArgValue], ...] = ()
+
+    def get(self, key: str) -> ArgValue | None:
+        for name, value in self.args:
+            if name == key:
+                return value
+        return None
+
+    def argv(self) -> list[str]:
+        out = [self.binary]
+        for name, value in self.args:
+            out.append(name)
+            if value is not True:
+                out.append(value)
+        return out
+
+    def as_dict(self) -> dict[str, ArgValue]:
+        return dict(self.args)
+
+
+def normalise_value(key: str, value: ChangeValue, flag: Flag | None) -> ArgValue | None:
+    """JSON value -> stored value; ``None`` means remove. Checks value against the flag."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        if flag is not None and flag.takes_value:
+            raise InvalidArgs(f"flag {key!r} needs a value, got true")
+        return True
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value)
+    if flag is not None and not flag.takes_value:
+        if text.lower() in ("true", "1", "on", "yes"):
+            return True
+        raise InvalidArgs(f"flag {key!r} takes no value; send true to set it, false to remove it")
+    if "\n" in text or "\x00" in text:
+        raise InvalidArgs(f"value of {key!r} contains a newline or NUL byte")
+    return text
+
+
+@dataclass(frozen=True)
+class Change:
+    """A validated request: canonical keys, normalised values (``None`` = remove)."""
+
+    binary: str | None
+    args: tuple[tuple[str, ArgValue | None], ...]
+
+
+def parse_change(raw: Mapping[str, ChangeValue], catalog: FlagCatalog | None) -> Change:
+    """Validate a request body's ``args`` object into a :class:`Change`."""
+    binary: str | None = None
+    args: dict[str, ArgValue | None] = {}
+    for key, value in raw.items():
+        name = canonical_key(key, catalog)
+        if name == BINARY_KEY:
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidArgs("binary must be a non-empty string (a path or a name on PATH)")
+            binary = value.strip()
+            continue
+        flag = catalog.lookup(name) if catalog else None
+        args[name] = normalise_value(key, value, flag)
+    return Change(binary, tuple(args.items()))
+
+
+def merge_changes(changes: Iterable[Change]) -> Change:
+    """Key-wise merge, later wins (a later removal wins over an earlier set, too)."""
+    binary: str | None = None
+    args: dict[str, ArgValue | None] = {}
+    for change in changes:
+        binary = change.binary or binary
+        for key, value in change.args:
+            args[key] = value
+    return Change(binary, tuple(args.items()))
+
+
+def apply_change(config: LlamaConfig, change: Change) -> LlamaConfig:
+    """``config ⊕ change``: existing keys keep their place, new keys go last."""
+    args = dict(config.args)
+    for key, value in change.args:
+        if value is None:
+            args.pop(key, None)
+        else:
+            args[key] = value
+    return LlamaConfig(change.binary or config.binary, tuple(args.items()))
+
+
+def parse_argv(tokens: Sequence[str], catalog: FlagCatalog | None) -> list[tuple[str, ArgValue]]:
+    """Command-line tokens (``-m x --port 8081 -cb``) -> ordered (canonical, value) pairs."""
+    out: dict[str, ArgValue] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("-") or _looks_numeric(token):
+            raise InvalidArgs(f"expected a flag, got {token!r}")
+        name, _, inline = token.partition("=")
+        key = canonical_key(name, catalog)
+        flag = catalog.lookup(key) if catalog else None
+        if inline:
+            out[key] = inline
+        elif flag is not None:
+            if flag.takes_value:
+                if i + 1 >= len(tokens):
+                    raise InvalidArgs(f"flag {name!r} needs a value")
+                out[key] = tokens[i + 1]
+                i += 1
+            else:
+                out[key] = True
+        elif i + 1 < len(tokens) and (
+            not tokens[i + 1].startswith("-") or _looks_numeric(tokens[i + 1])
+        ):
+            out[key] = tokens[i + 1]
+            i += 1
+        else:
+            out[key] = True
+        i += 1
+    return list(out.items())
+
+
+def _looks_numeric(token: str) -> bool:
+    return re.fullmatch(r"-?\d+(\.\d+)?", token) is not None
+
+
+def port_of(config: LlamaConfig, default: int = 8080) -> int:
+    value = config.get("--port")
+    try:
+        return int(value) if isinstance(value, str) else default
+    except ValueError:
+        return default
+
+
+def host_of(config: LlamaConfig) -> str:
+    """Where to reach llama-server: its ``--host``, with wildcard binds probed on loopback."""
+    value = config.get("--host")
+    if not isinstance(value, str) or value in ("", "0.0.0.0", "::", "[::]"):
+        return "127.0.0.1"
+    return value

@@ -1,0 +1,1 @@
+"""Placeholder: the etcd fixtures are written with the etcd driver."""
