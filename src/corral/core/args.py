@@ -87,8 +87,9 @@ def _parse_option_line(line: str) -> tuple[list[str], bool] | None:
     stripped = line.strip()
     if not stripped.startswith("-") or stripped.startswith("--- "):
         return None
-    # The description starts after a run of two or more spaces.
-    head = re.split(r"\s{2,}", stripped, maxsplit=1)[0]
+    # Spellings are comma-separated (padded to align columns); the description starts
+    # after the next run of two or more spaces.
+    head = re.split(r"\s{2,}", re.sub(r",\s+", ", ", stripped), maxsplit=1)[0]
     spellings: list[str] = []
     takes_value = False
     for token in re.split(r"[,\s]+", head):

@@ -1,0 +1,128 @@
+"""The management API: handlers validate and record intent; the controller acts.
+
+``POST /v1/params`` canonicalises the flags, pre-flights the result against what runs now
+(so a change that cannot work is refused with no downtime and never joins a batch), then
+submits it and waits for the outcome of the batch it joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from corral import __version__
+from corral.api.schemas import (
+    ChangeResult,
+    ErrorBody,
+    HealthView,
+    ParamsRequest,
+    ParamsView,
+    StatusView,
+)
+from corral.api.security import BodyLimit, TokenAuth
+from corral.child.preflight import resolve_binary
+from corral.controller import ChangeRecord, Controller, config_json
+from corral.core.args import BINARY_KEY, Change, apply_change, parse_change
+from corral.errors import CorralError
+
+MAX_BODY_BYTES = 64 * 1024
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed body"},
+    401: {"model": ErrorBody, "description": "Missing token"},
+    403: {"model": ErrorBody, "description": "Wrong token"},
+    413: {"model": ErrorBody, "description": "Body too large"},
+}
+
+
+def error(status: int, message: str, details: list[Any] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=message, details=details).model_dump(exclude_none=True),
+                        status_code=status)
+
+
+def record_view(record: ChangeRecord) -> dict[str, Any]:
+    return ChangeResult(
+        status=record.status,  # type: ignore[arg-type]
+        change_id=record.id, error=record.error, log=record.log, restarted=record.restarted,
+        config=config_json(record.config) if record.config else None,  # type: ignore[arg-type]
+    ).model_dump()
+
+
+def create_app(controller: Controller, token: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    app = FastAPI(title="Corral", version=__version__,
+                  description="Supervise llama-server and change it at run time.",
+                  docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")}
+                   for e in exc.errors()]
+        first = details[0] if details else {"loc": [], "msg": "invalid"}
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        return error(400, f"malformed request: {where}: {first['msg']}", details)
+
+    @app.post("/v1/params", response_model=ChangeResult,
+              responses={**_ERRORS, 202: {"model": ChangeResult},
+                         422: {"model": ChangeResult, "description": "Change rejected"},
+                         500: {"model": ChangeResult}, 503: {"model": ChangeResult}})
+    async def post_params(body: ParamsRequest,
+                          wait: bool = Query(True, description="wait for the outcome")
+                          ) -> JSONResponse:
+        """Change llama-server's flags, model, port or binary.
+
+        Merged with other changes arriving within the debounce window; answered when
+        the batch is applied (200), rejected (422) or could not be stored (500/503).
+        """
+        try:
+            change = await _validated_change(controller, body.args)
+        except CorralError as exc:
+            return JSONResponse({"status": "rejected", "change_id": None, "error": str(exc),
+                                 "log": [], "restarted": False,
+                                 "config": config_json(controller.last_good)}, 422)
+        record = controller.submit(change)
+        if not wait:
+            return JSONResponse(record_view(record), 202,
+                                headers={"location": f"/v1/changes/{record.id}"})
+        await asyncio.shield(record.done)  # a client hanging up must not cancel the batch
+        return JSONResponse(record_view(record), record.http_status)
+
+    @app.get("/v1/params", response_model=ParamsView, responses=_ERRORS)
+    async def get_params() -> dict[str, Any]:
+        """The config in effect (the last one that became ready)."""
+        return {"name": controller.name, "config": config_json(controller.last_good)}
+
+    @app.get("/v1/changes/{change_id}", response_model=ChangeResult,
+             responses={**_ERRORS, 404: {"model": ErrorBody}})
+    async def get_change(change_id: str) -> Any:
+        """The outcome of a change submitted with ``?wait=false``."""
+        record = controller.record(change_id)
+        if record is None:
+            return error(404, f"no change {change_id!r} (the last 1000 are kept)")
+        return record_view(record)
+
+    @app.get("/v1/status", response_model=StatusView, responses=_ERRORS)
+    async def get_status() -> dict[str, Any]:
+        """State of the supervised llama-server."""
+        return controller.status()
+
+    @app.get("/health", response_model=HealthView)
+    async def health() -> dict[str, Any]:
+        """The supervisor is up (needs no token). ``state`` is llama-server's."""
+        return {"status": "ok", "state": controller.state.value}
+
+    return TokenAuth(BodyLimit(app, max_body_bytes), token)
+
+
+async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Change:
+    binary = controller.last_good.binary
+    if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
+        binary = resolve_binary(raw[BINARY_KEY].strip())
+        raw = {**raw, BINARY_KEY: binary}
+    change = parse_change(raw, await controller.catalogs.get(binary))
+    await controller.check(apply_change(controller.last_good, change))
+    return change

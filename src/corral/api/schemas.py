@@ -1,0 +1,71 @@
+"""Request and response bodies of the management API (they make the OpenAPI description)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+FlagName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+FlagValue = Annotated[str, StringConstraints(max_length=4096)] | int | float | bool | None
+
+MAX_ARGS = 200
+
+
+class ParamsRequest(BaseModel):
+    """``{"args": {"-m": "/models/new.gguf", "--port": "8081", "binary": "/opt/llama-server"}}``
+
+    Keys are llama-server flags in any spelling (``-m``, ``--model``, ``model``) plus
+    ``binary``. A string or number sets the flag's value, ``true`` sets a flag that takes no
+    value, ``false`` or ``null`` removes the flag.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    args: dict[FlagName, FlagValue] = Field(max_length=MAX_ARGS)
+
+
+class ConfigView(BaseModel):
+    binary: str
+    args: dict[str, str | bool]
+    argv: list[str]
+
+
+class ChangeResult(BaseModel):
+    status: Literal["pending", "applied", "rejected", "failed"]
+    change_id: str
+    error: str | None = None
+    log: list[str] = []
+    restarted: bool = False
+    config: ConfigView | None = None
+
+
+class ParamsView(BaseModel):
+    name: str
+    config: ConfigView
+
+
+class ErrorBody(BaseModel):
+    status: str = "error"
+    error: str
+    details: list[Any] | None = None
+
+
+class StatusView(BaseModel):
+    name: str
+    state: str
+    pid: int | None
+    port: int
+    restarts: int
+    generation: int
+    uptime_s: float | None
+    last_error: str | None
+    pending_changes: int
+    consecutive_failures: int
+    retry_in_s: float | None
+    config: ConfigView
+    store: str
+
+
+class HealthView(BaseModel):
+    status: Literal["ok"] = "ok"
+    state: str

@@ -1,0 +1,204 @@
+"""Composition root: builds the parts, owns signals and lifetimes, stops in order.
+
+SIGTERM/SIGINT set a shutdown event (the embedded HTTP server installs no handlers of its
+own); the controller is then cancelled, which stops llama-server gracefully (SIGTERM to its
+group, SIGKILL after the stop timeout). A second signal kills the group at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from corral.api.routes import create_app
+from corral.child.pidfile import InstanceLock, PidFile
+from corral.child.preflight import CatalogCache, resolve_binary
+from corral.controller import Controller, Settings, Startup
+from corral.core.args import LlamaConfig, parse_argv
+from corral.errors import PreflightFailed, StoreUnavailable, UsageError
+from corral.store.base import ConfigStore
+from corral.store.factory import DriverSpec, open_store
+
+log = logging.getLogger("corral")
+
+
+@dataclass(frozen=True)
+class Options:
+    supervisor_addr: str
+    binary: str
+    model: str | None
+    port: int | None
+    extra_args: list[str]
+    driver: DriverSpec
+    settings: Settings
+    state_dir: Path
+    api_token: str | None = None
+    cli_flags: list[str] = field(default_factory=list)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--supervisor-addr must be host:port, got {addr!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return ("127.0.0.1" if host == "localhost" else host), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_exposure(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise UsageError(
+            f"refusing to serve the management API on {host} without a token: it can start "
+            "programs. Set --api-token or CORRAL_API_TOKEN, or bind to 127.0.0.1")
+
+
+def bind_api(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot serve the API on {host}:{port}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
+    try:
+        binary = resolve_binary(opts.binary)
+    except PreflightFailed as exc:
+        raise UsageError(str(exc)) from None
+    tokens = list(opts.extra_args)
+    if opts.model:
+        tokens = ["--model", opts.model, *tokens]
+    if opts.port is not None:
+        tokens = [*tokens, "--port", str(opts.port)]
+    args = dict(parse_argv(tokens, await catalogs.get(binary)))
+    args.setdefault("--port", "8080")
+    return LlamaConfig(binary, tuple(args.items()))
+
+
+async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig) -> Startup:
+    """The stored config of ``name`` wins; the command line is the fallback."""
+    try:
+        stored = await store.load(name)
+    except StoreUnavailable as exc:
+        log.warning("config store unreachable (%s): running the command-line config", exc)
+        return Startup(from_cli, None, persist_when_ready=False)
+    if stored is None:
+        log.info("nothing stored under %r yet: running the command-line config, stored once "
+                 "ready", name)
+        return Startup(from_cli, None, persist_when_ready=True)
+    if stored.config != from_cli:
+        log.warning("the stored config %r (applied %s) wins over the command line; it differs "
+                    "in: %s", name, stored.applied_at or "at an unknown time",
+                    ", ".join(differences(stored.config, from_cli)))
+    return Startup(stored.config, from_cli)
+
+
+def differences(a: LlamaConfig, b: LlamaConfig) -> Iterator[str]:
+    if a.binary != b.binary:
+        yield f"binary ({a.binary} vs {b.binary})"
+    da, db = a.as_dict(), b.as_dict()
+    for key in dict.fromkeys([*da, *db]):
+        if da.get(key) != db.get(key):
+            yield f"{key} ({da.get(key, '-')} vs {db.get(key, '-')})"
+
+
+def instance_files(state_dir: Path, store: ConfigStore, name: str, port: int) -> tuple[Path, Path]:
+    """Lock and pid file of one (store, name, llama port): never two servers for them."""
+    digest = hashlib.sha1(f"{store.description}\0{name}\0{port}".encode()).hexdigest()[:12]
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{digest}"
+    return state_dir / f"{stem}.lock", state_dir / f"{stem}.pid"
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the composition root owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def supervise(opts: Options) -> int:
+    host, api_port = parse_addr(opts.supervisor_addr)
+    check_api_exposure(host, opts.api_token)
+    catalogs = CatalogCache()
+    from_cli = await cli_config(opts, catalogs)
+    store = open_store(opts.driver)
+    name = opts.driver.name
+    log.info("config store: %s, name %r", store.description, name)
+    lock_path, pid_path = instance_files(opts.state_dir, store, name,
+                                         int(from_cli.get("--port") or 8080))
+    lock = InstanceLock(lock_path)
+    lock.acquire()
+    sock = bind_api(host, api_port)
+    try:
+        startup = await choose_startup(store, name, from_cli)
+        controller = Controller(name, store, startup, opts.settings, PidFile(pid_path), catalogs)
+        app = create_app(controller, opts.api_token)
+        server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                access_log=False))
+        log.info("management API on http://%s:%d (token %s)", host, api_port,
+                 "required" if opts.api_token else "not required: loopback only")
+        await _run_until_signal(controller, server, sock)
+    finally:
+        sock.close()
+        await store.close()
+        lock.release()
+    log.info("supervisor stopped")
+    return 0
+
+
+async def _run_until_signal(controller: Controller, server: uvicorn.Server,
+                            sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    shutdown = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: stopping llama-server and exiting", sig.name)
+            shutdown.set()
+        else:
+            log.warning("%s again: killing llama-server now", sig.name)
+            loop.create_task(controller.kill_now())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            control = tg.create_task(controller.run(), name="controller")
+            api = tg.create_task(server.serve(sockets=[sock]), name="api")
+            waiter = tg.create_task(shutdown.wait())
+            await asyncio.wait({control, api, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control
+            server.should_exit = True
+            waiter.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,116 @@
+"""Checks a config can work before anything running is touched.
+
+Everything checked here is rejected with no downtime at all: a missing or non-executable
+binary, a missing/unreadable/non-GGUF model file, a busy port, flags the binary does not
+know. What cannot be checked (a bad value, a corrupt model body) is left to the start and
+its rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+
+from corral.core.args import FlagCatalog, LlamaConfig, host_of, parse_help, port_of
+from corral.errors import PreflightFailed
+
+log = logging.getLogger("corral.preflight")
+
+GGUF_MAGIC = b"GGUF"
+
+
+def resolve_binary(binary: str) -> str:
+    """A path, or a name on PATH, to an absolute executable path."""
+    path = binary if os.sep in binary else shutil.which(binary)
+    if path is None:
+        raise PreflightFailed(f"binary {binary!r} not found on PATH")
+    if not os.path.isfile(path):
+        raise PreflightFailed(f"binary {path!r} does not exist or is not a file")
+    if not os.access(path, os.X_OK):
+        raise PreflightFailed(f"binary {path!r} is not executable (chmod +x?)")
+    return os.path.abspath(path)
+
+
+def check_model(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise PreflightFailed(f"model file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise PreflightFailed(f"model path {path!r} is a directory, not a GGUF file") from None
+    except OSError as exc:
+        raise PreflightFailed(f"model file {path!r} cannot be read: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise PreflightFailed(f"model file {path!r} is not a GGUF file (bad magic {magic!r})")
+
+
+def check_port_free(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise PreflightFailed(f"port {port} is out of range")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise PreflightFailed(f"port {port} on {host} is not available: {reason}") from None
+
+
+def check_config(config: LlamaConfig, running: LlamaConfig | None, catalog: FlagCatalog) -> None:
+    """Raise PreflightFailed for the first problem found in ``config``."""
+    resolve_binary(config.binary)
+    if len(catalog):
+        unknown = [k for k, _ in config.args if catalog.lookup(k) is None]
+        if unknown:
+            raise PreflightFailed(f"unknown llama-server flag(s) for {config.binary}: "
+                                  + ", ".join(unknown))
+    model = config.get("--model")
+    if isinstance(model, str):
+        check_model(model)
+    port = config.get("--port")
+    if isinstance(port, str) and not port.isdigit():
+        raise PreflightFailed(f"--port must be a number, got {port!r}")
+    moved = running is None or (port_of(config), host_of(config)) != (
+        port_of(running), host_of(running))
+    if moved:
+        check_port_free(host_of(config), port_of(config))
+
+
+@dataclass
+class CatalogCache:
+    """Flag catalogs read from each binary's ``--help``, cached per (path, mtime)."""
+
+    _cache: dict[tuple[str, float], FlagCatalog] = field(default_factory=dict)
+
+    async def get(self, binary: str) -> FlagCatalog:
+        try:
+            path = resolve_binary(binary)
+            key = (path, os.stat(path).st_mtime)
+        except (PreflightFailed, OSError):
+            return FlagCatalog()
+        if key not in self._cache:
+            self._cache[key] = await _read_catalog(path)
+        return self._cache[key]
+
+
+async def _read_catalog(path: str) -> FlagCatalog:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            path, "--help", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 15)
+    except (OSError, TimeoutError) as exc:
+        log.warning("cannot read flags from %s --help (%s); accepting flags as given", path, exc)
+        return FlagCatalog()
+    catalog = parse_help(out.decode("utf-8", "replace"))
+    if len(catalog) < 5:
+        log.warning("%s --help lists no flags I can read; accepting flags as given", path)
+        return FlagCatalog()
+    return catalog

@@ -1,0 +1,114 @@
+"""Spawning and stopping one llama-server process group.
+
+- The child gets its own session (so its whole group can be signalled, and a Ctrl-C in
+  the supervisor's terminal reaches only the supervisor) and ``PR_SET_PDEATHSIG`` =
+  SIGKILL, so it dies with the supervisor even when the supervisor is SIGKILLed. The death
+  signal fires when the *thread* that forked exits, so spawn from the event-loop thread.
+- Exit is noticed by awaiting the child (asyncio's child watcher), never by polling.
+- Stop is one routine: SIGTERM to the group, wait, SIGKILL to the group, always reap, and
+  finally SIGKILL whatever is left of the group (grandchildren).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from corral.child.output import OutputRing, drain
+from corral.core.args import LlamaConfig
+
+log = logging.getLogger("corral.child")
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+@dataclass
+class Child:
+    config: LlamaConfig
+    proc: asyncio.subprocess.Process
+    started_at: float
+    output: OutputRing
+    generation: int
+    _exit: asyncio.Task[int] = field(init=False)
+    _reader: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._exit = asyncio.ensure_future(self.proc.wait())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def exited(self) -> asyncio.Task[int]:
+        return self._exit
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM the group, SIGKILL it after ``timeout``; reap. Safe to call twice."""
+        if not self._exit.done():
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+            except TimeoutError:
+                log.warning("llama-server (pid %d) ignored SIGTERM for %.1f s: SIGKILL",
+                            self.pid, timeout)
+        return await self.kill()
+
+    async def kill(self) -> int:
+        """SIGKILL the group at once and reap."""
+        _signal_group(self.pid, signal.SIGKILL)
+        code = await asyncio.shield(self._exit)
+        _signal_group(self.pid, signal.SIGKILL)  # grandchildren that outlived the leader
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+            except TimeoutError:
+                self._reader.cancel()  # a grandchild still holds the pipe open
+        return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True) -> Child:
+    """Start ``config`` as a new session; its output goes to a ring buffer and the log."""
+    parent = os.getpid()
+    proc = await asyncio.create_subprocess_exec(
+        *config.argv(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),
+    )
+    ring = OutputRing()
+    child = Child(config, proc, time.monotonic(), ring, generation)
+    assert proc.stdout is not None
+    child._reader = asyncio.create_task(
+        drain(proc.stdout, ring, f"[llama-server {proc.pid}]", echo_output)
+    )
+    return child

@@ -1,0 +1,73 @@
+"""Waiting for a started llama-server to become ready.
+
+Ready means ``GET /health`` answered 200 (llama-server answers 503 while it loads the
+model) and the process then stayed alive for ``min_healthy_s``. The wait races the health
+probes against the process exit, so an early crash is reported at once, not at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from corral.child.process import Child
+from corral.errors import StartFailed
+
+log = logging.getLogger("corral.child")
+
+PROBE_INTERVAL_S = 0.02
+PROGRESS_EVERY_S = 5.0
+
+
+async def wait_ready(
+    child: Child,
+    health_url: str,
+    client: httpx.AsyncClient,
+    timeout_s: float,
+    min_healthy_s: float,
+) -> float:
+    """Return the seconds it took to become ready, or raise :class:`StartFailed`."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    next_progress = start + PROGRESS_EVERY_S
+    last_status = "no answer yet"
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise StartFailed(
+                f"llama-server did not become ready within {timeout_s:g} s "
+                f"(last /health: {last_status})", child.output.tail())
+        if now >= next_progress:
+            log.info("llama-server (pid %d) still loading: %.1f s elapsed, /health: %s",
+                     child.pid, now - start, last_status)
+            next_progress += PROGRESS_EVERY_S
+        last_status = await _probe(client, health_url)
+        if last_status == "200":
+            break
+        await _sleep_or_exit(child, min(PROBE_INTERVAL_S, max(0.0, deadline - now)), start)
+    await _sleep_or_exit(child, min_healthy_s, start)
+    return time.monotonic() - start
+
+
+async def _probe(client: httpx.AsyncClient, url: str) -> str:
+    try:
+        response = await client.get(url, timeout=2.0)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return str(response.status_code)
+
+
+async def _sleep_or_exit(child: Child, seconds: float, start: float) -> None:
+    done, _ = await asyncio.wait({child.exited}, timeout=seconds)
+    if done:
+        raise StartFailed(
+            f"llama-server exited with code {child.exited.result()} "
+            f"after {time.monotonic() - start:.1f} s", child.output.tail())
+
+
+async def is_alive(client: httpx.AsyncClient, url: str) -> bool:
+    """One liveness probe, for hang detection."""
+    return await _probe(client, url) == "200"

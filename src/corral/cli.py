@@ -1,0 +1,208 @@
+"""Command line: argument parsing only; the work happens in :mod:`corral.app`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from corral import __version__
+
+EPILOG_SUPERVISE = """\
+examples:
+  corral supervise --binary llama-server --model /models/qwen.gguf --port 8081
+  corral supervise --config-driver '{"type": "file", "path": "/etc/corral/config.toml", \
+"name": "gpt"}' --binary llama-server --model /models/qwen.gguf --port 8081 -- -c 4096 -np 2
+  corral supervise --args /path/llama-server -m /models/qwen.gguf --port 8089
+
+then change the running server:
+  curl --json '{"args": {"-m": "/models/new.gguf", "-np": 4}}' http://127.0.0.1:8084/v1/params
+
+start-up precedence: the config stored under --name wins over --binary/--model/--port and
+extra args (a warning lists the differences); if it cannot start, the command-line config
+runs instead. With nothing stored, the command-line config runs and is stored once ready.
+"""
+
+
+def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral", description="Supervise llama.cpp's llama-server and change it at run "
+        "time through an HTTP API, without ever losing the last good config.")
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_supervise(sub)
+    _add_client(sub)
+    return parser
+
+
+def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "supervise", help="run llama-server under supervision with a management API",
+        usage="corral supervise [options] [-- LLAMA_SERVER_ARGS ...]",
+        description="Start llama-server, revive it at once when it crashes, and serve the "
+        "management API (POST /v1/params, GET /v1/status). Arguments after '--' go to "
+        "llama-server as they are.",
+        epilog=EPILOG_SUPERVISE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT",
+                   help="address of the management API (default: %(default)s; anything but "
+                   "loopback needs --api-token)")
+    p.add_argument("--binary", help="llama-server to run: a path or a name on PATH "
+                   "(default: llama-server)")
+    p.add_argument("--model", "-m", help="GGUF model file passed as --model")
+    p.add_argument("--port", type=int, help="port llama-server listens on (default: 8080)")
+    p.add_argument("--args", nargs=argparse.REMAINDER, metavar="BINARY ARGS",
+                   help="the proposal's older form: the binary, then all its arguments "
+                   "(must come last)")
+    g = p.add_argument_group("config store (where the last good config survives restarts)")
+    g.add_argument("--config-driver", metavar="JSON",
+                   help='\'{"type": "file", "path": PATH, "name": NAME}\' or '
+                   '\'{"type": "etcd", "addr": "host:2379[,host:2379]", "name": NAME}\' '
+                   "(default: file in the user config dir, name 'default')")
+    g.add_argument("--config-file", metavar="PATH", help="shorthand for the file driver")
+    g.add_argument("--etcd", metavar="ADDR", help="shorthand for the etcd driver")
+    g.add_argument("--name", help="name of the config in the store (default: default)")
+    g.add_argument("--state-dir", type=Path, help="where lock and pid files go "
+                   "(default: the user state dir)")
+    t = p.add_argument_group("timing")
+    t.add_argument("--debounce-ms", type=_positive(float), default=200.0,
+                   help="a batch of changes closes this long after its last request "
+                   "(default: %(default)g)")
+    t.add_argument("--max-batch-ms", type=_positive(float), default=2000.0,
+                   help="... or when it is this old (default: %(default)g)")
+    t.add_argument("--ready-timeout", type=_positive(float), default=300.0, metavar="S",
+                   help="seconds llama-server may take to answer /health 200 "
+                   "(default: %(default)g)")
+    t.add_argument("--min-healthy", type=_positive(float), default=0.3, metavar="S",
+                   help="seconds it must stay up after ready for a start to count "
+                   "(default: %(default)g)")
+    t.add_argument("--stop-timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL when stopping "
+                   "(default: %(default)g)")
+    t.add_argument("--max-start-failures", type=int, default=5, metavar="N",
+                   help="consecutive failed starts before giving up (FATAL) "
+                   "(default: %(default)s); delays double from 0.5 s to 30 s")
+    t.add_argument("--monitoring-interval", type=_positive(float), default=0.0, metavar="S",
+                   help="hang detection: probe /health this often and restart after 3 "
+                   "misses; 0 = off (default: %(default)g). Crashes are detected at once "
+                   "regardless")
+    s = p.add_argument_group("security and output")
+    s.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' "
+                   "(default: $CORRAL_API_TOKEN)")
+    s.add_argument("--quiet-llama", action="store_true",
+                   help="do not echo llama-server's output (it is still kept for errors)")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="(default: info)")
+    p.set_defaults(func=_run_supervise)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    for name, help_text in (("status", "print a supervisor's /v1/status"),
+                            ("params", "print the config in effect")):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT")
+        c.add_argument("--api-token", help="(default: $CORRAL_API_TOKEN)")
+        c.set_defaults(func=_run_client, path={"status": "/v1/status",
+                                               "params": "/v1/params"}[name])
+    a = sub.add_parser("apply", help="POST a change to /v1/params and wait for the outcome",
+                       usage="corral apply [options] [--json BODY | -- FLAGS ...]",
+                       description="Example: corral apply -- -m /models/b.gguf -np 4")
+    a.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT")
+    a.add_argument("--api-token", help="(default: $CORRAL_API_TOKEN)")
+    a.add_argument("--json", dest="body", help='raw body, e.g. \'{"args": {"-np": 4}}\'')
+    a.set_defaults(func=_run_client, path="/v1/params")
+
+
+def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head, extra = _split_extra(argv)
+    args = build_parser().parse_args(head)
+    args.extra = extra
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_supervise(ns: argparse.Namespace) -> int:
+    from corral.app import Options, supervise
+    from corral.controller import Settings
+    from corral.core.backoff import BackoffPolicy
+    from corral.errors import CorralError
+    from corral.store.factory import driver_spec
+
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log = logging.getLogger("corral")
+    binary, extra = ns.binary, list(ns.extra)
+    if ns.args:
+        if binary:
+            print("corral: use --binary or --args BINARY ..., not both", file=sys.stderr)
+            return 2
+        binary, extra = ns.args[0], [*ns.args[1:], *extra]
+    import platformdirs
+
+    try:
+        settings = Settings(
+            ready_timeout_s=ns.ready_timeout, stop_timeout_s=ns.stop_timeout,
+            min_healthy_s=ns.min_healthy, debounce_s=ns.debounce_ms / 1000,
+            max_batch_age_s=ns.max_batch_ms / 1000, liveness_interval_s=ns.monitoring_interval,
+            backoff=BackoffPolicy(max_failures=max(1, ns.max_start_failures)),
+            echo_output=not ns.quiet_llama)
+        opts = Options(
+            supervisor_addr=ns.supervisor_addr, binary=binary or "llama-server",
+            model=ns.model, port=ns.port, extra_args=extra,
+            driver=driver_spec(ns.config_driver, ns.config_file, ns.etcd, ns.name),
+            settings=settings,
+            state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
+            api_token=ns.api_token or os.environ.get("CORRAL_API_TOKEN") or None)
+        return asyncio.run(supervise(opts))
+    except CorralError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _run_client(ns: argparse.Namespace) -> int:
+    import httpx
+
+    token = ns.api_token or os.environ.get("CORRAL_API_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    url = f"http://{ns.supervisor_addr}{ns.path}"
+    try:
+        if ns.path == "/v1/params" and ns.command == "apply":
+            body = json.loads(ns.body) if ns.body else {"args": _flags_to_args(ns.extra)}
+            response = httpx.post(url, json=body, headers=headers, timeout=None)
+        else:
+            response = httpx.get(url, headers=headers, timeout=10)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        print(f"corral: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(response.json(), indent=2))
+    return 0 if response.is_success else 1
+
+
+def _flags_to_args(tokens: list[str]) -> dict[str, str | bool]:
+    from corral.core.args import parse_argv
+
+    return dict(parse_argv(tokens, None))

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""A stand-in for llama-server, for fast and deterministic edge cases.
+
+It speaks the part of llama-server's interface Corral uses: ``--help`` in llama-server's
+format, ``--model/--port/--host/-np/-c/-cb``, ``GET /health`` (503 while "loading", then
+200) and ``GET /props``. Its misbehaviours are flags of its own (so the API can switch them
+on like any flag): slow load, never ready, exit at start, crash after ready, ignore
+SIGTERM, a grandchild, an output flood. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HELP = """\
+----- common params -----
+
+-h,    --help, --usage                  print usage and exit
+-t,    --threads N                      number of threads to use during generation
+-c,    --ctx-size N                     size of the prompt context (default: 4096)
+-np,   --parallel N                     number of parallel sequences to decode (default: 1)
+-cb,   --cont-batching                  enable continuous batching (default: enabled)
+-nocb, --no-cont-batching               disable continuous batching
+-m,    --model FNAME                    model path
+--host HOST                             ip address to listen (default: 127.0.0.1)
+--port PORT                             port to listen (default: 8080)
+-a,    --alias STRING                   set alias for model name
+--fake-load-s S                         seconds /health answers 503 before 200
+--fake-never-ready                      /health never answers 200
+--fake-exit-at-start CODE               exit with CODE right away
+--fake-crash-after S                    exit 1 this many seconds after becoming ready
+--fake-ignore-sigterm                   ignore SIGTERM
+--fake-grandchild                       start a grandchild process that sleeps
+--fake-flood-mb N                       write N MiB of output at start
+--fake-pidfile PATH                     append own pid (and grandchild pid) to PATH
+"""
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-h", "--help", "--usage", action="store_true")
+    p.add_argument("-t", "--threads", type=int, default=1)
+    p.add_argument("-c", "--ctx-size", type=int, default=4096)
+    p.add_argument("-np", "--parallel", type=int, default=1)
+    p.add_argument("-cb", "--cont-batching", action="store_true")
+    p.add_argument("-nocb", "--no-cont-batching", action="store_true")
+    p.add_argument("-m", "--model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-a", "--alias")
+    p.add_argument("--fake-load-s", type=float, default=0.0)
+    p.add_argument("--fake-never-ready", action="store_true")
+    p.add_argument("--fake-exit-at-start", type=int)
+    p.add_argument("--fake-crash-after", type=float)
+    p.add_argument("--fake-ignore-sigterm", action="store_true")
+    p.add_argument("--fake-grandchild", action="store_true")
+    p.add_argument("--fake-flood-mb", type=float, default=0.0)
+    p.add_argument("--fake-pidfile")
+    ns, unknown = p.parse_known_args(argv)
+    if unknown:
+        print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
+        sys.exit(1)
+    return ns
+
+
+def main() -> None:
+    ns = parse(sys.argv[1:])
+    if ns.help:
+        print(HELP)
+        return
+    print(f"fake llama-server starting: {' '.join(sys.argv[1:])}", flush=True)
+    if ns.fake_exit_at_start is not None:
+        print(f"exiting with {ns.fake_exit_at_start} as asked", flush=True)
+        sys.exit(ns.fake_exit_at_start)
+    if ns.model and not os.path.isfile(ns.model):
+        print(f"error: failed to load model '{ns.model}'", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if ns.fake_ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    pids = [os.getpid()]
+    if ns.fake_grandchild:
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        pids.append(grandchild.pid)
+    if ns.fake_pidfile:
+        with open(ns.fake_pidfile, "a") as f:
+            f.write(" ".join(map(str, pids)) + "\n")
+    if ns.fake_flood_mb:
+        line = ("x" * 1023 + "\n").encode()
+        for _ in range(int(ns.fake_flood_mb * 1024)):
+            sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+    serve(ns, time.monotonic() + ns.fake_load_s)
+
+
+def serve(ns: argparse.Namespace, ready_at: float) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            ready = not ns.fake_never_ready and time.monotonic() >= ready_at
+            if self.path == "/health":
+                self._json(200 if ready else 503,
+                           {"status": "ok"} if ready else {"error": "Loading model"})
+            elif self.path == "/props":
+                self._json(200, {"model_path": ns.model, "total_slots": ns.parallel,
+                                 "n_ctx": ns.ctx_size, "pid": os.getpid()})
+            else:
+                self._json(404, {"error": "not found"})
+
+        def _json(self, code: int, body: dict[str, object]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    try:
+        server = ThreadingHTTPServer((ns.host, ns.port), Handler)
+    except OSError as exc:
+        print(f"error: couldn't bind HTTP server socket, port: {ns.port}: {exc}", flush=True)
+        sys.exit(1)
+    print(f"server is listening on http://{ns.host}:{ns.port}", flush=True)
+    if ns.fake_crash_after is not None:
+        def crash() -> None:
+            while time.monotonic() < ready_at:
+                time.sleep(0.01)
+            time.sleep(ns.fake_crash_after)
+            print("fake crash", flush=True)
+            os._exit(1)
+
+        threading.Thread(target=crash, daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
