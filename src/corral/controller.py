@@ -195,12 +195,10 @@ class Controller:
         candidates = [self._startup.preferred]
         if self._startup.fallback is not None and self._startup.fallback != self._startup.preferred:
             candidates.append(self._startup.fallback)
-        started = await self._start_with_backoff(candidates)
-        if started is not None and self._startup.persist_when_ready:
-            with contextlib.suppress(StoreError):
-                await self._persist(started)
+        await self._start_with_backoff(candidates, persist=self._startup.persist_when_ready)
 
-    async def _start_with_backoff(self, candidates: list[LlamaConfig]) -> LlamaConfig | None:
+    async def _start_with_backoff(self, candidates: list[LlamaConfig],
+                                  persist: bool = False) -> LlamaConfig | None:
         """Start the first candidate that becomes ready; else schedule a retry or go FATAL."""
         self._move(State.STARTING)
         errors = []
@@ -218,6 +216,11 @@ class Controller:
                             "until another config is applied successfully")
             self.last_good = config
             self._history.succeeded()
+            if persist:
+                try:
+                    await self._persist(config)
+                except StoreError as exc:
+                    log.error("could not store the running config: %s", exc)
             self._move(State.RUNNING)
             return config
         failures = self._history.failed()

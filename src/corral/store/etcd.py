@@ -33,9 +33,9 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 
@@ -63,6 +63,7 @@ DEFAULT_TTL = 5
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 2.0
 _GRPC_NOT_FOUND, _GRPC_DEADLINE, _GRPC_UNAVAILABLE = 5, 4, 14
 JSON = dict[str, Any]
+_T = TypeVar("_T")
 
 
 class LeaseNotFound(StoreUnavailable):
@@ -143,9 +144,7 @@ class EtcdClient:
         body: JSON = {"key": _b64(key)}
         if prefix:
             body["range_end"] = _b64(_prefix_end(key.encode()))
-        data = await self._call("/v3/kv/range", body)
-        kvs = tuple(KeyValue.from_json(kv) for kv in data.get("kvs", []))
-        return Range(kvs, _revision(data))
+        return await self._call("/v3/kv/range", body, _parse_range)
 
     async def get(self, key: str) -> KeyValue | None:
         found = await self.range(key)
@@ -157,28 +156,31 @@ class EtcdClient:
         body: JSON = {"key": _b64(key), "value": _b64(raw)}
         if lease:
             body["lease"] = str(lease)
-        return _revision(await self._call("/v3/kv/put", body))
+        return await self._call("/v3/kv/put", body, _revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         """Delete ``key`` (or every key under it); returns how many were deleted."""
         body: JSON = {"key": _b64(key)}
         if prefix:
             body["range_end"] = _b64(_prefix_end(key.encode()))
-        return int((await self._call("/v3/kv/deleterange", body)).get("deleted", 0))
+        return await self._call("/v3/kv/deleterange", body, lambda d: int(d.get("deleted", 0)))
 
     async def lease_grant(self, ttl: int) -> int:
-        return int((await self._call("/v3/lease/grant", {"TTL": str(ttl)}))["ID"])
+        return await self._call("/v3/lease/grant", {"TTL": str(ttl)}, lambda d: int(d["ID"]))
 
     async def lease_keepalive(self, lease: int) -> int:
         """Renew ``lease`` once; returns its TTL. LeaseNotFound if it has expired."""
-        data = await self._call("/v3/lease/keepalive", {"ID": str(lease)})
-        ttl = int(data.get("result", {}).get("TTL", 0))
-        if ttl <= 0:
-            raise LeaseNotFound(f"etcd lease {lease:x} has expired")
-        return ttl
+
+        def parse(data: JSON) -> int:
+            ttl = int(data.get("result", {}).get("TTL", 0))
+            if ttl <= 0:
+                raise LeaseNotFound(f"etcd lease {lease:x} has expired")
+            return ttl
+
+        return await self._call("/v3/lease/keepalive", {"ID": str(lease)}, parse)
 
     async def lease_revoke(self, lease: int) -> None:
-        await self._call("/v3/lease/revoke", {"ID": str(lease)})
+        await self._call("/v3/lease/revoke", {"ID": str(lease)}, lambda d: None)
 
     async def watch(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         """Events on ``key`` from ``start_revision`` on, until it fails: it only ever ends by
@@ -234,13 +236,20 @@ class EtcdClient:
             raise _Unreachable("etcd closed the watch stream")
         return line
 
-    async def _call(self, path: str, body: JSON) -> JSON:
-        """POST to the current endpoint, then to each other one; the single error exit."""
+    async def _call(self, path: str, body: JSON, parse: Callable[[JSON], _T]) -> _T:
+        """POST to the current endpoint, then to each other one, and ``parse`` the answer.
+
+        The one exit for errors of unary calls: StoreUnavailable (or LeaseNotFound) only.
+        """
         failures: list[str] = []
         for _ in self._urls:
             url = self._urls[self._current]
             try:
                 data = await self._post(url, path, body)
+                try:
+                    result = parse(data)
+                except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                    raise _Unreachable(f"unexpected answer to {path}: {exc!r}") from exc
             except _Unreachable as exc:
                 failures.append(f"{url}: {exc}")
                 self._rotate()
@@ -249,7 +258,7 @@ class EtcdClient:
                 self._succeeded()  # etcd answered, with a refusal
                 raise
             self._succeeded()
-            return data
+            return result
         reason = "; ".join(failures)
         self._failed(reason)
         raise StoreUnavailable(f"etcd unreachable ({reason})")
@@ -454,6 +463,9 @@ class Registration:
         while True:
             try:
                 await self._round()
+            except LeaseNotFound:
+                self._lease = None
+                self._wake.set()  # register again at once
             except StoreUnavailable as exc:
                 log.debug("registration %s: %s", self._key, exc)
                 self._written = 0  # re-put once etcd answers again
@@ -474,11 +486,7 @@ class Registration:
             self._lease = await self._client.lease_grant(self._ttl)
         if self._written != self._version:
             version = self._version
-            try:
-                await self._client.put(self._key, json.dumps(self._info), lease=self._lease)
-            except LeaseNotFound:
-                self._lease = None
-                raise
+            await self._client.put(self._key, json.dumps(self._info), lease=self._lease)
             self._written = version
 
     async def close(self) -> None:
@@ -590,12 +598,19 @@ def _parse_endpoints(addr: str) -> list[str]:
     return [u if "://" in u else f"http://{u}" for u in urls]
 
 
+def _parse_range(data: JSON) -> Range:
+    kvs = tuple(KeyValue.from_json(kv) for kv in data.get("kvs", []))
+    return Range(kvs, _revision(data))
+
+
 def _revision(data: JSON) -> int:
     return int(data.get("header", {}).get("revision", 0))
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if isinstance(exc, _Unreachable):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -1,0 +1,190 @@
+"""Running ``corral supervise`` as a real process in tests, and waiting on conditions.
+
+Every wait here has a deadline and polls a condition; nothing sleeps a fixed time to
+"let things settle". :class:`SupervisorProcess` remembers every llama-server pid it saw so
+the fixture can assert that none is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_llama_server.py"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str,
+             interval: float = 0.02) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception as exc:  # noqa: BLE001 - conditions may fail while things start
+            last_exc = exc
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def make_fake_model(path: Path, size: int = 64) -> Path:
+    path.write_bytes(b"GGUF" + b"\0" * (size - 4))
+    return path
+
+
+class SupervisorProcess:
+    def __init__(self, tmp: Path, binary: str | Path, model: str | Path | None,
+                 llama_args: list[str] | None = None, *, port: int | None = None,
+                 api_port: int | None = None, store_args: list[str] | None = None,
+                 extra_cli: list[str] | None = None, env: dict[str, str] | None = None,
+                 state_dir: Path | None = None, token: str | None = None) -> None:
+        self.tmp = tmp
+        self.api_port = api_port or free_port()
+        self.port = port or free_port()
+        self.token = token
+        self.log_path = tmp / f"supervisor-{self.api_port}.log"
+        self.config_file = tmp / "config.toml"
+        cmd = [sys.executable, "-m", "corral", "supervise",
+               "--supervisor-addr", f"127.0.0.1:{self.api_port}",
+               "--binary", str(binary), "--port", str(self.port),
+               "--state-dir", str(state_dir or tmp / "state")]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        cmd += store_args if store_args is not None else ["--config-file", str(self.config_file)]
+        cmd += extra_cli or []
+        if llama_args:
+            cmd += ["--", *llama_args]
+        self.cmd = cmd
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen_pids: set[int] = set()
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=60,
+                                 headers=headers)
+
+    # lifecycle
+    def start(self) -> SupervisorProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.tmp)
+        log.close()
+        return self
+
+    def wait_running(self, timeout: float = 30) -> dict[str, Any]:
+        def running() -> dict[str, Any] | None:
+            self._check_alive()
+            s = self.status()
+            return s if s["state"] == "RUNNING" and s["pid"] else None
+        return wait_for(running, timeout, "state RUNNING")
+
+    def wait_state(self, state: str, timeout: float = 30) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            self._check_alive()
+            s = self.status()
+            return s if s["state"] == state else None
+        return wait_for(reached, timeout, f"state {state}")
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n"
+                                 + self.log()[-3000:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    # API
+    def status(self) -> dict[str, Any]:
+        s: dict[str, Any] = self.http.get("/v1/status").json()
+        if s.get("pid"):
+            self.seen_pids.add(s["pid"])
+        return s
+
+    def post(self, args: dict[str, Any], wait: bool = True) -> httpx.Response:
+        return self.http.post("/v1/params", params={} if wait else {"wait": "false"},
+                               json={"args": args})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def llama_pid(self) -> int:
+        pid = self.status()["pid"]
+        assert pid, self.status()
+        return int(pid)
+
+    def leftovers(self) -> list[int]:
+        return [p for p in self.seen_pids if pid_alive(p)]
+
+
+@contextlib.contextmanager
+def supervisor(tmp: Path, *args: Any, **kwargs: Any) -> Iterator[SupervisorProcess]:
+    """Start a supervisor; on exit kill it and assert no llama-server it ran is left."""
+    sup = SupervisorProcess(tmp, *args, **kwargs).start()
+    try:
+        yield sup
+    finally:
+        sup.close()
+        left = wait_for_gone(sup.seen_pids)
+        assert not left, f"llama-server pids left behind: {left}"
+
+
+def wait_for_gone(pids: set[int], timeout: float = 5) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if pid_alive(p)]
+        if not left:
+            return []
+        time.sleep(0.02)
+    return [p for p in pids if pid_alive(p)]
+
+
+def children_named(name_part: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(name_part in part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+    return out

@@ -1,0 +1,171 @@
+"""The main paths against the fake llama-server (fast); the real one repeats them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import FAKE, make_fake_model, pid_alive, supervisor, wait_for
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_fake_model(tmp_path / "a.gguf")
+
+
+def props(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/props", timeout=5).json()
+
+
+def test_starts_serves_and_reports_status(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
+        status = sup.wait_running()
+        assert status["port"] == sup.port
+        assert status["restarts"] == 0 and status["last_error"] is None
+        assert status["config"]["args"]["--parallel"] == "2"
+        assert status["config"]["args"]["--model"] == str(model)
+        assert props(sup.port)["total_slots"] == 2
+        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        assert stored["args"]["--parallel"] == "2"
+
+
+def test_change_is_applied_and_stored(tmp_path: Path, model: Path) -> None:
+    other = make_fake_model(tmp_path / "b.gguf")
+    with supervisor(tmp_path, FAKE, model) as sup:
+        old_pid = sup.wait_running()["pid"]
+        r = sup.post({"-m": str(other), "np": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "applied" and r.json()["restarted"]
+        assert props(sup.port) | {} and props(sup.port)["model_path"] == str(other)
+        assert props(sup.port)["total_slots"] == 4
+        assert sup.llama_pid() != old_pid and not pid_alive(old_pid)
+        stored = tomllib.loads(sup.config_file.read_text())["default"]["args"]
+        assert stored["--model"] == str(other) and stored["--parallel"] == "4"
+
+
+def test_same_config_is_a_noop(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
+        pid = sup.wait_running()["pid"]
+        r = sup.post({"--parallel": 2, "model": str(model)})
+        assert r.status_code == 200 and r.json()["restarted"] is False
+        assert sup.llama_pid() == pid and sup.status()["generation"] == 1
+
+
+@pytest.mark.parametrize("args, reason", [
+    ({"--no-such-flag": 1}, "--no-such-flag"),
+    ({"-m": "/nonexistent/model.gguf"}, "does not exist"),
+    ({"binary": "/nonexistent/llama-server"}, "does not exist"),
+    ({"binary": "no-such-llama-server"}, "not found on PATH"),
+    ({"-cb": "yes please"}, "takes no value"),
+    ({"-m": True}, "needs a value"),
+])
+def test_preflight_rejects_without_touching_the_server(tmp_path: Path, model: Path,
+                                                       args: dict, reason: str) -> None:
+    with supervisor(tmp_path, FAKE, model) as sup:
+        pid = sup.wait_running()["pid"]
+        before = sup.config_file.read_bytes()
+        r = sup.post(args)
+        assert r.status_code == 422, r.text
+        assert reason in r.json()["error"]
+        assert sup.llama_pid() == pid and sup.status()["generation"] == 1
+        assert sup.config_file.read_bytes() == before
+
+
+def test_busy_port_is_rejected_in_preflight(tmp_path: Path, model: Path) -> None:
+    import socket
+
+    with socket.socket() as busy, supervisor(tmp_path, FAKE, model) as sup:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        pid = sup.wait_running()["pid"]
+        r = sup.post({"port": busy.getsockname()[1]})
+        assert r.status_code == 422 and "in use" in r.json()["error"]
+        assert sup.llama_pid() == pid
+
+
+def test_failed_start_rolls_back(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model) as sup:
+        sup.wait_running()
+        before = sup.config_file.read_bytes()
+        r = sup.post({"--fake-exit-at-start": 3})
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert "exited with code 3" in body["error"]
+        assert any("exiting with 3" in line for line in body["log"])
+        status = sup.wait_running()
+        assert "--fake-exit-at-start" not in status["config"]["args"]
+        assert props(sup.port)["model_path"] == str(model)
+        assert sup.config_file.read_bytes() == before
+
+
+def test_never_ready_times_out_and_rolls_back(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, extra_cli=["--ready-timeout", "1"]) as sup:
+        sup.wait_running()
+        r = sup.post({"--fake-never-ready": True})
+        assert r.status_code == 422
+        assert "did not become ready within 1 s" in r.json()["error"]
+        assert "--fake-never-ready" not in sup.wait_running()["config"]["args"]
+
+
+def test_port_change_moves_the_server(tmp_path: Path, model: Path) -> None:
+    from tests.harness import free_port
+
+    new_port = free_port()
+    with supervisor(tmp_path, FAKE, model) as sup:
+        sup.wait_running()
+        r = sup.post({"--port": str(new_port)})
+        assert r.status_code == 200, r.text
+        assert props(new_port)["model_path"] == str(model)
+        with pytest.raises(httpx.ConnectError):
+            props(sup.port)
+        assert sup.status()["port"] == new_port
+
+
+def test_kill_9_revives_with_same_args(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["-np", "3"]) as sup:
+        first = sup.wait_running()
+        for i in range(5):
+            pid = sup.llama_pid()
+            os.kill(pid, signal.SIGKILL)
+            status = wait_for(lambda p=pid: (s := sup.status())["state"] == "RUNNING"
+                              and s["pid"] not in (None, p) and s, 10, "revival")
+            assert status["restarts"] == i + 1
+            assert status["config"] == first["config"]
+            assert props(sup.port)["total_slots"] == 3
+        assert "exited with code -9" in sup.status()["last_error"]
+
+
+def test_sigterm_stops_cleanly(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model) as sup:
+        pid = sup.wait_running()["pid"]
+        assert sup.stop(signal.SIGTERM) == 0
+        assert not pid_alive(pid)
+        assert "supervisor stopped" in sup.log()
+
+
+def test_supervisor_sigkill_takes_the_child_with_it(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model) as sup:
+        pid = sup.wait_running()["pid"]
+        sup.kill()
+        wait_for(lambda: not pid_alive(pid), 1.0, "llama-server gone after supervisor SIGKILL")
+
+
+def test_crash_loop_backs_off_then_fatal(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "1"],
+                    extra_cli=["--max-start-failures", "3"]) as sup:
+        backoff = sup.wait_state("BACKOFF", 20)
+        assert backoff["consecutive_failures"] >= 1 and backoff["retry_in_s"] is not None
+        fatal = sup.wait_state("FATAL", 30)
+        assert fatal["consecutive_failures"] == 3 and fatal["pid"] is None
+        assert "exited with code 1" in fatal["last_error"]
+        starts = sup.log().count("started llama-server")
+        assert starts == 3
+        # A valid apply clears FATAL.
+        r = sup.post({"--fake-exit-at-start": False})
+        assert r.status_code == 200, r.text
+        assert sup.wait_running()["consecutive_failures"] == 0
