@@ -27,8 +27,8 @@ HELP = """\
 -t,    --threads N                      number of threads to use during generation
 -c,    --ctx-size N                     size of the prompt context (default: 4096)
 -np,   --parallel N                     number of parallel sequences to decode (default: 1)
--cb,   --cont-batching                  enable continuous batching (default: enabled)
--nocb, --no-cont-batching               disable continuous batching
+-cb,   --cont-batching, -nocb, --no-cont-batching
+                                        whether to use continuous batching (default: enabled)
 -m,    --model FNAME                    model path
 --host HOST                             ip address to listen (default: 127.0.0.1)
 --port PORT                             port to listen (default: 8080)

@@ -30,7 +30,7 @@ ChangeValue: TypeAlias = str | int | float | bool | None
 
 BINARY_KEY = "binary"
 
-_PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_|,.\-]*|\{.*\}|<.*>|\[.*\]|N)$")
+_SPELLING = re.compile(r"(--?[A-Za-z0-9][A-Za-z0-9_\-.]*)(?:,\s*|\s+|$)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Flag:
     canonical: str
     aliases: frozenset[str]
     takes_value: bool
+    opposite: str | None = None  # ``--no-cont-batching`` for ``--cont-batching``, and back
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,25 @@ def parse_help(text: str) -> FlagCatalog:
         if parsed is None:
             continue
         spellings, takes_value = parsed
-        canonical = next((s for s in spellings if s.startswith("--")), spellings[0])
-        flag = Flag(canonical, frozenset(spellings), takes_value)
-        for spelling in spellings:
-            flags.setdefault(spelling, flag)
+        groups = _split_negations(spellings)
+        names = [_canonical_of(g) for g in groups]
+        for i, group in enumerate(groups):
+            other = names[1 - i] if len(groups) == 2 else None
+            flag = Flag(names[i], frozenset(group), takes_value, other)
+            for spelling in group:
+                flags.setdefault(spelling, flag)
     return FlagCatalog(flags)
+
+
+def _canonical_of(spellings: list[str]) -> str:
+    return next((s for s in spellings if s.startswith("--")), spellings[0])
+
+
+def _split_negations(spellings: list[str]) -> list[list[str]]:
+    """``-cb, --cont-batching, -nocb, --no-cont-batching`` is two flags, not four spellings."""
+    negative = [s for s in spellings if s.lstrip("-").startswith("no")]
+    positive = [s for s in spellings if s not in negative]
+    return [positive, negative] if positive and negative else [spellings]
 
 
 def _parse_option_line(line: str) -> tuple[list[str], bool] | None:
@@ -88,20 +103,15 @@ def _parse_option_line(line: str) -> tuple[list[str], bool] | None:
     if not stripped.startswith("-") or stripped.startswith("--- "):
         return None
     # Spellings are comma-separated (padded to align columns); the description starts
-    # after the next run of two or more spaces.
+    # after the next run of two or more spaces. Whatever follows the spellings in that head
+    # (``N``, ``FNAME``, ``{none,linear}``, ``lo-hi``, ``<pattern>=<type>``) is a value.
     head = re.split(r"\s{2,}", re.sub(r",\s+", ", ", stripped), maxsplit=1)[0]
     spellings: list[str] = []
-    takes_value = False
-    for token in re.split(r"[,\s]+", head):
-        if not token:
-            continue
-        if re.fullmatch(r"--?[A-Za-z0-9][A-Za-z0-9_\-.]*", token):
-            spellings.append(token)
-        elif spellings and _PLACEHOLDER.match(token):
-            takes_value = True
-        else:
-            break
-    return (spellings, takes_value) if spellings else None
+    rest = head
+    while match := _SPELLING.match(rest):
+        spellings.append(match.group(1))
+        rest = rest[match.end():]
+    return (spellings, bool(rest.strip())) if spellings else None
 
 
 def canonical_key(key: str, catalog: FlagCatalog | None) -> str:
@@ -185,6 +195,10 @@ def parse_change(raw: Mapping[str, ChangeValue], catalog: FlagCatalog | None) ->
             continue
         flag = catalog.lookup(name) if catalog else None
         args[name] = normalise_value(key, value, flag)
+        # Setting --cont-batching drops a --no-cont-batching given earlier (and back),
+        # unless this same request says otherwise.
+        if flag is not None and flag.opposite and args[name] is not None:
+            args.setdefault(flag.opposite, None)
     return Change(binary, tuple(args.items()))
 
 

