@@ -18,7 +18,6 @@ change is kept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -39,6 +38,7 @@ from corral.core.debounce import Debouncer
 from corral.core.lifecycle import Lifecycle, State
 from corral.core.plan import plan_batch
 from corral.errors import PreflightFailed, StartFailed, StoreError, StoreUnavailable
+from corral.failpoints import failpoint
 from corral.store.base import ConfigStore, StoredConfig
 
 log = logging.getLogger("corral")
@@ -311,9 +311,13 @@ class Controller:
         log.info("applying a batch of %d change(s): %s", len(batch),
                  " ".join(plan.desired.argv()))
         await self._stop_child()
+        failpoint("after_stop_old")
         try:
             await self._start(plan.desired)
+            failpoint("after_start_new")
+            failpoint("before_persist")
             await self._persist(plan.desired)
+            failpoint("after_persist")
         except (StartFailed, PreflightFailed, StoreError) as exc:
             await self._stop_child()
             await self._after_failed_apply(batch, exc, prior)
