@@ -419,7 +419,7 @@ async def test_registration_is_recreated_after_restart(
         await until(lambda: reg.is_registered, 5.0, "registered")
         await asyncio.to_thread(etcd_server.stop)
         reg.update(state="APPLYING")  # made while etcd is away
-        await until(lambda: not reg.is_registered, 5.0, "registration notices the outage")
+        await until(lambda: not store.is_connected, 5.0, "registration notices the outage")
         await asyncio.to_thread(etcd_server.start)
         await until(
             lambda: _instances_are(store, {"me": {"state": "APPLYING"}}), 10.0, "re-registered"

@@ -92,16 +92,26 @@ def _canonical_of(spellings: list[str]) -> str:
 
 
 def _split_negations(spellings: list[str]) -> list[list[str]]:
-    """``-cb, --cont-batching, -nocb, --no-cont-batching`` is two flags, not four spellings."""
-    negative = [s for s in spellings if s.lstrip("-").startswith("no")]
-    positive = [s for s in spellings if s not in negative]
-    return [positive, negative] if positive and negative else [spellings]
+    """``-kvo, --kv-offload, -nkvo, --no-kv-offload`` is two flags, not four spellings.
+
+    llama-server lists the positive spellings first: the negative group starts right after
+    the last long spelling that is not ``--no-...``, if a ``--no-...`` spelling follows it.
+    """
+    positive_longs = [i for i, s in enumerate(spellings)
+                      if s.startswith("--") and not s.startswith("--no-")]
+    if not positive_longs:
+        return [spellings]
+    cut = positive_longs[-1] + 1
+    if not any(s.startswith("--no-") for s in spellings[cut:]):
+        return [spellings]
+    return [spellings[:cut], spellings[cut:]]
 
 
 def _parse_option_line(line: str) -> tuple[list[str], bool] | None:
-    stripped = line.strip()
-    if not stripped.startswith("-") or stripped.startswith("--- "):
+    # Options start in column 0; indented lines belong to a description.
+    if not line.startswith("-") or line.startswith("--- "):
         return None
+    stripped = line.strip()
     # Spellings are comma-separated (padded to align columns); the description starts
     # after the next run of two or more spaces. Whatever follows the spellings in that head
     # (``N``, ``FNAME``, ``{none,linear}``, ``lo-hi``, ``<pattern>=<type>``) is a value.
@@ -176,10 +186,19 @@ def normalise_value(key: str, value: ChangeValue, flag: Flag | None) -> ArgValue
 
 @dataclass(frozen=True)
 class Change:
-    """A validated request: canonical keys, normalised values (``None`` = remove)."""
+    """A validated request: canonical keys, normalised values (``None`` = remove).
+
+    ``replace`` means "this is a whole config": it drops every flag it does not name (a
+    fleet config read from the store is applied this way).
+    """
 
     binary: str | None
     args: tuple[tuple[str, ArgValue | None], ...]
+    replace: bool = False
+
+    @staticmethod
+    def whole(config: LlamaConfig) -> Change:
+        return Change(config.binary, config.args, replace=True)
 
 
 def parse_change(raw: Mapping[str, ChangeValue], catalog: FlagCatalog | None) -> Change:
@@ -191,6 +210,8 @@ def parse_change(raw: Mapping[str, ChangeValue], catalog: FlagCatalog | None) ->
         if name == BINARY_KEY:
             if not isinstance(value, str) or not value.strip():
                 raise InvalidArgs("binary must be a non-empty string (a path or a name on PATH)")
+            if "\n" in value or "\x00" in value:
+                raise InvalidArgs("binary contains a newline or NUL byte")
             binary = value.strip()
             continue
         flag = catalog.lookup(name) if catalog else None
@@ -206,16 +227,19 @@ def merge_changes(changes: Iterable[Change]) -> Change:
     """Key-wise merge, later wins (a later removal wins over an earlier set, too)."""
     binary: str | None = None
     args: dict[str, ArgValue | None] = {}
+    replace = False
     for change in changes:
+        if change.replace:
+            args, replace = {}, True
         binary = change.binary or binary
         for key, value in change.args:
             args[key] = value
-    return Change(binary, tuple(args.items()))
+    return Change(binary, tuple(args.items()), replace)
 
 
 def apply_change(config: LlamaConfig, change: Change) -> LlamaConfig:
     """``config ⊕ change``: existing keys keep their place, new keys go last."""
-    args = dict(config.args)
+    args = {} if change.replace else dict(config.args)
     for key, value in change.args:
         if value is None:
             args.pop(key, None)
@@ -269,8 +293,9 @@ def port_of(config: LlamaConfig, default: int = 8080) -> int:
 
 
 def host_of(config: LlamaConfig) -> str:
-    """Where to reach llama-server: its ``--host``, with wildcard binds probed on loopback."""
+    """Where to reach llama-server: the first of its ``--host`` list, wildcards on loopback."""
     value = config.get("--host")
-    if not isinstance(value, str) or value in ("", "0.0.0.0", "::", "[::]"):
+    first = value.split(",")[0].strip() if isinstance(value, str) else ""
+    if first in ("", "0.0.0.0", "::", "[::]") or first.endswith(".sock"):
         return "127.0.0.1"
-    return value
+    return first.strip("[]")

@@ -22,4 +22,6 @@ def plan_batch(last_good: LlamaConfig, is_serving: bool, batch: Sequence[Change]
     config is started again (that is how a user retries).
     """
     desired = apply_change(last_good, merge_changes(batch))
-    return Plan(desired, last_good, is_noop=is_serving and desired == last_good)
+    # Same flags and values in another order is still the same server: no restart.
+    same = desired.binary == last_good.binary and desired.as_dict() == last_good.as_dict()
+    return Plan(last_good if same else desired, last_good, is_noop=is_serving and same)

@@ -1,0 +1,78 @@
+"""corral.core.backoff: restart delays and the consecutive-failure count."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.core.backoff import BackoffPolicy, StartHistory
+
+DEFAULT = BackoffPolicy()
+LONG = BackoffPolicy(max_failures=100)
+
+
+@pytest.mark.parametrize(
+    ("policy", "failures", "delay"),
+    [
+        (DEFAULT, -1, 0.0),
+        (DEFAULT, 0, 0.0),
+        (DEFAULT, 1, 0.5),
+        (DEFAULT, 2, 1.0),
+        (DEFAULT, 3, 2.0),
+        (DEFAULT, 4, 4.0),
+        (DEFAULT, 5, None),  # max_failures: give up (FATAL)
+        (DEFAULT, 6, None),
+        (LONG, 5, 8.0),
+        (LONG, 6, 16.0),
+        (LONG, 7, 30.0),  # 32 capped
+        (LONG, 50, 30.0),
+        (LONG, 99, 30.0),
+        (LONG, 100, None),
+        (BackoffPolicy(max_failures=1), 0, 0.0),
+        (BackoffPolicy(max_failures=1), 1, None),
+        (BackoffPolicy(initial_s=1, factor=3, cap_s=10, max_failures=9), 3, 9.0),
+        (BackoffPolicy(initial_s=1, factor=3, cap_s=10, max_failures=9), 4, 10.0),
+    ],
+)
+def test_delay_after(policy: BackoffPolicy, failures: int, delay: float | None) -> None:
+    assert policy.delay_after(failures) == delay
+
+
+def test_defaults_match_the_architecture() -> None:
+    assert (DEFAULT.initial_s, DEFAULT.factor, DEFAULT.cap_s) == (0.5, 2.0, 30.0)
+
+
+def test_delays_never_shrink_until_giving_up() -> None:
+    delays = [LONG.delay_after(n) for n in range(100)]
+    assert all(isinstance(d, float) for d in delays)
+    assert delays == sorted(delays)
+    assert max(delays) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("events", "counts"),
+    [
+        ("", []),
+        ("fff", [1, 2, 3]),
+        ("ffs", [1, 2, 0]),
+        ("ffsf", [1, 2, 0, 1]),
+        ("ss", [0, 0]),
+        ("sfsf", [0, 1, 0, 1]),
+    ],
+)
+def test_start_history(events: str, counts: list[int]) -> None:
+    history = StartHistory()
+    seen = []
+    for event in events:
+        if event == "f":
+            assert history.failed() == history.consecutive_failures
+        else:
+            history.succeeded()
+        seen.append(history.consecutive_failures)
+    assert seen == counts
+
+
+def test_history_drives_the_policy_to_fatal() -> None:
+    history, policy = StartHistory(), BackoffPolicy(max_failures=3)
+    assert [policy.delay_after(history.failed()) for _ in range(4)] == [0.5, 1.0, None, None]
+    history.succeeded()  # a new successful apply clears FATAL
+    assert policy.delay_after(history.consecutive_failures) == 0.0
