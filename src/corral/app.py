@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -18,6 +19,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -26,9 +28,13 @@ from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, resolve_binary
 from corral.controller import Controller, Settings, Startup
 from corral.core.args import LlamaConfig, parse_argv
+from corral.core.local import LocalOverrides
 from corral.errors import PreflightFailed, StoreUnavailable, UsageError
-from corral.store.base import ConfigStore
+from corral.store.base import ConfigStore, WatchableStore
 from corral.store.factory import DriverSpec, open_store
+
+if TYPE_CHECKING:
+    from corral.fleet import FleetSync
 
 log = logging.getLogger("corral")
 
@@ -98,10 +104,13 @@ async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     return LlamaConfig(binary, tuple(args.items()))
 
 
-async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig) -> Startup:
+async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig,
+                         local: LocalOverrides | None = None) -> Startup:
     """The stored config of ``name`` wins; the command line is the fallback."""
     try:
         stored = await store.load(name)
+        if stored is not None and local is not None:
+            stored = dataclasses.replace(stored, config=local.apply(stored.config))
     except StoreUnavailable as exc:
         log.warning("config store unreachable (%s): running the command-line config", exc)
         return Startup(from_cli, None, persist_when_ready=False)
@@ -153,15 +162,24 @@ async def supervise(opts: Options) -> int:
     lock = InstanceLock(lock_path)
     lock.acquire()
     sock = bind_api(host, api_port)
+    # In a fleet the config is shared, but --port/--host stay this instance's own.
+    local = LocalOverrides.from_config(from_cli) if isinstance(store, WatchableStore) else None
     try:
-        startup = await choose_startup(store, name, from_cli)
-        controller = Controller(name, store, startup, opts.settings, PidFile(pid_path), catalogs)
+        startup = await choose_startup(store, name, from_cli, local)
+        controller = Controller(name, store, startup, opts.settings, PidFile(pid_path), catalogs,
+                                local)
         app = create_app(controller, opts.api_token)
         server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                 access_log=False))
         log.info("management API on http://%s:%d (token %s)", host, api_port,
                  "required" if opts.api_token else "not required: loopback only")
-        await _run_until_signal(controller, server, sock)
+        fleet = None
+        if local is not None:
+            from corral.fleet import FleetSync
+
+            fleet = FleetSync(controller, store, name, local,  # type: ignore[arg-type]
+                              f"{host}:{api_port}")
+        await _run_until_signal(controller, server, sock, fleet)
     finally:
         sock.close()
         await store.close()
@@ -171,7 +189,7 @@ async def supervise(opts: Options) -> int:
 
 
 async def _run_until_signal(controller: Controller, server: uvicorn.Server,
-                            sock: socket.socket) -> None:
+                            sock: socket.socket, fleet: FleetSync | None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     signals_seen = 0
@@ -193,7 +211,10 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             control = tg.create_task(controller.run(), name="controller")
             api = tg.create_task(server.serve(sockets=[sock]), name="api")
             waiter = tg.create_task(shutdown.wait())
+            follower = tg.create_task(fleet.run(), name="fleet") if fleet else None
             await asyncio.wait({control, api, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if follower is not None:
+                follower.cancel()  # leave the fleet first: no new applies while stopping
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control

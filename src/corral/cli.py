@@ -46,7 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_supervise(sub)
     _add_client(sub)
+    _add_fleet(sub)
     return parser
+
+
+def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    f = sub.add_parser("fleet", help="list the supervisors sharing a config name in etcd",
+                       description="Show the fleet config of NAME and every live supervisor "
+                       "registered under it, and whether each runs the fleet config.")
+    f.add_argument("--etcd", required=True, metavar="ADDR", help="host:port[,host:port]")
+    f.add_argument("--name", default="default", help="config name (default: %(default)s)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    f.set_defaults(func=_run_fleet)
+
+
+def _run_fleet(ns: argparse.Namespace) -> int:
+    from corral.errors import CorralError
+    from corral.fleet_view import fleet_report, render_table
+
+    try:
+        report = asyncio.run(fleet_report(ns.etcd, ns.name))
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if ns.json else render_table(report))
+    return 0
 
 
 def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -36,6 +36,7 @@ from corral.core.args import Change, LlamaConfig, host_of, port_of
 from corral.core.backoff import BackoffPolicy, StartHistory
 from corral.core.debounce import Debouncer
 from corral.core.lifecycle import Lifecycle, State
+from corral.core.local import LocalOverrides
 from corral.core.plan import plan_batch
 from corral.errors import PreflightFailed, StartFailed, StoreError, StoreUnavailable
 from corral.failpoints import failpoint
@@ -73,6 +74,7 @@ class ChangeRecord:
     log: list[str] = field(default_factory=list)
     config: LlamaConfig | None = None
     restarted: bool = False
+    source: str = "api"  # "api", or "fleet" for a config another supervisor stored
 
     def finish(self, status: str, http_status: int, config: LlamaConfig | None,
                error: str | None = None, log_tail: list[str] | None = None,
@@ -95,7 +97,8 @@ class Startup:
 class Controller:
     def __init__(self, name: str, store: ConfigStore, startup: Startup, settings: Settings,
                  pidfile: PidFile | None = None,
-                 catalogs: preflight.CatalogCache | None = None) -> None:
+                 catalogs: preflight.CatalogCache | None = None,
+                 local: LocalOverrides | None = None) -> None:
         self.name = name
         self.store = store
         self.settings = settings
@@ -109,6 +112,8 @@ class Controller:
         self.ready_since: float | None = None
         self.retry_at: float | None = None
         self.on_state_change: Callable[[], Awaitable[None]] | None = None
+        self.local = local
+        self.fleet: dict[str, Any] | None = None  # set by corral.fleet when in a fleet
         self._startup = startup
         self._pidfile = pidfile
         self._history = StartHistory()
@@ -128,9 +133,10 @@ class Controller:
     def state(self) -> State:
         return self.lifecycle.state
 
-    def submit(self, change: Change) -> ChangeRecord:
+    def submit(self, change: Change, source: str = "api") -> ChangeRecord:
         loop = asyncio.get_running_loop()
-        record = ChangeRecord(f"c{next(self._ids)}", change, time.time(), loop.create_future())
+        record = ChangeRecord(f"c{next(self._ids)}", change, time.time(), loop.create_future(),
+                              source=source)
         self._records[record.id] = record
         while len(self._records) > MAX_CHANGE_RECORDS:
             self._records.popitem(last=False)
@@ -140,6 +146,11 @@ class Controller:
 
     def record(self, change_id: str) -> ChangeRecord | None:
         return self._records.get(change_id)
+
+    @property
+    def store_connected(self) -> bool:
+        """False while a networked store (etcd) is known to be unreachable."""
+        return bool(getattr(self.store, "is_connected", True))
 
     @property
     def pending_changes(self) -> int:
@@ -316,7 +327,9 @@ class Controller:
             await self._start(plan.desired)
             failpoint("after_start_new")
             failpoint("before_persist")
-            await self._persist(plan.desired)
+            # A config that came from the store (a fleet peer's write) is stored already.
+            if any(r.source != "fleet" for r in batch):
+                await self._persist(plan.desired)
             failpoint("after_persist")
         except (StartFailed, PreflightFailed, StoreError) as exc:
             await self._stop_child()
@@ -358,7 +371,8 @@ class Controller:
             r.finish(status, code, self.last_good, reason, tail)
 
     async def _persist(self, config: LlamaConfig) -> None:
-        await self.store.save(self.name, StoredConfig.now(config))
+        shared = self.local.strip(config) if self.local else config
+        await self.store.save(self.name, StoredConfig.now(shared))
 
     # ---- stopping ------------------------------------------------------------------------
 
@@ -418,6 +432,8 @@ class Controller:
             if self.retry_at is not None else None,
             "config": config_json(self.last_good),
             "store": self.store.description,
+            "store_connected": self.store_connected,
+            "fleet": self.fleet,
         }
 
 

@@ -27,7 +27,7 @@ from corral.api.security import BodyLimit, TokenAuth
 from corral.child.preflight import resolve_binary
 from corral.controller import ChangeRecord, Controller, config_json
 from corral.core.args import BINARY_KEY, Change, apply_change, parse_change
-from corral.errors import CorralError
+from corral.errors import CorralError, InvalidArgs
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -78,6 +78,12 @@ def create_app(controller: Controller, token: str | None = None,
         Merged with other changes arriving within the debounce window; answered when
         the batch is applied (200), rejected (422) or could not be stored (500/503).
         """
+        if not controller.store_connected:
+            return JSONResponse({"status": "failed", "change_id": None, "log": [],
+                                 "restarted": False, "config": config_json(controller.last_good),
+                                 "error": f"the config store is unreachable "
+                                 f"({controller.store.description}); the change could not be "
+                                 "made durable, so nothing was changed"}, 503)
         try:
             change = await _validated_change(controller, body.args)
         except CorralError as exc:
@@ -124,5 +130,9 @@ async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Chan
         binary = resolve_binary(raw[BINARY_KEY].strip())
         raw = {**raw, BINARY_KEY: binary}
     change = parse_change(raw, await controller.catalogs.get(binary))
+    pinned = controller.local.keys() & {k for k, _ in change.args} if controller.local else set()
+    if pinned:
+        raise InvalidArgs(f"{', '.join(sorted(pinned))} is set per instance in a fleet; restart "
+                          "this supervisor with another --port/--host to change it")
     await controller.check(apply_change(controller.last_good, change))
     return change

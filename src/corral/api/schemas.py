@@ -64,6 +64,8 @@ class StatusView(BaseModel):
     retry_in_s: float | None
     config: ConfigView
     store: str
+    store_connected: bool
+    fleet: dict[str, Any] | None = None
 
 
 class HealthView(BaseModel):

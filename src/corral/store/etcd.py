@@ -61,7 +61,8 @@ DEFAULT_TIMEOUT = 2.0
 DEFAULT_PROBE_INTERVAL = 1.0
 DEFAULT_TTL = 5
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 2.0
-_GRPC_NOT_FOUND, _GRPC_DEADLINE, _GRPC_UNAVAILABLE = 5, 4, 14
+_GRPC_NOT_FOUND = 5
+_GRPC_TRANSIENT = {1, 4, 14}  # canceled (gateway answers 408), deadline exceeded, unavailable
 JSON = dict[str, Any]
 _T = TypeVar("_T")
 
@@ -283,7 +284,7 @@ class EtcdClient:
         code = error.get("code", error.get("grpc_code"))
         if code == _GRPC_NOT_FOUND and "lease" in message:
             raise LeaseNotFound(f"etcd at {url}: {message}")
-        if code in (_GRPC_DEADLINE, _GRPC_UNAVAILABLE) or response.status_code >= 500:
+        if code in _GRPC_TRANSIENT or response.status_code == 408 or response.status_code >= 500:
             raise _Unreachable(message)
         raise StoreUnavailable(f"etcd at {url} refused {path}: {message}")
 

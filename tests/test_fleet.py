@@ -1,0 +1,200 @@
+"""Fleets through a real etcd: shared configs, registration, outages (issue: etcd driver)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures_etcd import EtcdServer
+from tests.harness import (
+    FAKE,
+    SupervisorProcess,
+    make_fake_model,
+    pid_alive,
+    supervisor,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+
+def etcd_args(etcd: EtcdServer, name: str = "fleet") -> list[str]:
+    return ["--config-driver", json.dumps({"type": "etcd", "addr": etcd.addr, "name": name})]
+
+
+def stored(etcd: EtcdServer, name: str = "fleet") -> dict | None:
+    out = etcd.etcdctl("get", f"/corral/configs/{name}", "--print-value-only").strip()
+    return json.loads(out) if out else None
+
+
+def props(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/props", timeout=5).json()
+
+
+def fleet_json(etcd: EtcdServer, name: str = "fleet") -> dict:
+    out = subprocess.run([sys.executable, "-m", "corral", "fleet", "--etcd", etcd.addr,
+                          "--name", name, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_apply_is_stored_in_etcd_and_resumed(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
+        sup.wait_running()
+        value = wait_for(lambda: stored(etcd_server), 10, "the boot config in etcd")
+        assert "--port" not in dict(value["args"]), "the port is per instance"
+        assert sup.post({"-np": 3}).status_code == 200
+        assert dict(stored(etcd_server)["args"])["--parallel"] == "3"
+        port = sup.port
+        sup.stop()
+    with supervisor(tmp_path, FAKE, model, ["-np", "1"], port=port,
+                    store_args=etcd_args(etcd_server)) as sup:
+        assert sup.wait_running()["config"]["args"]["--parallel"] == "3"
+        assert props(port)["total_slots"] == 3
+
+
+def test_three_supervisors_follow_an_etcdctl_put(tmp_path: Path,
+                                                 etcd_server: EtcdServer) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    other = make_fake_model(tmp_path / "b.gguf")
+    with ExitStack() as stack:
+        sups: list[SupervisorProcess] = []
+        for i in range(3):
+            d = tmp_path / f"s{i}"
+            d.mkdir()
+            sups.append(stack.enter_context(
+                supervisor(d, FAKE, model, store_args=etcd_args(etcd_server))))
+        for s in sups:
+            s.wait_running()
+        wait_for(lambda: len(fleet_json(etcd_server)["instances"]) == 3, 15, "3 registrations")
+        config = {"binary": str(FAKE), "args": [["--model", str(other)], ["--parallel", "5"]]}
+        etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(config))
+        for s in sups:
+            wait_for(lambda s=s: props(s.port)["total_slots"] == 5, 30, "fleet config applied")
+            assert props(s.port)["model_path"] == str(other)
+            wait_for(lambda s=s: s.status()["fleet"]["in_sync"], 10, "in sync")
+        # Nobody applied it twice: one restart each (boot + the fleet config).
+        assert all(s.status()["generation"] == 2 for s in sups)
+        report = wait_for(lambda: (r := fleet_json(etcd_server))["instances"] and all(
+            i["runs_fleet_config"] for i in r["instances"]) and r, 15, "all on the fleet config")
+        assert len(report["instances"]) == 3
+        assert {i["port"] for i in report["instances"]} == {s.port for s in sups}
+        # An API apply on one supervisor reaches the other two.
+        assert sups[0].post({"-np": 2}).status_code == 200
+        for s in sups[1:]:
+            wait_for(lambda s=s: props(s.port)["total_slots"] == 2, 30, "peer apply followed")
+
+
+def test_kill_9_of_a_supervisor_drops_its_registration(tmp_path: Path,
+                                                       etcd_server: EtcdServer) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
+        pid = sup.wait_running()["pid"]
+        wait_for(lambda: len(fleet_json(etcd_server)["instances"]) == 1, 15, "registered")
+        sup.kill()
+        wait_for(lambda: not pid_alive(pid), 1, "llama-server gone")
+        wait_for(lambda: fleet_json(etcd_server)["instances"] == [], 10, "key gone within TTL")
+
+
+def test_a_host_where_the_fleet_config_fails_keeps_its_last_good(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
+        sup.wait_running()
+        bad = {"binary": str(FAKE), "args": [["--model", str(model)],
+                                             ["--fake-exit-at-start", "2"]]}
+        etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(bad))
+        status = wait_for(lambda: (s := sup.status())["fleet"]["divergence"] and s, 30,
+                          "divergence reported")
+        assert status["fleet"]["in_sync"] is False
+        assert "exited with code 2" in status["fleet"]["divergence"]
+        assert sup.wait_running()["config"]["args"].get("--fake-exit-at-start") is None
+        assert props(sup.port)["model_path"] == str(model)
+
+
+def test_etcd_outages(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """Paused and restarted etcd: serving goes on, writes fail clearly, changes catch up."""
+    model = make_fake_model(tmp_path / "a.gguf")
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
+        pid = sup.wait_running()["pid"]
+        wait_for(lambda: stored(etcd_server), 10, "boot config stored")
+        etcd_server.pause()
+        try:
+            wait_for(lambda: sup.status()["store_connected"] is False, 15, "outage noticed")
+            r = sup.post({"-np": 4})
+            assert r.status_code == 503 and "unreachable" in r.json()["error"]
+            assert props(sup.port)["total_slots"] == 1 and sup.llama_pid() == pid
+        finally:
+            etcd_server.resume()
+        wait_for(lambda: sup.status()["store_connected"] is True, 15, "reconnected")
+        etcd_server.stop()
+        wait_for(lambda: sup.status()["store_connected"] is False, 15, "etcd stop noticed")
+        assert props(sup.port)["total_slots"] == 1
+        etcd_server.start()
+        # A change made by someone else right after the restart is applied here.
+        config = {"binary": str(FAKE), "args": [["--model", str(model)], ["--parallel", "6"]]}
+        etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(config))
+        wait_for(lambda: props(sup.port)["total_slots"] == 6, 30, "caught up after restart")
+        wait_for(lambda: len(fleet_json(etcd_server)["instances"]) == 1, 15, "re-registered")
+
+
+def test_start_with_etcd_down_runs_cli_config_then_catches_up(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    config = {"binary": str(FAKE), "args": [["--model", str(model)], ["--parallel", "7"]]}
+    etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(config))
+    etcd_server.stop()
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
+        sup.wait_running()
+        assert props(sup.port)["total_slots"] == 1
+        assert "unreachable" in sup.log()
+        etcd_server.start()
+        wait_for(lambda: props(sup.port)["total_slots"] == 7, 30, "caught up")
+
+
+def test_etcd_driver_without_server_and_two_drivers(tmp_path: Path) -> None:
+    model = make_fake_model(tmp_path / "a.gguf")
+    out = subprocess.run(
+        [sys.executable, "-m", "corral", "supervise", "--binary", str(FAKE), "--model",
+         str(model), "--config-file", str(tmp_path / "c.toml"), "--etcd", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert out.returncode == 2 and "choose one config driver" in out.stderr
+
+
+@pytest.mark.real
+def test_real_fleet_of_three(tmp_path: Path, etcd_server: EtcdServer, real_binary: Path,
+                             real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+    other = model_alias("fleet-b")
+    with ExitStack() as stack:
+        sups = []
+        for i in range(3):
+            d = tmp_path / f"r{i}"
+            d.mkdir()
+            sups.append(stack.enter_context(supervisor(
+                d, real_binary, real_model, store_args=etcd_args(etcd_server, "real"))))
+        for s in sups:
+            s.wait_running(120)
+        config = {"binary": str(real_binary), "args": [["--model", str(other)],
+                                                       ["--parallel", "2"]]}
+        etcd_server.etcdctl("put", "/corral/configs/real", json.dumps(config))
+        for s in sups:
+            wait_for(lambda s=s: props(s.port)["model_path"] == str(other), 120, "applied")
+            assert props(s.port)["total_slots"] == 2
+        report = wait_for(lambda: (r := fleet_json(etcd_server, "real"))["instances"] and all(
+            i["runs_fleet_config"] for i in r["instances"]) and r, 20, "fleet report")
+        assert len(report["instances"]) == 3
+        # kill -9 of one supervisor: its registration and its llama-server go.
+        victim = sups[0]
+        pid = victim.llama_pid()
+        victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        wait_for(lambda: not pid_alive(pid), 1, "llama-server gone with its supervisor")
+        wait_for(lambda: len(fleet_json(etcd_server, "real")["instances"]) == 2, 10, "TTL")
