@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -121,17 +122,21 @@ def test_a_host_where_the_fleet_config_fails_keeps_its_last_good(
         assert props(sup.port)["model_path"] == str(model)
 
 
-def test_etcd_outages(tmp_path: Path, etcd_server: EtcdServer) -> None:
-    """Paused and restarted etcd: serving goes on, writes fail clearly, changes catch up."""
+def test_etcd_outages(tmp_path: Path, etcd_server: EtcdServer, health_watch) -> None:  # type: ignore[no-untyped-def]
+    """Paused (10 s) and restarted etcd: serving goes on, writes fail clearly, changes catch up."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         pid = sup.wait_running()["pid"]
         wait_for(lambda: stored(etcd_server), 10, "boot config stored")
+        paused_at = time.monotonic()
         etcd_server.pause()
         try:
-            wait_for(lambda: sup.status()["store_connected"] is False, 15, "outage noticed")
-            r = sup.post({"-np": 4})
-            assert r.status_code == 503 and "unreachable" in r.json()["error"]
+            with health_watch(sup.port) as watch:
+                wait_for(lambda: sup.status()["store_connected"] is False, 15, "outage noticed")
+                r = sup.post({"-np": 4})
+                assert r.status_code == 503 and "unreachable" in r.json()["error"]
+                wait_for(lambda: time.monotonic() - paused_at >= 10, 15, "10 s of SIGSTOP")
+            assert watch.failures == [] and watch.probes > 50
             assert props(sup.port)["total_slots"] == 1 and sup.llama_pid() == pid
         finally:
             etcd_server.resume()
