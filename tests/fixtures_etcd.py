@@ -115,14 +115,31 @@ class EtcdServer:
         self.paused = False
 
     def pause(self) -> None:
+        """SIGSTOP: etcd freezes with its sockets open. Returns once every thread stopped."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
         self.paused = True
+        self._wait_stopped(True)
 
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
         self.paused = False
+        self._wait_stopped(False)
+
+    def _wait_stopped(self, stopped: bool, deadline: float = 5.0) -> None:
+        """A signal is delivered asynchronously: wait until /proc shows its effect."""
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        if not tasks.is_dir():
+            return  # no procfs: best effort
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            states = [_proc_state(task / "stat") for task in tasks.iterdir()]
+            if all((state == "T") == stopped for state in states if state):
+                return
+            time.sleep(0.002)
+        raise RuntimeError(f"etcd did not {'stop' if stopped else 'continue'} in {deadline} s")
 
     def etcdctl(self, *args: str, check: bool = True) -> str:
         """Run ``etcdctl`` (API v3) against this server; returns its stdout."""
@@ -150,6 +167,15 @@ def _etcdctl() -> str:
     if found is None:
         pytest.skip("etcdctl not found (apt-get install etcd-client)")
     return found
+
+
+def _proc_state(stat: Path) -> str:
+    """The state letter of /proc/<pid>/task/<tid>/stat ("" if the thread is gone)."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return ""
+    return text.rpartition(")")[2].split()[0]
 
 
 def _pid_alive(pid: int) -> bool:
