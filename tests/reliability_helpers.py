@@ -110,17 +110,3 @@ def timed(call: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.monotonic()
     value = call()
     return time.monotonic() - t0, value
-
-
-def poll_until(condition: Callable[[], bool], step: Callable[[], None], timeout: float,
-               what: str, max_polls: int = 100_000) -> int:
-    """Call ``step`` repeatedly until ``condition()``; fail after ``timeout``. Returns the
-    number of polls (bounded by ``max_polls`` too)."""
-    deadline = time.monotonic() + timeout
-    for n in range(max_polls):
-        if condition():
-            return n
-        if time.monotonic() >= deadline:
-            break
-        step()
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

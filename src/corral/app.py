@@ -134,9 +134,15 @@ def differences(a: LlamaConfig, b: LlamaConfig) -> Iterator[str]:
             yield f"{key} ({da.get(key, '-')} vs {db.get(key, '-')})"
 
 
-def instance_files(state_dir: Path, store: ConfigStore, name: str, port: int) -> tuple[Path, Path]:
-    """Lock and pid file of one (store, name, llama port): never two servers for them."""
-    digest = hashlib.sha1(f"{store.description}\0{name}\0{port}".encode()).hexdigest()[:12]
+def instance_files(state_dir: Path, store: ConfigStore, name: str,
+                   local_port: str | None) -> tuple[Path, Path]:
+    """Lock and pid file of one config: never two servers for it.
+
+    A config is (store, name); in a fleet, where each instance has its own port, it is
+    (store, name, port), so several instances may share a machine.
+    """
+    key = f"{store.description}\0{name}\0{local_port or ''}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{digest}"
     return state_dir / f"{stem}.lock", state_dir / f"{stem}.pid"
 
@@ -157,13 +163,13 @@ async def supervise(opts: Options) -> int:
     store = open_store(opts.driver)
     name = opts.driver.name
     log.info("config store: %s, name %r", store.description, name)
-    lock_path, pid_path = instance_files(opts.state_dir, store, name,
-                                         int(from_cli.get("--port") or 8080))
+    # In a fleet the config is shared, but --port/--host stay this instance's own.
+    local = LocalOverrides.from_config(from_cli) if isinstance(store, WatchableStore) else None
+    lock_path, pid_path = instance_files(
+        opts.state_dir, store, name, str(from_cli.get("--port")) if local else None)
     lock = InstanceLock(lock_path)
     lock.acquire()
     sock = bind_api(host, api_port)
-    # In a fleet the config is shared, but --port/--host stay this instance's own.
-    local = LocalOverrides.from_config(from_cli) if isinstance(store, WatchableStore) else None
     try:
         startup = await choose_startup(store, name, from_cli, local)
         controller = Controller(name, store, startup, opts.settings, PidFile(pid_path), catalogs,

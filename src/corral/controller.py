@@ -79,10 +79,11 @@ class ChangeRecord:
     def finish(self, status: str, http_status: int, config: LlamaConfig | None,
                error: str | None = None, log_tail: list[str] | None = None,
                restarted: bool = False) -> None:
+        if self.done.done():
+            return  # an outcome is final
         self.status, self.http_status, self.config = status, http_status, config
         self.error, self.log, self.restarted = error, log_tail or [], restarted
-        if not self.done.done():
-            self.done.set_result(None)
+        self.done.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class Controller:
         self._http = httpx.AsyncClient()
         self._liveness_misses = 0
         self._next_liveness: float | None = None
-        self._in_flight: list[ChangeRecord] = []
+        self._in_flight: list[ChangeRecord] = []  # answered 503 if shutdown cuts an apply
+        self._stopping: Child | None = None  # what a second signal must kill at once
 
     # ---- what the API calls -------------------------------------------------------------
 
@@ -335,8 +337,6 @@ class Controller:
             await self._stop_child()
             await self._after_failed_apply(batch, exc, prior)
             return
-        finally:
-            self._in_flight = []
         self.last_good = plan.desired
         self._history.succeeded()
         self.last_error = None
@@ -381,7 +381,11 @@ class Controller:
         self.ready_since = None
         self._next_liveness = None
         if child is not None:
-            code = await child.stop(self.settings.stop_timeout_s)
+            self._stopping = child
+            try:
+                code = await child.stop(self.settings.stop_timeout_s)
+            finally:
+                self._stopping = None
             log.info("llama-server (pid %d) stopped (code %d)", child.pid, code)
         self._clear_pidfile()
 
@@ -399,8 +403,9 @@ class Controller:
 
     async def kill_now(self) -> None:
         """A second shutdown signal: SIGKILL the child group without waiting."""
-        if self.child is not None:
-            await self.child.kill()
+        for child in (self.child, self._stopping):
+            if child is not None:
+                await child.kill()
 
     # ---- helpers -------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from asyncio.subprocess import (  # not in asyncio's __all__, but stable since 3.4
+    SubprocessStreamProtocol,
+)
+from dataclasses import dataclass
 
 from corral.child.output import OutputRing, drain
 from corral.core.args import LlamaConfig
@@ -43,18 +46,16 @@ class Child:
     started_at: float
     output: OutputRing
     generation: int
-    _exit: asyncio.Task[int] = field(init=False)
+    _exit: asyncio.Future[int]
     _reader: asyncio.Task[None] | None = None
-
-    def __post_init__(self) -> None:
-        self._exit = asyncio.ensure_future(self.proc.wait())
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     @property
-    def exited(self) -> asyncio.Task[int]:
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with the exit code the moment the process is reaped."""
         return self._exit
 
     @property
@@ -93,10 +94,32 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+class _ExitProtocol(SubprocessStreamProtocol):
+    """Reports the exit as soon as the process is reaped.
+
+    ``Process.wait()`` also waits until every pipe is closed, so a grandchild holding
+    llama-server's stdout would hide its crash; ``process_exited`` is called on reaping.
+    """
+
+    def __init__(self, exited: asyncio.Future[int], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=1 << 16, loop=loop)
+        self._exited = exited
+
+    def process_exited(self) -> None:
+        # Read the code first: the base class may close and drop the transport.
+        code = self._transport.get_returncode()  # type: ignore[attr-defined]
+        super().process_exited()
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+
 async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True) -> Child:
     """Start ``config`` as a new session; its output goes to a ring buffer and the log."""
     parent = os.getpid()
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _ExitProtocol(exited, loop),
         *config.argv(),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -104,8 +127,9 @@ async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True) 
         start_new_session=True,
         preexec_fn=lambda: _die_with_parent(parent),
     )
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     ring = OutputRing()
-    child = Child(config, proc, time.monotonic(), ring, generation)
+    child = Child(config, proc, time.monotonic(), ring, generation, exited)
     assert proc.stdout is not None
     child._reader = asyncio.create_task(
         drain(proc.stdout, ring, f"[llama-server {proc.pid}]", echo_output)
