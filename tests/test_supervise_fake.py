@@ -169,3 +169,11 @@ def test_crash_loop_backs_off_then_fatal(tmp_path: Path, model: Path) -> None:
         r = sup.post({"--fake-exit-at-start": False})
         assert r.status_code == 200, r.text
         assert sup.wait_running()["consecutive_failures"] == 0
+
+
+def test_log_reports_loading_progress(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["--fake-load-s", "1.8"]) as sup:
+        sup.wait_running()
+        log = sup.log()
+        assert "still loading: 1.0 s elapsed, /health: 503" in log
+        assert "is ready after" in log

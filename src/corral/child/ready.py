@@ -19,7 +19,8 @@ from corral.errors import StartFailed
 log = logging.getLogger("corral.child")
 
 PROBE_INTERVAL_S = 0.02
-PROGRESS_EVERY_S = 5.0
+FIRST_PROGRESS_S = 1.0  # a user watching a big model load hears from us after 1 s ...
+PROGRESS_EVERY_S = 5.0  # ... and then every 5 s
 
 
 async def wait_ready(
@@ -32,7 +33,7 @@ async def wait_ready(
     """Return the seconds it took to become ready, or raise :class:`StartFailed`."""
     start = time.monotonic()
     deadline = start + timeout_s
-    next_progress = start + PROGRESS_EVERY_S
+    next_progress = start + FIRST_PROGRESS_S
     last_status = "no answer yet"
     while True:
         now = time.monotonic()
