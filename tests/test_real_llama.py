@@ -235,8 +235,8 @@ def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # 
                     args = rng.choice([{"-np": rng.randint(1, 4)},
                                        {"--alias": f"client{seed}-{i}"},
                                        {"parallel": rng.randint(1, 4), "c": 1024}])
-                    r = c.post("/v1/params", params={"wait": "true" if rng.random() < 0.2 else "false"},
-                               json={"args": args})
+                    wait = "true" if rng.random() < 0.2 else "false"
+                    r = c.post("/v1/params", params={"wait": wait}, json={"args": args})
                     with lock:
                         codes.append(r.status_code)
 
