@@ -510,3 +510,35 @@ def test_flood_of_changes_batches_restarts_and_last_write_wins(tmp_path: Path,
         rss.append(rss_mb(sup.proc.pid))
         assert max(rss) < RSS_LIMIT_MB, max(rss)
         wait_gone(started_pids(sup)[:-1], 2, "replaced servers")
+
+
+def test_rollback_that_fails_too_is_fatal_with_both_reasons(tmp_path: Path, model: Path) -> None:
+    """RELIABILITY 8: new config and last good both fail -> FATAL, no flip-flop."""
+    broken = tmp_path / "broken"
+    wrapper = tmp_path / "flaky-llama-server"
+    wrapper.write_text(f"""#!/bin/sh
+case "$1" in --help) exec "{FAKE}" "$@";; esac
+if [ -e "{broken}" ]; then echo "flaky: broken on purpose"; exit 4; fi
+exec "{FAKE}" "$@"
+""")
+    wrapper.chmod(0o755)
+    with supervisor(tmp_path, wrapper, model) as sup:
+        sup.wait_running()
+        before = sup.config_file.read_bytes()
+        broken.touch()
+        r = sup.post({"-np": 2})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert "exited with code 4" in error and "the rollback failed too" in error
+        status = sup.wait_state("FATAL", 10)
+        assert status["pid"] is None and "rollback failed too" in status["last_error"]
+        starts = sup.log().count("started llama-server")
+        assert starts == 3  # boot, the new config, one rollback attempt
+        # No flip-flop: FATAL stays put with nothing scheduled.
+        assert status["retry_in_s"] is None
+        assert sup.config_file.read_bytes() == before
+        broken.unlink()
+        r = sup.post({"-np": 2})
+        assert r.status_code == 200, r.text
+        assert sup.wait_running()["config"]["args"]["--parallel"] == "2"
+        assert sup.log().count("started llama-server") == 4
