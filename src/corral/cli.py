@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -61,6 +60,8 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _run_fleet(ns: argparse.Namespace) -> int:
+    import asyncio
+
     from corral.errors import CorralError
     from corral.fleet_view import fleet_report, render_table
 
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_supervise(ns: argparse.Namespace) -> int:
+    import asyncio
+
     from corral.app import Options, supervise
     from corral.controller import Settings
     from corral.core.backoff import BackoffPolicy

@@ -90,7 +90,9 @@ class PidFile:
 def _group_members(pgid: int, leader: int, leader_created: float) -> list[psutil.Process]:
     """Processes of that group started no earlier than the recorded leader (not recycled)."""
     members = []
-    for proc in psutil.process_iter(["pid", "create_time"]):
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # dead already (PDEATHSIG did its job), just not reaped by init yet
         try:
             if os.getpgid(proc.pid) != pgid or proc.pid == os.getpid():
                 continue

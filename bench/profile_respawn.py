@@ -1,0 +1,241 @@
+"""Where Corral's respawn time goes: its own building blocks, timed in-process.
+
+Runs the real llama-server through ``corral.child.process.spawn`` in this process's event
+loop and times each step of Corral's crash path (``Controller._on_crash`` ->
+``_start_with_backoff`` -> ``_start``) separately:
+
+  exit seen      SIGKILL (from another thread, the loop idle) -> ``child.exited`` done
+  child.kill     reap the group + wait for the output reader to finish
+  preflight      ``CatalogCache.get`` + ``preflight.check_config`` (binds the port once)
+  spawn          ``spawn()``: fork + preexec_fn (prctl) + exec of llama-server
+  pidfile        ``PidFile.record`` (psutil create_time + write + rename)
+
+The supervisor's own modules (uvicorn, FastAPI, ...) are imported first so that a fork
+copies a process of the same size. For comparison: the same argv through a plain
+``asyncio.create_subprocess_exec`` without ``preexec_fn`` (CPython can then use vfork),
+through ``os.posix_spawn``, and through ``setpriv --pdeathsig KILL`` (PR_SET_PDEATHSIG
+without a preexec_fn); exit detection with asyncio's PidfdChildWatcher; and the kernel's
+own floor (a blocking ``waitpid`` in the parent).
+
+    .venv/bin/python bench/profile_respawn.py [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    BASE_ARGS,
+    ROOT,
+    free_port,
+    llama_server,
+    log,
+    model,
+    print_rows,
+    stats,
+    temp_dir,
+)
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
+    import httpx
+
+    import corral.app  # noqa: F401 - the supervisor's own modules: a fork copies as much
+    from corral.child import preflight
+    from corral.child.pidfile import PidFile
+    from corral.child.process import spawn
+    from corral.child.ready import wait_ready
+    from corral.core.args import LlamaConfig, parse_argv
+
+    binary = str(llama_server())
+    port = free_port()
+    catalogs = preflight.CatalogCache()
+    catalog = await catalogs.get(binary)
+    tokens = ["--model", str(model()), *BASE_ARGS, "--port", str(port)]
+    config = LlamaConfig(binary, tuple(parse_argv(tokens, catalog)))
+    url = f"http://127.0.0.1:{port}/health"
+    pidfile = PidFile(tmp / "llama.pid")
+    steps: dict[str, list[float]] = {k: [] for k in (
+        "exit_seen", "child_kill", "preflight", "spawn", "pidfile", "total")}
+    async with httpx.AsyncClient() as http:
+        child = await spawn(config, 1, echo_output=False)
+        for _ in range(runs):
+            await wait_ready(child, url, http, 120, 0.0)
+            await asyncio.sleep(0.05)
+            t0 = [0.0]
+
+            def killer(pid: int = child.pid, box: list[float] = t0) -> None:
+                time.sleep(0.05)
+                box[0] = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+
+            threading.Thread(target=killer, daemon=True).start()
+            await child.exited
+            t1 = time.perf_counter()
+            await child.kill()
+            t2 = time.perf_counter()
+            cat = await catalogs.get(binary)
+            preflight.check_config(config, None, cat)
+            t3 = time.perf_counter()
+            pidfile.clear()
+            child = await spawn(config, 1, echo_output=False)
+            t4 = time.perf_counter()
+            pidfile.record(child.pid)
+            t5 = time.perf_counter()
+            for k, v in (("exit_seen", t1 - t0[0]), ("child_kill", t2 - t1),
+                         ("preflight", t3 - t2), ("spawn", t4 - t3), ("pidfile", t5 - t4),
+                         ("total", t5 - t0[0])):
+                steps[k].append(v)
+        await child.stop(10)
+        plain, pspawn, setpriv = await _spawn_variants(config.argv(), runs)
+        pidfd = await _exit_seen_pidfd(config, url, http, runs)
+    floor = _exit_seen_floor(config.argv(), port, runs)
+    return {"runs": runs, **{f"{k}_ms": stats(v, digits=3) for k, v in steps.items()},
+            "spawn_without_preexec_fn_ms": stats(plain, digits=3),
+            "posix_spawn_ms": stats(pspawn, digits=3),
+            "spawn_setpriv_pdeathsig_ms": stats(setpriv, digits=3),
+            "exit_seen_pidfd_watcher_ms": stats(pidfd, digits=3),
+            "exit_seen_blocking_waitpid_floor_ms": stats(floor, digits=3),
+            "child_watcher": type(asyncio.get_event_loop_policy().get_child_watcher()).__name__,
+            "supervisor_rss_mib_here": round(_rss() / 2**20, 1)}
+
+
+async def _spawn_variants(argv: list[str], runs: int
+                          ) -> tuple[list[float], list[float], list[float]]:
+    """Start times of the same argv without preexec_fn, by posix_spawn, and via setpriv."""
+    loop = asyncio.get_running_loop()
+    real = os.path.realpath(argv[0])  # noqa: ASYNC240
+    plain, pspawn, setpriv = [], [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        plain.append(time.perf_counter() - t)
+        proc.kill()
+        await proc.wait()
+        t = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True)  # noqa: ASYNC221
+        pspawn.append(time.perf_counter() - t)
+        os.kill(pid, signal.SIGKILL)
+        await loop.run_in_executor(None, os.waitpid, pid, 0)
+        # PR_SET_PDEATHSIG without preexec_fn: util-linux setpriv sets it and execs
+        t = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--pdeathsig", "KILL", *argv, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True)
+        while _exe(proc.pid) != real:  # until the second exec (llama-server) happened
+            pass
+        setpriv.append(time.perf_counter() - t)
+        proc.kill()
+        await proc.wait()
+    return plain, pspawn, setpriv
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+async def _exit_seen_pidfd(config: Any, url: str, http: Any, runs: int) -> list[float]:
+    """SIGKILL -> ``child.exited`` with asyncio's PidfdChildWatcher (3.12's default)."""
+    from corral.child.process import spawn
+    from corral.child.ready import wait_ready
+
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+    out = []
+    try:
+        for _ in range(runs):
+            child = await spawn(config, 1, echo_output=False)
+            await wait_ready(child, url, http, 120, 0.0)
+            box = [0.0]
+
+            def killer(pid: int = child.pid, b: list[float] = box) -> None:
+                time.sleep(0.05)
+                b[0] = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+
+            threading.Thread(target=killer, daemon=True).start()
+            await child.exited
+            out.append(time.perf_counter() - box[0])
+            await child.kill()
+    finally:
+        asyncio.set_child_watcher(asyncio.ThreadedChildWatcher())
+    return out
+
+
+def _exit_seen_floor(argv: list[str], port: int, runs: int) -> list[float]:
+    """SIGKILL -> a blocking waitpid returns: the kernel's own floor (address-space teardown)."""
+    import subprocess
+
+    from common import wait_health
+
+    out = []
+    for _ in range(runs):
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_health(port, 120, 0.01)
+        time.sleep(0.05)
+        t = time.perf_counter()
+        os.kill(proc.pid, signal.SIGKILL)
+        os.waitpid(proc.pid, 0)
+        out.append(time.perf_counter() - t)
+        proc.returncode = -9
+    return out
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def run(runs: int = 10) -> dict[str, Any]:
+    log(f"profile: Corral's crash path in-process, {runs} runs")
+    with temp_dir("profile") as tmp:
+        return asyncio.run(_profile(runs, tmp))
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for k in ("exit_seen", "child_kill", "preflight", "spawn", "pidfile", "total"):
+        s = r[f"{k}_ms"]
+        out.append((k, f"median {s['median']} ms (min {s['min']}, max {s['max']})"))
+    for k in ("spawn_without_preexec_fn", "posix_spawn", "spawn_setpriv_pdeathsig",
+              "exit_seen_pidfd_watcher", "exit_seen_blocking_waitpid_floor"):
+        s = r[f"{k}_ms"]
+        out.append((k + " (comparison)", f"median {s['median']} ms (min {s['min']})"))
+    out.append(("asyncio child watcher", r["child_watcher"]))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=10)
+    ns = p.parse_args()
+    r = run(ns.runs)
+    print_rows("Corral crash path, step by step (in-process)", rows(r))
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""All benchmarks in one run (``make bench``): a table on stdout, the same figures as JSON.
+
+Real llama-server and the real gemma-3 270M GGUF, 127.0.0.1 only, bounded in count and
+time (a few minutes on 2 cores). Writes ``bench/results/latest.json``. Each section is a
+module of its own that also runs alone (``.venv/bin/python bench/respawn.py`` ...).
+Progress goes to stderr. Exit status 1 if a section failed (the others still run).
+
+    .venv/bin/python bench/run_all.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import api  # noqa: E402
+import apply  # noqa: E402
+import coalesce  # noqa: E402
+import footprint  # noqa: E402
+import profile_respawn  # noqa: E402
+import respawn  # noqa: E402
+from common import BASE_ARGS, RESULTS, loadavg, log, machine, print_rows, write_json  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
+    p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    ns = p.parse_args()
+    n_kill, n_apply, api_s = (5, 2, 2.0) if ns.quick else (20, 5, 5.0)
+    started = time.perf_counter()
+    info = machine()
+    log(f"machine: {info['cores']} cores, {info['cpu_model']}, load {info['loadavg_start']}")
+    results: dict[str, Any] = {"machine": info, "llama_server_args": BASE_ARGS,
+                               "quick": ns.quick}
+    sections: list[tuple[str, str, Callable[[], dict[str, Any]],
+                         Callable[[dict[str, Any]], list[tuple[str, str]]]]] = [
+        ("respawn", f"1. respawn after SIGKILL ({n_kill} runs)",
+         lambda: respawn.run(n_kill), respawn.rows),
+        ("apply", f"2. apply overhead ({n_apply} runs each, median)",
+         lambda: apply.run(n_apply), apply.rows),
+        ("coalesce", "3. coalescing a flood of changes", lambda: coalesce.run(), coalesce.rows),
+        ("api", f"4. API throughput ({api_s:g} s each)", lambda: api.run(api_s), api.rows),
+        ("footprint", "5. footprint", lambda: footprint.run(flood=False), footprint.rows),
+        ("respawn_profile", "Corral's crash path, step by step (in-process diagnostic)",
+         lambda: profile_respawn.run(10 if not ns.quick else 3), profile_respawn.rows),
+    ]
+    failed = []
+    for key, _, fn, _ in sections:
+        t = time.perf_counter()
+        try:
+            results[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - record it, run the other sections
+            failed.append(key)
+            results[key] = {"error": repr(exc), "traceback": traceback.format_exc()}
+            log(f"{key} FAILED: {exc!r}")
+        results.setdefault("section_seconds", {})[key] = round(time.perf_counter() - t, 1)
+    # the flood's RSS was sampled by the coalescing run; show it with the footprint
+    if "error" not in results.get("footprint", {"error": 1}) and "error" not in results.get(
+            "coalesce", {"error": 1}):
+        results["footprint"]["corral_flood_rss"] = {
+            "peak_mib": results["coalesce"]["supervisor_rss_mib_during_flood"]["peak"],
+            "samples": results["coalesce"]["supervisor_rss_mib_during_flood"]["samples"],
+            "from": "the coalescing flood"}
+    info["loadavg_end"] = loadavg()
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(ns.out, results)
+
+    print(f"Corral benchmarks, {info['date']}: {info['cores']} cores, {info['cpu_model']}, "
+          f"Python {info['python']}, llama-server {info['llama_server_version']}")
+    print(f"load average at start {info['loadavg_start']}, at end {info['loadavg_end']} "
+          f"(other work on this machine makes the figures noisy); llama-server args: "
+          f"--model gemma-3-270m-q4_k_m.gguf {' '.join(BASE_ARGS)}")
+    for key, title, _, rows in sections:
+        if key in failed:
+            print_rows(title, [("FAILED", results[key]["error"])])
+        else:
+            print_rows(title, rows(results[key]))
+    print(f"\n{coalesce.__doc__.split('Optimum: ', 1)[1].split(chr(10) + chr(10))[0]}"
+          .replace("\n", " ").replace("  ", " ").strip() if "coalesce" not in failed else "")
+    print(f"\nwritten: {ns.out} (total {results['total_seconds']:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
