@@ -41,6 +41,7 @@ HELP = """\
 --fake-grandchild                       start a grandchild process that sleeps
 --fake-flood-mb N                       write N MiB of output at start
 --fake-pidfile PATH                     append own pid (and grandchild pid) to PATH
+--fake-hang-after S                     freeze (SIGSTOP itself) this many seconds after ready
 """
 
 
@@ -64,6 +65,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-grandchild", action="store_true")
     p.add_argument("--fake-flood-mb", type=float, default=0.0)
     p.add_argument("--fake-pidfile")
+    p.add_argument("--fake-hang-after", type=float)
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -132,6 +134,15 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
         print(f"error: couldn't bind HTTP server socket, port: {ns.port}: {exc}", flush=True)
         sys.exit(1)
     print(f"server is listening on http://{ns.host}:{ns.port}", flush=True)
+    if ns.fake_hang_after is not None:
+        def hang() -> None:
+            while time.monotonic() < ready_at:
+                time.sleep(0.01)
+            time.sleep(ns.fake_hang_after)
+            print("fake hang", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        threading.Thread(target=hang, daemon=True).start()
     if ns.fake_crash_after is not None:
         def crash() -> None:
             while time.monotonic() < ready_at:

@@ -542,3 +542,21 @@ exec "{FAKE}" "$@"
         assert r.status_code == 200, r.text
         assert sup.wait_running()["config"]["args"]["--parallel"] == "2"
         assert sup.log().count("started llama-server") == 4
+
+
+def test_hang_detection_restarts_a_frozen_server(tmp_path: Path, model: Path) -> None:
+    """--monitoring-interval: /health failing 3 times in a row is treated as a crash."""
+    with supervisor(tmp_path, FAKE, model, ["--fake-hang-after", "0.5"],
+                    extra_cli=["--monitoring-interval", "0.3"]) as sup:
+        first = sup.wait_running()["pid"]
+        revived = wait_for(lambda: (s := sup.status())["restarts"] >= 1 and s, 30, "revival")
+        assert "failed 3 health checks in a row" in sup.log()
+        wait_for(lambda: not pid_alive(first), 5, "the frozen server killed")
+        assert revived["config"]["args"]["--fake-hang-after"] == "0.5"
+
+
+def test_no_hang_detection_by_default(tmp_path: Path, model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["--fake-hang-after", "0.2"]) as sup:
+        pid = sup.wait_running()["pid"]
+        wait_for(lambda: "fake hang" in sup.log(), 10, "the fake froze")
+        assert sup.status()["restarts"] == 0 and sup.llama_pid() == pid
