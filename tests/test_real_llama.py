@@ -259,3 +259,22 @@ def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # 
         assert stored(sup)["args"]["--alias"] == "last-write"
         rss_mb = psutil.Process(sup.proc.pid).memory_info().rss / 2**20  # type: ignore[union-attr]
         assert rss_mb < 250, rss_mb
+
+
+def test_two_supervisors_two_names_one_file(tmp_path: Path, real_binary: Path,
+                                            real_model: Path) -> None:
+    config = tmp_path / "shared.toml"
+    store = ["--config-file", str(config)]
+    with supervisor(tmp_path, real_binary, real_model,
+                    store_args=[*store, "--name", "alpha"]) as a, \
+         supervisor(tmp_path, real_binary, real_model,
+                    store_args=[*store, "--name", "beta"]) as b:
+        a.wait_running(120)
+        b.wait_running(120)
+        assert a.post({"-np": 3}).status_code == 200
+        assert b.post({"-np": 2, "-c": 1024}).status_code == 200
+        data = tomllib.loads(config.read_text())
+        assert data["alpha"]["args"]["--parallel"] == "3"
+        assert data["beta"]["args"]["--parallel"] == "2"
+        assert data["beta"]["args"]["--ctx-size"] == "1024"
+        assert props(a.port)["total_slots"] == 3 and props(b.port)["total_slots"] == 2

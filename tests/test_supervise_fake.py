@@ -177,3 +177,50 @@ def test_log_reports_loading_progress(tmp_path: Path, model: Path) -> None:
         log = sup.log()
         assert "still loading: 1.0 s elapsed, /health: 503" in log
         assert "is ready after" in log
+
+
+def test_corrupt_store_is_a_clear_error_and_left_untouched(tmp_path: Path, model: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.toml"
+    config.write_text("[default]\nbinary = \n")
+    before = config.read_bytes()
+    out = subprocess.run(
+        [sys.executable, "-m", "corral", "supervise", "--binary", str(FAKE), "--model",
+         str(model), "--config-file", str(config), "--state-dir", str(tmp_path / "s"),
+         "--supervisor-addr", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert str(config) in out.stderr and "line 2" in out.stderr
+    assert config.read_bytes() == before
+
+
+def test_unwritable_store_fails_the_apply_and_keeps_the_stored_config(tmp_path: Path,
+                                                                      model: Path) -> None:
+    with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
+        sup.wait_running()
+        before = sup.config_file.read_bytes()
+        # Root ignores file modes, so make the store's lock path a directory instead.
+        lock = sup.config_file.with_name(sup.config_file.name + ".lock")
+        lock.unlink()
+        lock.mkdir()
+        r = sup.post({"-np": 4})
+        assert r.status_code in (500, 503), r.text
+        assert r.json()["status"] == "failed" and str(lock) in r.json()["error"]
+        assert sup.wait_running()["config"]["args"]["--parallel"] == "2"
+        assert props(sup.port)["total_slots"] == 2
+        assert sup.config_file.read_bytes() == before
+
+
+def test_two_names_share_one_file(tmp_path: Path, model: Path) -> None:
+    config = tmp_path / "shared.toml"
+    store = ["--config-file", str(config)]
+    with supervisor(tmp_path, FAKE, model, store_args=[*store, "--name", "alpha"]) as a, \
+         supervisor(tmp_path, FAKE, model, store_args=[*store, "--name", "beta"]) as b:
+        a.wait_running()
+        b.wait_running()
+        assert a.post({"-np": 3}).status_code == 200
+        assert b.post({"-np": 5}).status_code == 200
+        data = tomllib.loads(config.read_text())
+        assert data["alpha"]["args"]["--parallel"] == "3"
+        assert data["beta"]["args"]["--parallel"] == "5"
