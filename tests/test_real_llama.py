@@ -278,3 +278,35 @@ def test_two_supervisors_two_names_one_file(tmp_path: Path, real_binary: Path,
         assert data["beta"]["args"]["--parallel"] == "2"
         assert data["beta"]["args"]["--ctx-size"] == "1024"
         assert props(a.port)["total_slots"] == 3 and props(b.port)["total_slots"] == 2
+
+
+def test_binary_change_runs_the_new_program(tmp_path: Path, real_binary: Path,
+                                            real_model: Path) -> None:
+    import psutil
+
+    other = tmp_path / "llama-server-other"
+    other.symlink_to(real_binary)
+    with supervisor(tmp_path, real_binary, real_model) as sup:
+        sup.wait_running(120)
+        r = sup.post({"binary": str(other)})
+        assert r.status_code == 200, r.text
+        status = sup.wait_running(60)
+        assert status["config"]["binary"] == str(other)
+        assert psutil.Process(status["pid"]).cmdline()[0] == str(other)
+        assert stored(sup)["binary"] == str(other)
+
+
+def test_sigkill_right_after_an_apply_keeps_it(tmp_path: Path, real_binary: Path,
+                                               real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+    applied = model_alias("kept")
+    state = tmp_path / "state"
+    with supervisor(tmp_path, real_binary, real_model, state_dir=state) as sup:
+        sup.wait_running(120)
+        assert sup.post({"-m": str(applied), "-np": 2}).status_code == 200
+        sup.kill()  # at once: no graceful anything
+        port = sup.port
+    with supervisor(tmp_path, real_binary, real_model, ["-np", "4"], port=port,
+                    state_dir=state) as sup:
+        sup.wait_running(120)
+        p = props(port)
+        assert p["model_path"] == str(applied) and p["total_slots"] == 2

@@ -224,3 +224,38 @@ def test_two_names_share_one_file(tmp_path: Path, model: Path) -> None:
         data = tomllib.loads(config.read_text())
         assert data["alpha"]["args"]["--parallel"] == "3"
         assert data["beta"]["args"]["--parallel"] == "5"
+
+
+def test_binary_by_name_on_path(tmp_path: Path, model: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "llama-server").symlink_to(FAKE)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    with supervisor(tmp_path, "llama-server", model, env=env) as sup:
+        status = sup.wait_running()
+        assert status["config"]["binary"] == str(bindir / "llama-server")
+
+
+def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
+                                                               model: Path) -> None:
+    doomed = make_fake_model(tmp_path / "doomed.gguf")
+    state = tmp_path / "state"
+    with supervisor(tmp_path, FAKE, model, state_dir=state) as sup:
+        sup.wait_running()
+        assert sup.post({"-m": str(doomed)}).status_code == 200
+        port = sup.port
+        sup.stop()
+    doomed.unlink()
+    stored_before = tomllib.loads((tmp_path / "config.toml").read_text())["default"]
+    assert stored_before["args"]["--model"] == str(doomed)
+    with supervisor(tmp_path, FAKE, model, port=port, state_dir=state) as sup:
+        status = sup.wait_running()
+        assert status["config"]["args"]["--model"] == str(model)
+        assert "FALLING BACK to the command-line config" in sup.log()
+        assert "does not exist" in sup.log()
+        # The stored config changes only when another config is applied successfully.
+        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        assert stored["args"]["--model"] == str(doomed)
+        assert sup.post({"-np": 2}).status_code == 200
+        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        assert stored["args"]["--model"] == str(model)
