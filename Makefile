@@ -1,5 +1,6 @@
 # One entry point for people and CI. Every target sets up what it needs first (idempotent).
-#   make run    supervise a real llama-server on the real small model (Ctrl-C stops both)
+#   make run    supervise a real llama-server on the real small model (Ctrl-C stops both);
+#               its last good config is kept in .corral/config.toml
 #   make test   set up (incl. etcd) and run every test, real llama-server included
 #   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
 #   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
@@ -25,7 +26,8 @@ run: setup
 	echo "Supervising $$LLAMA_SERVER on $$MODEL (llama-server :$(PORT), API $(API))"; \
 	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
 	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --binary "$$LLAMA_SERVER" \
-	  --model "$$MODEL" --port $(PORT)
+	  --model "$$MODEL" --port $(PORT) \
+	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
 test: setup-system
 	$(PY) -m pytest -q $(PYTEST_ARGS)
