@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, config_json
 from corral.child import preflight
 from corral.child.pidfile import PidFile
 from corral.child.process import Child, spawn
@@ -44,7 +45,6 @@ from corral.store.base import ConfigStore, StoredConfig
 
 log = logging.getLogger("corral")
 
-MAX_CHANGE_RECORDS = 1000
 
 
 @dataclass(frozen=True)
@@ -58,32 +58,6 @@ class Settings:
     liveness_failures: int = 3
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     echo_output: bool = True
-
-
-@dataclass
-class ChangeRecord:
-    """One submitted change and, once its batch ran, the outcome."""
-
-    id: str
-    change: Change
-    received_at: float
-    done: asyncio.Future[None]
-    status: str = "pending"  # pending | applied | rejected | failed
-    http_status: int = 202
-    error: str | None = None
-    log: list[str] = field(default_factory=list)
-    config: LlamaConfig | None = None
-    restarted: bool = False
-    source: str = "api"  # "api", or "fleet" for a config another supervisor stored
-
-    def finish(self, status: str, http_status: int, config: LlamaConfig | None,
-               error: str | None = None, log_tail: list[str] | None = None,
-               restarted: bool = False) -> None:
-        if self.done.done():
-            return  # an outcome is final
-        self.status, self.http_status, self.config = status, http_status, config
-        self.error, self.log, self.restarted = error, log_tail or [], restarted
-        self.done.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -441,6 +415,3 @@ class Controller:
             "fleet": self.fleet,
         }
 
-
-def config_json(config: LlamaConfig) -> dict[str, Any]:
-    return {"binary": config.binary, "args": config.as_dict(), "argv": config.argv()}

@@ -19,7 +19,8 @@ import os
 import socket
 from typing import Any
 
-from corral.controller import Controller, config_json
+from corral.changes import config_json
+from corral.controller import Controller
 from corral.core.args import Change, LlamaConfig
 from corral.core.local import LocalOverrides
 from corral.store.etcd import EtcdStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.controller import config_json
+from corral.changes import config_json
 from corral.store.etcd import EtcdStore
 
 

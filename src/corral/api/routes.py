@@ -24,8 +24,9 @@ from corral.api.schemas import (
     StatusView,
 )
 from corral.api.security import BodyLimit, TokenAuth
+from corral.changes import ChangeRecord, config_json
 from corral.child.preflight import resolve_binary
-from corral.controller import ChangeRecord, Controller, config_json
+from corral.controller import Controller
 from corral.core.args import BINARY_KEY, Change, apply_change, parse_change
 from corral.errors import CorralError, InvalidArgs
 
