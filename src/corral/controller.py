@@ -100,6 +100,8 @@ class Controller:
         self._http = httpx.AsyncClient()
         self._liveness_misses = 0
         self._next_liveness: float | None = None
+        # A probe runs beside the loop: a hung server must not delay applies or revivals.
+        self._probe: asyncio.Future[bool] | None = None
         self._in_flight: list[ChangeRecord] = []  # answered 503 if shutdown cuts an apply
         self._stopping: Child | None = None  # what a second signal must kill at once
 
@@ -153,12 +155,14 @@ class Controller:
         waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
         if self.child is not None:
             waits.add(self.child.exited)
+        if self._probe is not None:
+            waits.add(self._probe)
         deadlines = [d for d in (self._debouncer.deadline(), self.retry_at,
                                  self._next_liveness) if d is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
-            if w is not (self.child.exited if self.child else None):
+            if w is not (self.child.exited if self.child else None) and w is not self._probe:
                 w.cancel()
         self._wake.clear()
 
@@ -171,8 +175,10 @@ class Controller:
             await self._start_with_backoff([self.last_good])
         elif self._debouncer.is_due(now):
             await self._apply(self._debouncer.take(now))
+        elif self._probe is not None and self._probe.done():
+            await self._on_probe(self._probe.result())
         elif self._next_liveness is not None and now >= self._next_liveness:
-            await self._probe_liveness()
+            self._start_probe()
 
     # ---- starting and reviving -------------------------------------------------------------
 
@@ -249,6 +255,7 @@ class Controller:
         code = child.exited.result()
         await child.kill()  # reap the rest of its group
         self.child = None
+        self._cancel_probe()
         self._clear_pidfile()
         tail = " | ".join(child.output.tail(5))
         self.last_error = (f"llama-server exited with code {code} after {child.uptime():.1f} s"
@@ -257,12 +264,17 @@ class Controller:
         self.restarts += 1
         await self._start_with_backoff([self.last_good])
 
-    async def _probe_liveness(self) -> None:
-        child = self.child
+    def _start_probe(self) -> None:
+        self._next_liveness = None
+        if self.child is not None and self.state is State.RUNNING:
+            self._probe = asyncio.ensure_future(
+                is_alive(self._http, self._health_url(self.child.config)))
+
+    async def _on_probe(self, alive: bool) -> None:
+        self._probe = None
         self._schedule_liveness()
-        if child is None or self.state is not State.RUNNING:
-            return
-        if await is_alive(self._http, self._health_url(child.config)):
+        child = self.child
+        if child is None or alive:
             self._liveness_misses = 0
             return
         self._liveness_misses += 1
@@ -270,6 +282,12 @@ class Controller:
             log.error("llama-server (pid %d) failed %d health checks in a row: restarting it",
                       child.pid, self._liveness_misses)
             await child.kill()  # the loop sees the exit and revives it
+
+    def _cancel_probe(self) -> None:
+        self._next_liveness = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
 
     def _schedule_liveness(self) -> None:
         interval = self.settings.liveness_interval_s
@@ -353,7 +371,7 @@ class Controller:
     async def _stop_child(self) -> None:
         child, self.child = self.child, None
         self.ready_since = None
-        self._next_liveness = None
+        self._cancel_probe()
         if child is not None:
             self._stopping = child
             try:
