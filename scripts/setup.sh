@@ -17,6 +17,10 @@ if [[ "${1:-}" == "--system" ]]; then
   command -v etcd >/dev/null || need+=(etcd-server)
   command -v etcdctl >/dev/null || need+=(etcd-client)
   command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
+  # What the llama-server build and the virtualenv need, on a bare Debian.
+  command -v cmake >/dev/null || need+=(cmake)
+  command -v g++ >/dev/null || need+=(g++)
+  "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
   if ((${#need[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
     echo "setup: installing Debian packages: ${need[*]}"
