@@ -259,3 +259,42 @@ def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
         assert sup.post({"-np": 2}).status_code == 200
         stored = tomllib.loads(sup.config_file.read_text())["default"]
         assert stored["args"]["--model"] == str(model)
+
+
+def test_client_commands(tmp_path: Path, model: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def corral(*args: str) -> tuple[int, dict]:
+        out = subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True,
+                             text=True, timeout=60)
+        return out.returncode, json.loads(out.stdout)
+
+    with supervisor(tmp_path, FAKE, model) as sup:
+        sup.wait_running()
+        addr = ["--supervisor-addr", f"127.0.0.1:{sup.api_port}"]
+        code, status = corral("status", *addr)
+        assert code == 0 and status["state"] == "RUNNING"
+        code, applied = corral("apply", *addr, "--", "-np", "3", "-cb")
+        assert code == 0 and applied["status"] == "applied"
+        assert applied["config"]["args"]["--parallel"] == "3"
+        assert applied["config"]["args"]["--cont-batching"] is True
+        code, params = corral("params", *addr)
+        assert code == 0 and params["config"]["args"]["--parallel"] == "3"
+        code, rejected = corral("apply", *addr, "--json", '{"args": {"--nope": 1}}')
+        assert code == 1 and rejected["status"] == "rejected"
+
+
+def test_unreadable_help_accepts_flags_as_given(tmp_path: Path, model: Path) -> None:
+    """A binary whose --help cannot be read: flags are accepted as given, with a warning."""
+    wrapper = tmp_path / "no-help-llama-server"
+    wrapper.write_text(f"""#!/bin/sh
+case "$1" in --help) echo "no help here"; exit 0;; esac
+exec "{FAKE}" "$@"
+""")
+    wrapper.chmod(0o755)
+    with supervisor(tmp_path, wrapper, model, ["-np", "2"]) as sup:
+        status = sup.wait_running()
+        assert status["config"]["args"]["-np"] == "2"
+        assert "accepting flags as given" in sup.log()

@@ -105,9 +105,15 @@ async def _read_catalog(path: str) -> FlagCatalog:
         proc = await asyncio.create_subprocess_exec(
             path, "--help", stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        log.warning("cannot run %s --help (%s); accepting flags as given", path, exc)
+        return FlagCatalog()
+    try:
         out, _ = await asyncio.wait_for(proc.communicate(), 15)
-    except (OSError, TimeoutError) as exc:
-        log.warning("cannot read flags from %s --help (%s); accepting flags as given", path, exc)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.warning("%s --help did not finish in 15 s; accepting flags as given", path)
         return FlagCatalog()
     catalog = parse_help(out.decode("utf-8", "replace"))
     if len(catalog) < 5:
