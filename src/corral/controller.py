@@ -233,7 +233,10 @@ class Controller:
         """Spawn ``config`` and wait until it is ready; on failure nothing is left running."""
         await self.check(config)
         self.generation += 1
-        child = await spawn(config, self.generation, self.settings.echo_output)
+        try:
+            child = await spawn(config, self.generation, self.settings.echo_output)
+        except OSError as exc:
+            raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
         self.child = child
         if self._pidfile is not None:
             self._pidfile.record(child.pid)
