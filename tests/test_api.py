@@ -163,3 +163,10 @@ def test_fuzzing_from_openapi_finds_no_server_errors(sup: SupervisorProcess) -> 
             assert mode is GenerationMode.NEGATIVE, operation.label
     assert calls >= 80  # POST /v1/params alone gets 40 of each kind
     assert sup.status()["state"] == "RUNNING"
+
+
+def test_unknown_routes_and_methods_answer_json(sup: SupervisorProcess) -> None:
+    r = sup.http.get("/v2/nothing")
+    assert r.status_code == 404 and r.json() == {"status": "error", "error": "Not Found"}
+    r = sup.http.delete("/v1/params")
+    assert r.status_code == 405 and r.json()["error"] == "Method Not Allowed"

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.schemas import (
@@ -58,6 +59,10 @@ def create_app(controller: Controller, token: str | None = None,
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
                   docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
