@@ -5,17 +5,17 @@ loop and times each step of Corral's crash path (``Controller._on_crash`` ->
 ``_start_with_backoff`` -> ``_start``) separately:
 
   exit seen      SIGKILL (from another thread, the loop idle) -> ``child.exited`` done
+                 (a pidfd on the event loop, then waitpid)
   child.kill     reap the group + wait for the output reader to finish
   preflight      ``CatalogCache.get`` + ``preflight.check_config`` (binds the port once)
-  spawn          ``spawn()``: fork + preexec_fn (prctl) + exec of llama-server
+  spawn          ``spawn()``: posix_spawn (vfork) of ``setpriv --pdeathsig KILL``
   pidfile        ``PidFile.record`` (psutil create_time + write + rename)
 
 The supervisor's own modules (uvicorn, FastAPI, ...) are imported first so that a fork
 copies a process of the same size. For comparison: the same argv through a plain
 ``asyncio.create_subprocess_exec`` without ``preexec_fn`` (CPython can then use vfork),
-through ``os.posix_spawn``, and through ``setpriv --pdeathsig KILL`` (PR_SET_PDEATHSIG
-without a preexec_fn); exit detection with asyncio's PidfdChildWatcher; and the kernel's
-own floor (a blocking ``waitpid`` in the parent).
+through a bare ``os.posix_spawn``, and through ``setpriv --pdeathsig KILL`` with asyncio;
+and the kernel's own floor (a blocking ``waitpid`` in the parent).
 
     .venv/bin/python bench/profile_respawn.py [--runs 10]
 """
@@ -75,14 +75,7 @@ async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
         for _ in range(runs):
             await wait_ready(child, url, http, 120, 0.0)
             await asyncio.sleep(0.05)
-            t0 = [0.0]
-
-            def killer(pid: int = child.pid, box: list[float] = t0) -> None:
-                time.sleep(0.05)
-                box[0] = time.perf_counter()
-                os.kill(pid, signal.SIGKILL)
-
-            threading.Thread(target=killer, daemon=True).start()
+            t0 = _kill_soon(child.pid)
             await child.exited
             t1 = time.perf_counter()
             await child.kill()
@@ -101,15 +94,12 @@ async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
                 steps[k].append(v)
         await child.stop(10)
         plain, pspawn, setpriv = await _spawn_variants(config.argv(), runs)
-        pidfd = await _exit_seen_pidfd(config, url, http, runs)
     floor = _exit_seen_floor(config.argv(), port, runs)
     return {"runs": runs, **{f"{k}_ms": stats(v, digits=3) for k, v in steps.items()},
             "spawn_without_preexec_fn_ms": stats(plain, digits=3),
             "posix_spawn_ms": stats(pspawn, digits=3),
             "spawn_setpriv_pdeathsig_ms": stats(setpriv, digits=3),
-            "exit_seen_pidfd_watcher_ms": stats(pidfd, digits=3),
             "exit_seen_blocking_waitpid_floor_ms": stats(floor, digits=3),
-            "child_watcher": type(asyncio.get_event_loop_policy().get_child_watcher()).__name__,
             "supervisor_rss_mib_here": round(_rss() / 2**20, 1)}
 
 
@@ -153,33 +143,18 @@ def _exe(pid: int) -> str | None:
         return None
 
 
-async def _exit_seen_pidfd(config: Any, url: str, http: Any, runs: int) -> list[float]:
-    """SIGKILL -> ``child.exited`` with asyncio's PidfdChildWatcher (3.12's default)."""
-    from corral.child.process import spawn
-    from corral.child.ready import wait_ready
+def _kill_soon(pid: int) -> list[float]:
+    """SIGKILL ``pid`` from another thread 50 ms from now (the loop idle meanwhile);
+    the returned box gets the moment of the kill."""
+    box = [0.0]
 
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
-    out = []
-    try:
-        for _ in range(runs):
-            child = await spawn(config, 1, echo_output=False)
-            await wait_ready(child, url, http, 120, 0.0)
-            box = [0.0]
+    def killer() -> None:
+        time.sleep(0.05)
+        box[0] = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
 
-            def killer(pid: int = child.pid, b: list[float] = box) -> None:
-                time.sleep(0.05)
-                b[0] = time.perf_counter()
-                os.kill(pid, signal.SIGKILL)
-
-            threading.Thread(target=killer, daemon=True).start()
-            await child.exited
-            out.append(time.perf_counter() - box[0])
-            await child.kill()
-    finally:
-        asyncio.set_child_watcher(asyncio.ThreadedChildWatcher())
-    return out
+    threading.Thread(target=killer, daemon=True).start()
+    return box
 
 
 def _exit_seen_floor(argv: list[str], port: int, runs: int) -> list[float]:
@@ -220,10 +195,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         s = r[f"{k}_ms"]
         out.append((k, f"median {s['median']} ms (min {s['min']}, max {s['max']})"))
     for k in ("spawn_without_preexec_fn", "posix_spawn", "spawn_setpriv_pdeathsig",
-              "exit_seen_pidfd_watcher", "exit_seen_blocking_waitpid_floor"):
+              "exit_seen_blocking_waitpid_floor"):
         s = r[f"{k}_ms"]
         out.append((k + " (comparison)", f"median {s['median']} ms (min {s['min']})"))
-    out.append(("asyncio child watcher", r["child_watcher"]))
     return out
 
 
