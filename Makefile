@@ -36,10 +36,10 @@ test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup-test
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 soak: setup
-	$(PY) bench/soak.py --seconds $${SOAK_SECONDS:-120}
+	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-120}
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -7,34 +7,24 @@ this is the API's own throughput (a wait=false POST that *changes* the config wo
 llama-server once per batch; see the coalescing benchmark). The client's own ceiling is
 measured against llama-server's /health (a C++ server) with the same client and settings.
 
-    .venv/bin/python bench/api.py [--seconds 5]
+    .venv/bin/python -m bench.api [--seconds 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    Corral,
-    loadavg,
-    log,
-    print_rows,
-    rss_sampler,
-    stats,
-    temp_dir,
-)
+from bench.procs import rss_during
+from bench.report import cli, loadavg, log, stats
+from bench.supervisors import Corral, temp_dir
 
 CONCURRENCY = (1, 32)
 
@@ -150,17 +140,13 @@ def run(seconds: float = 5.0) -> dict[str, Any]:
                 if fresh and not use_wrk:
                     continue
                 log(f"api: {name} at concurrency {conc} for {seconds:g} s")
-                stop = threading.Event()
-                sampler = threading.Thread(target=lambda done=stop.is_set: rss.extend(
-                    rss_sampler(c.pid, done, 0.1)), daemon=True)
-                sampler.start()
-                if use_wrk:
-                    r = _wrk(f"http://127.0.0.1:{port}{path}", conc, seconds,
-                             script if post else None, close=fresh)
-                else:
-                    r = _python(port, path, conc, seconds, body.encode() if post else None)
-                stop.set()
-                sampler.join(5)
+                with rss_during(c.pid, 0.1) as samples:
+                    if use_wrk:
+                        r = _wrk(f"http://127.0.0.1:{port}{path}", conc, seconds,
+                                 script if post else None, close=fresh)
+                    else:
+                        r = _python(port, path, conc, seconds, body.encode() if post else None)
+                rss += samples
                 results[f"{name}_c{conc}"] = r
         time.sleep(2.5)  # let the last no-op batch close (max batch age 2 s)
         final = c.status()
@@ -197,13 +183,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=5.0)
-    ns = p.parse_args()
-    r = run(ns.seconds)
-    print_rows(f"API throughput ({r['client']}, {r['seconds']:g} s each)", rows(r))
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, lambda r: f"API throughput ({r['client']}, "
+               f"{r['seconds']:g} s each)", seconds=5.0)
 
 
 if __name__ == "__main__":

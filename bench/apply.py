@@ -9,38 +9,22 @@ Corral runs twice: with its defaults (a 200 ms debounce window before a batch cl
 shows what is left once the configured waits are taken out. Rounds are interleaved (bare,
 Corral default, Corral no-waits, for each change) so that load drift hits all three alike.
 
-    .venv/bin/python bench/apply.py [--runs 5]
+    .venv/bin/python -m bench.apply [--runs 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    BareServer,
-    ChildWatch,
-    Corral,
-    free_port,
-    loadavg,
-    log,
-    log_events,
-    model,
-    ms,
-    print_rows,
-    stats,
-    temp_dir,
-    wait_health,
-)
+from bench.procs import ChildWatch, wait_health
+from bench.report import cli, loadavg, log, log_events, ms, stats
+from bench.supervisors import BareServer, Corral, temp_dir
+from scripts.llama_paths import model
+from tests.harness import free_port
 
 CTX = ["-c", "4096"]
 
@@ -219,13 +203,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=5)
-    ns = p.parse_args()
-    r = run(ns.runs)
-    print_rows(f"apply overhead ({r['runs']} runs each, median)", rows(r))
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, lambda r: f"apply overhead ({r['runs']} runs each, median)",
+               runs=5)
 
 
 if __name__ == "__main__":

@@ -13,37 +13,23 @@ changes back longer (at the extreme, one restart after the flood ends, if one kn
 Corral's batch window (debounce 200 ms, max batch age 2 s) delays the first restart of a
 continuous flood to 2 s after its first change.
 
-    .venv/bin/python bench/coalesce.py [--requests 200 --seconds 5 --threads 4]
+    .venv/bin/python -m bench.coalesce [--requests 200 --seconds 5 --threads 4]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    Corral,
-    loadavg,
-    log,
-    log_events,
-    ms,
-    print_rows,
-    rss_sampler,
-    stats,
-    temp_dir,
-    wait_for,
-)
+from bench.procs import rss_during
+from bench.report import cli, loadavg, log, log_events, ms, stats
+from bench.supervisors import Corral, temp_dir
+from tests.harness import wait_for
 
 DEBOUNCE_S = 0.2
 MAX_AGE_S = 2.0
@@ -92,6 +78,19 @@ def flood(api_port: int, n: int, seconds: float, threads: int, prefix: str = "fl
             "post_latency_ms": stats(latencies)}
 
 
+def wait_applied(c: Corral, alias: str | None, timeout: float = 120) -> dict[str, Any]:
+    """The status once nothing is pending and ``--alias`` is ``alias`` (the flood's last)."""
+    def settled() -> dict[str, Any] | None:
+        s = c.status()
+        done = (s["state"] == "RUNNING" and s["pending_changes"] == 0
+                and s["config"]["args"].get("--alias") == alias)
+        return s if done else None
+
+    status = wait_for(settled, timeout, "the flood's last change applied")
+    assert status is not None
+    return status
+
+
 def _restart_times(log_text: str, since: float) -> list[float]:
     """Busy time of each restart after ``since`` (Corral's log): 'applying' -> 'ready' +
     the 0.3 s min-healthy wait that follows it."""
@@ -107,7 +106,8 @@ def _restart_times(log_text: str, since: float) -> list[float]:
     return out
 
 
-def run(n: int = 200, seconds: float = 5.0, threads: int = 4) -> dict[str, Any]:
+def run(requests: int = 200, seconds: float = 5.0, threads: int = 4) -> dict[str, Any]:
+    n = requests
     la = loadavg()
     with temp_dir("coalesce") as tmp, Corral(tmp) as c:
         # R: one restart, measured with one change (minus the debounce it waits first)
@@ -121,29 +121,14 @@ def run(n: int = 200, seconds: float = 5.0, threads: int = 4) -> dict[str, Any]:
         gen0 = c.status()["generation"]
         log(f"coalesce: {n} changes over {seconds:g} s from {threads} threads "
             f"(one restart takes {restart_s:.2f} s)")
-        stop = threading.Event()
-        rss: list[int] = []
-        sampler = threading.Thread(target=lambda: rss.extend(
-            rss_sampler(c.pid, stop.is_set, 0.05)), daemon=True)
-        sampler.start()
-        t0 = time.perf_counter()
-        wall0 = time.time()
-        f = flood(c.sup.api_port, n, seconds, threads)
-        t_sent = time.perf_counter()
-        expected = max(f["accepted"])[1] if f["accepted"] else None
-
-        def settled() -> dict[str, Any] | None:
-            s = c.status()
-            done = (s["state"] == "RUNNING" and s["pending_changes"] == 0
-                    and s["config"]["args"].get("--alias") == expected)
-            return s if done else None
-
-        final: dict[str, Any] = wait_for(
-            settled, 120, "the flood's last change applied",  # type: ignore[arg-type]
-            interval=0.02)
-        t_done = time.perf_counter()
-        stop.set()
-        sampler.join(5)
+        with rss_during(c.pid) as rss:
+            t0 = time.perf_counter()
+            wall0 = time.time()
+            f = flood(c.sup.api_port, n, seconds, threads)
+            t_sent = time.perf_counter()
+            expected = max(f["accepted"])[1] if f["accepted"] else None
+            final = wait_applied(c, expected)
+            t_done = time.perf_counter()
         server_errors = sum(v for k, v in f["codes"].items() if k >= 500)
         in_flood = _restart_times(c.sup.log(), wall0)
     restarts = final["generation"] - gen0
@@ -205,16 +190,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=4)
-    ns = p.parse_args()
-    r = run(ns.requests, ns.seconds, ns.threads)
-    print_rows("coalescing", rows(r))
-    print(r["optimum_formula"])
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, "coalescing", requests=200, seconds=5.0, threads=4)
 
 
 if __name__ == "__main__":

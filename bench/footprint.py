@@ -6,36 +6,21 @@ over 5 s, until the last one runs). supervisord's idle RSS running the same llam
 given for comparison. ``corral --help`` wall time is the median of 10 runs, both as
 ``python -m corral --help`` and through the ``.venv/bin/corral`` console script.
 
-    .venv/bin/python bench/footprint.py [--no-flood]
+    .venv/bin/python -m bench.footprint [--no-flood]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    VENV_BIN,
-    Corral,
-    Supervisord,
-    loadavg,
-    log,
-    ms,
-    print_rows,
-    rss_sampler,
-    stats,
-    temp_dir,
-    wait_for,
-)
+from bench import coalesce
+from bench.procs import rss_during, rss_sampler
+from bench.report import cli, loadavg, log, ms, stats
+from bench.supervisors import VENV_BIN, Corral, Supervisord, temp_dir
 
 MIB = 2**20
 
@@ -48,19 +33,9 @@ def _idle_rss(pid: int, seconds: float = 3.0) -> dict[str, Any]:
 
 
 def _flood_rss(c: Corral) -> dict[str, Any]:
-    from coalesce import flood
-
-    stop = threading.Event()
-    rss: list[int] = []
-    sampler = threading.Thread(target=lambda: rss.extend(rss_sampler(c.pid, stop.is_set, 0.05)),
-                               daemon=True)
-    sampler.start()
-    f = flood(c.sup.api_port, 200, 5.0, 4, prefix="footprint")
-    expected = max(f["accepted"])[1]
-    wait_for(lambda: (s := c.status())["pending_changes"] == 0 and s["state"] == "RUNNING"
-             and s["config"]["args"].get("--alias") == expected, 120, "flood applied")
-    stop.set()
-    sampler.join(5)
+    with rss_during(c.pid) as rss:
+        f = coalesce.flood(c.sup.api_port, 200, 5.0, 4, prefix="footprint")
+        coalesce.wait_applied(c, max(f["accepted"])[1])
     return {"samples": len(rss), "peak_mib": round(max(rss) / MIB, 1),
             "answers": {str(k): v for k, v in f["codes"].items()}}
 
@@ -119,13 +94,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--no-flood", action="store_true")
-    ns = p.parse_args()
-    r = run(flood=not ns.no_flood)
-    print_rows("footprint", rows(r))
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, "footprint", flood=True)
 
 
 if __name__ == "__main__":

@@ -17,37 +17,26 @@ copies a process of the same size. For comparison: the same argv through a plain
 through a bare ``os.posix_spawn``, and through ``setpriv --pdeathsig KILL`` with asyncio;
 and the kernel's own floor (a blocking ``waitpid`` in the parent).
 
-    .venv/bin/python bench/profile_respawn.py [--runs 10]
+    .venv/bin/python -m bench.profile_respawn [--runs 10]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import signal
-import sys
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    BASE_ARGS,
-    ROOT,
-    free_port,
-    llama_server,
-    log,
-    model,
-    print_rows,
-    stats,
-    temp_dir,
-)
-
-sys.path.insert(0, str(ROOT / "src"))
+from bench.procs import wait_health
+from bench.report import cli, log, stats
+from bench.supervisors import BASE_ARGS, temp_dir
+from scripts.llama_paths import llama_server, model
+from tests.harness import free_port
+from tests.procfs import exe
 
 
 async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
@@ -128,19 +117,12 @@ async def _spawn_variants(argv: list[str], runs: int
             "setpriv", "--pdeathsig", "KILL", *argv, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True)
-        while _exe(proc.pid) != real:  # until the second exec (llama-server) happened
+        while exe(proc.pid) != real:  # until the second exec (llama-server) happened
             pass
         setpriv.append(time.perf_counter() - t)
         proc.kill()
         await proc.wait()
     return plain, pspawn, setpriv
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
 
 
 def _kill_soon(pid: int) -> list[float]:
@@ -159,10 +141,6 @@ def _kill_soon(pid: int) -> list[float]:
 
 def _exit_seen_floor(argv: list[str], port: int, runs: int) -> list[float]:
     """SIGKILL -> a blocking waitpid returns: the kernel's own floor (address-space teardown)."""
-    import subprocess
-
-    from common import wait_health
-
     out = []
     for _ in range(runs):
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -202,13 +180,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=10)
-    ns = p.parse_args()
-    r = run(ns.runs)
-    print_rows("Corral crash path, step by step (in-process)", rows(r))
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, "Corral crash path, step by step (in-process)", runs=10)
 
 
 if __name__ == "__main__":

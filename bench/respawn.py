@@ -6,35 +6,19 @@ llama-server (exec) and its /health answers 200 (ready). The next kill waits unt
 replacement is ready (and, for Corral, RUNNING: killing it during Corral's min-healthy
 window would count as a failed start and bring in the backoff).
 
-    .venv/bin/python bench/respawn.py [--runs 20]
+    .venv/bin/python -m bench.respawn [--runs 20]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
-    ChildWatch,
-    Corral,
-    Supervisord,
-    loadavg,
-    log,
-    log_events,
-    ms,
-    print_rows,
-    stats,
-    temp_dir,
-    wait_health,
-)
+from bench.procs import ChildWatch, wait_health
+from bench.report import cli, loadavg, log, log_events, ms, stats
+from bench.supervisors import Corral, Supervisord, temp_dir
 
 
 def _kill_and_watch(watch: ChildWatch, pid: int, port: int) -> dict[str, float]:
@@ -167,13 +151,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=20)
-    ns = p.parse_args()
-    r = run(ns.runs)
-    print_rows("respawn after SIGKILL", rows(r))
-    print(json.dumps(r, indent=2))
-    return 0
+    return cli(__doc__, run, rows, "respawn after SIGKILL", runs=20)
 
 
 if __name__ == "__main__":

@@ -2,31 +2,24 @@
 
 Real llama-server and the real gemma-3 270M GGUF, 127.0.0.1 only, bounded in count and
 time (a few minutes on 2 cores). Writes ``bench/results/latest.json``. Each section is a
-module of its own that also runs alone (``.venv/bin/python bench/respawn.py`` ...).
+module of its own that also runs alone (``.venv/bin/python -m bench.respawn`` ...).
 Progress goes to stderr. Exit status 1 if a section failed (the others still run).
 
-    .venv/bin/python bench/run_all.py [--quick]
+    .venv/bin/python -m bench.run_all [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import api  # noqa: E402
-import apply  # noqa: E402
-import coalesce  # noqa: E402
-import footprint  # noqa: E402
-import profile_respawn  # noqa: E402
-import respawn  # noqa: E402
-from common import BASE_ARGS, RESULTS, loadavg, log, machine, print_rows, write_json  # noqa: E402
+from bench import api, apply, coalesce, footprint, profile_respawn, respawn
+from bench.report import RESULTS, loadavg, log, machine, print_rows, write_json
+from bench.supervisors import BASE_ARGS
 
 
 def main() -> int:

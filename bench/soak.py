@@ -18,7 +18,7 @@ A checker thread verifies all along:
 It prints one summary line and exits 1 on any violation. It uses the fake llama-server
 (``tests/fake_llama_server.py --fake-load-s 0.3``) unless ``--real`` is given.
 
-    .venv/bin/python bench/soak.py --seconds 120 [--real] [--seed N]
+    .venv/bin/python -m bench.soak --seconds 120 [--real] [--seed N]
 """
 
 from __future__ import annotations
@@ -34,20 +34,15 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.supervisors import temp_dir
+from scripts.llama_paths import llama_server, model
+from tests.harness import FAKE, SupervisorProcess, corrupt_gguf, free_port, make_fake_model
+from tests.procfs import is_alive
 
-from common import (  # noqa: E402
-    SupervisorProcess,
-    free_port,
-    llama_server,
-    model,
-    temp_dir,
-)
-
-FAKE = Path(__file__).resolve().parent.parent / "tests" / "fake_llama_server.py"
 TIMING = ["--debounce-ms", "50", "--max-batch-ms", "500", "--min-healthy", "0.1",
           "--stop-timeout", "3", "--quiet-llama"]
 
@@ -87,13 +82,9 @@ def servers(marker: str) -> list[int]:
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
         except OSError:
             continue
-        if b"\0supervise\0" in cmd:
-            continue
-        if marker.encode() in cmd and stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X"):
+        if b"\0supervise\0" not in cmd and marker.encode() in cmd and is_alive(name):
             out.append(int(name))
     return out
 
@@ -109,11 +100,9 @@ class Soak:
             self.model.symlink_to(model())
             binary: Path = llama_server()
             llama_args = ["-c", "2048", "-np", "1"]
-            self.bad_start = tmp / "soak-corrupt.gguf"  # GGUF magic, truncated: fails to load
-            with open(model(), "rb") as src:
-                self.bad_start.write_bytes(src.read(1 << 20))
+            self.bad_start = corrupt_gguf(tmp, model())
         else:
-            self.model.write_bytes(b"GGUF" + b"\0" * 60)
+            make_fake_model(self.model)
             binary = FAKE
             llama_args = ["--fake-load-s", "0.3"]
         self.sup = SupervisorProcess(tmp, binary, self.model, llama_args,
@@ -316,11 +305,20 @@ class Soak:
                 {"args": {"--fake-exit-at-start": 3}}).encode()))
         return self.rng.choice(options)
 
-    def post_valid(self) -> None:
-        change = self.valid_change()
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """A POST is on its way: the stored config may change under the checker."""
         with self.lock:
             self.posting += 1
         try:
+            yield
+        finally:
+            with self.lock:
+                self.posting -= 1
+
+    def post_valid(self) -> None:
+        change = self.valid_change()
+        with self.in_flight():
             code, body = call(self.api, "POST", "/v1/params",
                               json.dumps({"args": change}).encode())
             if code == 200:
@@ -328,23 +326,15 @@ class Soak:
                 self.counts["applies_ok"] += 1
             else:
                 self.violation(f"valid change {change} answered {code}: {body}")
-        finally:
-            with self.lock:
-                self.posting -= 1
 
     def post_invalid(self) -> None:
         what, raw = self.invalid()
-        with self.lock:
-            self.posting += 1
-        try:
+        with self.in_flight():
             code, body = call(self.api, "POST", "/v1/params", raw)
             if code in (400, 422):
                 self.counts["rejected"] += 1
             else:
                 self.violation(f"invalid change ({what}) answered {code}: {body}")
-        finally:
-            with self.lock:
-                self.posting -= 1
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -385,7 +375,7 @@ class Soak:
         deadline = time.monotonic() + 5
         while servers(self.marker) and time.monotonic() < deadline:
             time.sleep(0.02)
-        left = servers(self.marker) + [p for p in seen if _alive(p)]
+        left = servers(self.marker) + [p for p in seen if is_alive(p)]
         if left:
             self.violation(f"left behind: {sorted(set(left))}")
             for p in set(left):
@@ -399,15 +389,6 @@ class Soak:
                 f"{c['supervisor_kills']} ({c['supervisor_kills_mid_apply']} mid-apply); "
                 f"applies ok {c['applies_ok']}, rejected {c['rejected']}; "
                 f"{c['checks']} invariant checks, {len(self.violations)} violations")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ It speaks the part of llama-server's interface Corral uses: ``--help`` in llama-
 format, ``--model/--port/--host/-np/-c/-cb``, ``GET /health`` (503 while "loading", then
 200) and ``GET /props``. Its misbehaviours are flags of its own (so the API can switch them
 on like any flag): slow load, never ready, exit at start, crash after ready, ignore
-SIGTERM, a grandchild, an output flood. Standard library only.
+SIGTERM, a grandchild, an output flood, a freeze; it can also log the /health probes it
+answers. Standard library only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HELP = """\
@@ -42,7 +44,9 @@ HELP = """\
 --fake-flood-mb N                       write N MiB of output at start
 --fake-pidfile PATH                     append own pid (and grandchild pid) to PATH
 --fake-hang-after S                     freeze (SIGSTOP itself) this many seconds after ready
+--fake-log-health                       print a line for each GET /health it answers
 """
+HEALTH_LOGGED = "fake: GET /health"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -66,6 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-flood-mb", type=float, default=0.0)
     p.add_argument("--fake-pidfile")
     p.add_argument("--fake-hang-after", type=float)
+    p.add_argument("--fake-log-health", action="store_true")
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -109,6 +114,8 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             ready = not ns.fake_never_ready and time.monotonic() >= ready_at
             if self.path == "/health":
+                if ns.fake_log_health:
+                    print(HEALTH_LOGGED, flush=True)
                 self._json(200 if ready else 503,
                            {"status": "ok"} if ready else {"error": "Loading model"})
             elif self.path == "/props":
@@ -135,24 +142,23 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
         sys.exit(1)
     print(f"server is listening on http://{ns.host}:{ns.port}", flush=True)
     if ns.fake_hang_after is not None:
-        def hang() -> None:
-            while time.monotonic() < ready_at:
-                time.sleep(0.01)
-            time.sleep(ns.fake_hang_after)
-            print("fake hang", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
-
-        threading.Thread(target=hang, daemon=True).start()
+        after_ready(ready_at, ns.fake_hang_after, "fake hang",
+                    lambda: os.kill(os.getpid(), signal.SIGSTOP))
     if ns.fake_crash_after is not None:
-        def crash() -> None:
-            while time.monotonic() < ready_at:
-                time.sleep(0.01)
-            time.sleep(ns.fake_crash_after)
-            print("fake crash", flush=True)
-            os._exit(1)
-
-        threading.Thread(target=crash, daemon=True).start()
+        after_ready(ready_at, ns.fake_crash_after, "fake crash", lambda: os._exit(1))
     server.serve_forever()
+
+
+def after_ready(ready_at: float, seconds: float, say: str, act: Callable[[], object]) -> None:
+    """In a thread: ``seconds`` after the server became ready, print ``say`` and ``act()``."""
+    def run() -> None:
+        while time.monotonic() < ready_at:
+            time.sleep(0.01)
+        time.sleep(seconds)
+        print(say, flush=True)
+        act()
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 if __name__ == "__main__":

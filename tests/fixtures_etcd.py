@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,14 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import procfs
+from tests.harness import free_port
+
 READY_DEADLINE = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class EtcdServer:
@@ -36,8 +31,8 @@ class EtcdServer:
     def __init__(self, binary: str, data_dir: Path) -> None:
         self.binary = binary
         self.data_dir = data_dir
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         self.log_path = data_dir.parent / "etcd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
@@ -130,12 +125,12 @@ class EtcdServer:
     def _wait_stopped(self, stopped: bool, deadline: float = 5.0) -> None:
         """A signal is delivered asynchronously: wait until /proc shows its effect."""
         assert self.proc is not None
-        tasks = Path(f"/proc/{self.proc.pid}/task")
-        if not tasks.is_dir():
+        pid = self.proc.pid
+        if not procfs.threads(pid):
             return  # no procfs: best effort
         end = time.monotonic() + deadline
         while time.monotonic() < end:
-            states = [_proc_state(task / "stat") for task in tasks.iterdir()]
+            states = [procfs.state(pid, tid) for tid in procfs.threads(pid)]
             if all((state == "T") == stopped for state in states if state):
                 return
             time.sleep(0.002)
@@ -169,23 +164,6 @@ def _etcdctl() -> str:
     return found
 
 
-def _proc_state(stat: Path) -> str:
-    """The state letter of /proc/<pid>/task/<tid>/stat ("" if the thread is gone)."""
-    try:
-        text = stat.read_text()
-    except OSError:
-        return ""
-    return text.rpartition(")")[2].split()[0]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture
 def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
     binary = shutil.which("etcd")
@@ -197,5 +175,5 @@ def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.kill()
-        leftovers = [pid for pid in server.pids if _pid_alive(pid)]
+        leftovers = [pid for pid in server.pids if procfs.is_alive(pid)]
         assert not leftovers, f"etcd processes left behind: {leftovers}"

@@ -64,14 +64,6 @@ exec "{real_binary}" "$@"
     return make
 
 
-def corrupt_gguf(tmp_path: Path, real_model: Path) -> Path:
-    """A file that passes the GGUF magic check but is truncated: it fails at load."""
-    path = tmp_path / "corrupt.gguf"
-    with open(real_model, "rb") as src, open(path, "wb") as dst:
-        dst.write(src.read(1 << 20))
-    return path
-
-
 class HealthWatch:
     """Probes a llama-server's /health every 50 ms in a thread and records failures."""
 

@@ -2,28 +2,33 @@
 
 Every wait here has a deadline and polls a condition; nothing sleeps a fixed time to
 "let things settle". :class:`SupervisorProcess` remembers every llama-server pid it saw so
-the fixture can assert that none is left behind.
+the fixture can assert that none is left behind. The benchmarks (``bench/``) use it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import psutil
+
+from tests.procfs import is_alive as pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_llama_server.py"
 T = TypeVar("T")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
 def free_port() -> int:
@@ -50,15 +55,37 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str,
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def wait_gone(pids: Iterable[int], timeout: float, what: str) -> None:
+    """Wait until none of ``pids`` is alive (zombies count as gone); fail after ``timeout``."""
+    pids = list(pids)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout,
+             f"{what} gone (alive: {[p for p in pids if pid_alive(p)]})")
+
+
+def stamped_lines(log: str) -> Iterator[tuple[float, str]]:
+    """(epoch seconds, line) for each line of a supervisor's log that starts with its
+    ``%(asctime)s`` stamp (local time, 1 ms resolution)."""
+    for line in log.splitlines():
+        if m := _STAMP.match(line):
+            yield dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), line
+
+
+def props(port: int, timeout: float = 10) -> dict[str, Any]:
+    """The llama-server's (real or fake) ``GET /props`` on ``port``."""
+    result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/props", timeout=timeout).json()
+    return result
 
 
 def make_fake_model(path: Path, size: int = 64) -> Path:
     path.write_bytes(b"GGUF" + b"\0" * (size - 4))
+    return path
+
+
+def corrupt_gguf(tmp_path: Path, real_model: Path) -> Path:
+    """A file that passes the GGUF magic check but is truncated: it fails at load."""
+    path = tmp_path / "corrupt.gguf"
+    with open(real_model, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read(1 << 20))
     return path
 
 
@@ -158,6 +185,11 @@ class SupervisorProcess:
     def leftovers(self) -> list[int]:
         return [p for p in self.seen_pids if pid_alive(p)]
 
+    def stored(self, name: str = "default") -> dict[str, Any]:
+        """The config stored under ``name`` in the TOML config file."""
+        table: dict[str, Any] = tomllib.loads(self.config_file.read_text())[name]
+        return table
+
 
 @contextlib.contextmanager
 def supervisor(tmp: Path, *args: Any, **kwargs: Any) -> Iterator[SupervisorProcess]:
@@ -167,24 +199,4 @@ def supervisor(tmp: Path, *args: Any, **kwargs: Any) -> Iterator[SupervisorProce
         yield sup
     finally:
         sup.close()
-        left = wait_for_gone(sup.seen_pids)
-        assert not left, f"llama-server pids left behind: {left}"
-
-
-def wait_for_gone(pids: set[int], timeout: float = 5) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for p in pids if pid_alive(p)]
-        if not left:
-            return []
-        time.sleep(0.02)
-    return [p for p in pids if pid_alive(p)]
-
-
-def children_named(name_part: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(name_part in part for part in (p.info["cmdline"] or [])):
-                out.append(p)
-    return out
+        wait_gone(sup.seen_pids, 5, "every llama-server the supervisor ran")

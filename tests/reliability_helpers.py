@@ -7,10 +7,7 @@ Everything that waits has a deadline; nothing sleeps a fixed time to let things 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import re
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,20 +15,14 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.harness import FAKE, SupervisorProcess, pid_alive, wait_for
+from tests.harness import FAKE, SupervisorProcess, pid_alive, stamped_lines, wait_for
 
 STARTED = "started llama-server"
-_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
 def log_times(sup: SupervisorProcess, marker: str) -> list[float]:
     """Wall-clock times (epoch seconds) of the supervisor's log lines containing ``marker``."""
-    times = []
-    for line in sup.log().splitlines():
-        if marker in line and (m := _STAMP.match(line)):
-            stamp = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-            times.append(stamp.timestamp())
-    return times
+    return [t for t, line in stamped_lines(sup.log()) if marker in line]
 
 
 def starts(sup: SupervisorProcess) -> int:
@@ -71,22 +62,11 @@ def grandchildren(path: Path) -> list[int]:
     return [line[1] for line in pidfile_lines(path) if len(line) > 1]
 
 
-def wait_gone(pids: Iterable[int], timeout: float, what: str) -> None:
-    pids = list(pids)
-    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout,
-             f"{what} gone (alive: {[p for p in pids if pid_alive(p)]})")
-
-
 def kill_all(pids: Iterable[int]) -> None:
     """Last-resort cleanup of processes a test started indirectly."""
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
-
-
-def props(port: int) -> dict[str, Any]:
-    result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/props", timeout=5).json()
-    return result
 
 
 def health_code(port: int) -> int | None:
@@ -95,11 +75,6 @@ def health_code(port: int) -> int | None:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
     except httpx.TransportError:
         return None
-
-
-def stored_args(sup: SupervisorProcess, name: str = "default") -> dict[str, Any]:
-    args: dict[str, Any] = tomllib.loads(sup.config_file.read_text())[name]["args"]
-    return args
 
 
 def rss_mb(pid: int) -> float:

@@ -60,15 +60,17 @@ def test_delays_never_shrink_until_giving_up() -> None:
     ],
 )
 def test_start_history(events: str, counts: list[int]) -> None:
+    """failed() counts up and returns the new count; succeeded() resets it to 0."""
     history = StartHistory()
-    seen = []
+    returned, after = [], []
     for event in events:
         if event == "f":
-            assert history.failed() == history.consecutive_failures
+            returned.append(history.failed())
         else:
             history.succeeded()
-        seen.append(history.consecutive_failures)
-    assert seen == counts
+        after.append(history.consecutive_failures)
+    assert after == counts
+    assert returned == [n for n, e in zip(counts, events, strict=True) if e == "f"]
 
 
 def test_history_drives_the_policy_to_fatal() -> None:

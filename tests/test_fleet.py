@@ -11,7 +11,6 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.fixtures_etcd import EtcdServer
@@ -20,6 +19,7 @@ from tests.harness import (
     SupervisorProcess,
     make_fake_model,
     pid_alive,
+    props,
     supervisor,
     wait_for,
 )
@@ -34,10 +34,6 @@ def etcd_args(etcd: EtcdServer, name: str = "fleet") -> list[str]:
 def stored(etcd: EtcdServer, name: str = "fleet") -> dict | None:
     out = etcd.etcdctl("get", f"/corral/configs/{name}", "--print-value-only").strip()
     return json.loads(out) if out else None
-
-
-def props(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/props", timeout=5).json()
 
 
 def fleet_json(etcd: EtcdServer, name: str = "fleet") -> dict:

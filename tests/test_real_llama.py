@@ -11,18 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures_real import corrupt_gguf
-from tests.harness import free_port, pid_alive, supervisor, wait_for
+from tests.harness import corrupt_gguf, free_port, pid_alive, props, supervisor, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-
-
-def props(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/props", timeout=10).json()
-
-
-def stored(sup) -> dict:  # type: ignore[no-untyped-def]
-    return tomllib.loads(sup.config_file.read_text())["default"]
 
 
 def test_supervises_real_server(tmp_path: Path, real_binary: Path, real_model: Path) -> None:
@@ -32,7 +23,7 @@ def test_supervises_real_server(tmp_path: Path, real_binary: Path, real_model: P
         assert p["model_path"] == str(real_model)
         assert p["total_slots"] == 2
         assert status["config"]["args"]["--ctx-size"] == "2048"
-        assert stored(sup)["args"]["--parallel"] == "2"
+        assert sup.stored()["args"]["--parallel"] == "2"
         assert "is ready after" in sup.log()
 
 
@@ -94,7 +85,7 @@ def test_apply_changes_slots_model_and_port(tmp_path: Path, real_binary: Path,
         assert r.status_code == 200, r.text
         p = props(sup.port)
         assert p["model_path"] == str(other) and p["total_slots"] == 4
-        assert stored(sup)["args"]["--model"] == str(other)
+        assert sup.stored()["args"]["--model"] == str(other)
 
         new_port = free_port()
         r = sup.post({"--port": new_port})
@@ -102,7 +93,7 @@ def test_apply_changes_slots_model_and_port(tmp_path: Path, real_binary: Path,
         assert props(new_port)["total_slots"] == 4
         with pytest.raises(httpx.ConnectError):
             props(sup.port)
-        assert stored(sup)["args"]["--port"] == str(new_port)
+        assert sup.stored()["args"]["--port"] == str(new_port)
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -147,16 +138,22 @@ def test_start_failure_rolls_back_to_last_good(tmp_path: Path, real_binary: Path
         assert sup.config_file.read_bytes() == before
 
 
+@pytest.mark.parametrize("first_end", ["sigterm", "sigkill-right-after-the-apply"])
 def test_stored_config_wins_after_sigterm_and_sigkill(tmp_path: Path, real_binary: Path,
-                                                      real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+                                                      real_model: Path, model_alias,  # type: ignore[no-untyped-def]
+                                                      first_end: str) -> None:
+    """An applied config outlives the supervisor and wins over other CLI flags at each restart."""
     applied = model_alias("applied")
     state = tmp_path / "state"
     with supervisor(tmp_path, real_binary, real_model, state_dir=state) as sup:
         sup.wait_running(120)
         assert sup.post({"-m": str(applied), "-np": 3}).status_code == 200
         port = sup.port
-        assert sup.stop(signal.SIGTERM) == 0
-    # Restart with different CLI flags: the stored config wins.
+        if first_end == "sigterm":
+            assert sup.stop(signal.SIGTERM) == 0
+        else:
+            sup.kill()  # at once: no graceful anything
+    # Restart with different CLI flags: the stored config wins, after a SIGTERM and a SIGKILL.
     for how in ("sigterm", "sigkill"):
         with supervisor(tmp_path, real_binary, real_model, ["-np", "1"], port=port,
                         state_dir=state) as sup:
@@ -256,7 +253,7 @@ def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # 
         assert restarts <= duration / restart_s + 2, (restarts, duration)
         p = props(sup.port)
         assert p["total_slots"] == 3
-        assert stored(sup)["args"]["--alias"] == "last-write"
+        assert sup.stored()["args"]["--alias"] == "last-write"
         rss_mb = psutil.Process(sup.proc.pid).memory_info().rss / 2**20  # type: ignore[union-attr]
         assert rss_mb < 250, rss_mb
 
@@ -293,20 +290,4 @@ def test_binary_change_runs_the_new_program(tmp_path: Path, real_binary: Path,
         status = sup.wait_running(60)
         assert status["config"]["binary"] == str(other)
         assert psutil.Process(status["pid"]).cmdline()[0] == str(other)
-        assert stored(sup)["binary"] == str(other)
-
-
-def test_sigkill_right_after_an_apply_keeps_it(tmp_path: Path, real_binary: Path,
-                                               real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
-    applied = model_alias("kept")
-    state = tmp_path / "state"
-    with supervisor(tmp_path, real_binary, real_model, state_dir=state) as sup:
-        sup.wait_running(120)
-        assert sup.post({"-m": str(applied), "-np": 2}).status_code == 200
-        sup.kill()  # at once: no graceful anything
-        port = sup.port
-    with supervisor(tmp_path, real_binary, real_model, ["-np", "4"], port=port,
-                    state_dir=state) as sup:
-        sup.wait_running(120)
-        p = props(port)
-        assert p["model_path"] == str(applied) and p["total_slots"] == 2
+        assert sup.stored()["binary"] == str(other)

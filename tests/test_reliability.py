@@ -28,7 +28,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import FAKE, SupervisorProcess, make_fake_model, pid_alive, supervisor, wait_for
+from tests.fake_llama_server import HEALTH_LOGGED
+from tests.harness import (
+    FAKE,
+    SupervisorProcess,
+    make_fake_model,
+    pid_alive,
+    props,
+    supervisor,
+    wait_for,
+    wait_gone,
+)
 from tests.reliability_helpers import (
     STARTED,
     fake_servers,
@@ -38,12 +48,9 @@ from tests.reliability_helpers import (
     log_times,
     one_fake_server,
     pidfile_lines,
-    props,
     rss_mb,
     starts,
-    stored_args,
     timed,
-    wait_gone,
 )
 
 RSS_LIMIT_MB = 200
@@ -282,7 +289,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
     with supervisor(tmp_path, FAKE, model, ["-np", "2"],
                     env={"CORRAL_FAILPOINT": step}) as first:
         first.wait_running()
-        assert stored_args(first)["--parallel"] == "2"
+        assert first.stored()["args"]["--parallel"] == "2"
         with pytest.raises(httpx.TransportError):
             first.post({"-np": 4})
         assert wait_exit(first, 10) == -signal.SIGKILL
@@ -294,7 +301,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
         assert one_fake_server(model).pid == status["pid"]
         assert status["config"]["args"]["--parallel"] == committed
         assert props(second.port)["total_slots"] == int(committed)
-        assert stored_args(second) == status["config"]["args"]
+        assert second.stored()["args"] == status["config"]["args"]
 
 
 # ---- 12: a second supervisor of the same config ---------------------------------------------
@@ -362,20 +369,8 @@ def test_signal_stops_the_child_gracefully_and_exits_0(tmp_path: Path, model: Pa
         assert f"llama-server (pid {pid}) stopped (code 0)" in log  # SIGTERM, not SIGKILL
 
 
-def test_second_signal_during_shutdown_leaves_nothing_behind(tmp_path: Path,
-                                                             model: Path) -> None:
-    with supervisor(tmp_path, FAKE, model, ["--fake-ignore-sigterm"],
-                    extra_cli=["--stop-timeout", "3"]) as sup:
-        pid = sup.wait_running()["pid"]
-        assert sup.proc is not None
-        sup.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: sup.status()["state"] == "STOPPING", 10, "state STOPPING")
-        sup.proc.send_signal(signal.SIGTERM)
-        assert wait_exit(sup, 15) == 0
-        wait_gone([pid], 1, "the server that ignored SIGTERM")
-
-
 def test_second_signal_during_shutdown_kills_at_once(tmp_path: Path, model: Path) -> None:
+    """A second SIGTERM while stopping SIGKILLs the child at once: exit 0, nothing left."""
     with supervisor(tmp_path, FAKE, model, ["--fake-ignore-sigterm"],
                     extra_cli=["--stop-timeout", "30"]) as sup:
         pid = sup.wait_running()["pid"]
@@ -501,7 +496,7 @@ def test_flood_of_changes_batches_restarts_and_last_write_wins(tmp_path: Path,
         assert status["config"]["args"]["--alias"] == "final"
         assert status["config"]["args"]["--parallel"] == "7"
         assert props(sup.port)["total_slots"] == 7
-        assert stored_args(sup) == status["config"]["args"]
+        assert sup.stored()["args"] == status["config"]["args"]
 
         restarts = status["generation"] - gen0
         restart_s = 0.5 + 0.3  # --fake-load-s + --min-healthy: no restart is faster
@@ -532,8 +527,7 @@ exec "{FAKE}" "$@"
         assert "exited with code 4" in error and "the rollback failed too" in error
         status = sup.wait_state("FATAL", 10)
         assert status["pid"] is None and "rollback failed too" in status["last_error"]
-        starts = sup.log().count("started llama-server")
-        assert starts == 3  # boot, the new config, one rollback attempt
+        assert starts(sup) == 3  # boot, the new config, one rollback attempt
         # No flip-flop: FATAL stays put with nothing scheduled.
         assert status["retry_in_s"] is None
         assert sup.config_file.read_bytes() == before
@@ -541,7 +535,7 @@ exec "{FAKE}" "$@"
         r = sup.post({"-np": 2})
         assert r.status_code == 200, r.text
         assert sup.wait_running()["config"]["args"]["--parallel"] == "2"
-        assert sup.log().count("started llama-server") == 4
+        assert starts(sup) == 4
 
 
 def test_hang_detection_restarts_a_frozen_server(tmp_path: Path, model: Path) -> None:
@@ -555,8 +549,19 @@ def test_hang_detection_restarts_a_frozen_server(tmp_path: Path, model: Path) ->
         assert revived["config"]["args"]["--fake-hang-after"] == "0.5"
 
 
-def test_no_hang_detection_by_default(tmp_path: Path, model: Path) -> None:
-    with supervisor(tmp_path, FAKE, model, ["--fake-hang-after", "0.2"]) as sup:
+@pytest.mark.parametrize(("cli", "probed"), [
+    ([], False), (["--monitoring-interval", "0.3"], True),
+], ids=["default", "monitoring"])
+def test_hang_detection_is_opt_in(tmp_path: Path, model: Path, cli: list[str],
+                                  probed: bool) -> None:
+    """Once RUNNING, /health is probed again only with --monitoring-interval."""
+    with supervisor(tmp_path, FAKE, model, ["--fake-log-health"], extra_cli=cli) as sup:
         pid = sup.wait_running()["pid"]
-        wait_for(lambda: "fake hang" in sup.log(), 10, "the fake froze")
-        assert sup.status()["restarts"] == 0 and sup.llama_pid() == pid
+        # the readiness probes all came >= --min-healthy (0.3 s) before RUNNING
+        before = sup.log().count(HEALTH_LOGGED)
+        since = time.monotonic()
+        # 2 s: a 0.3 s interval probes 6 times; the default must not probe once
+        wait_for(lambda: time.monotonic() - since > 2, 5, "2 s of RUNNING", interval=0.1)
+        later = sup.log().count(HEALTH_LOGGED) - before
+        assert (later >= 3 if probed else later == 0), later
+        assert sup.llama_pid() == pid

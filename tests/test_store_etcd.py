@@ -21,7 +21,8 @@ from corral.core.args import LlamaConfig
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.store.base import ConfigStore, StoredConfig, WatchableStore
 from corral.store.etcd import EtcdStore, decode_config
-from tests.fixtures_etcd import EtcdServer, _free_port
+from tests.fixtures_etcd import EtcdServer
+from tests.harness import free_port
 from tests.store_contract import StoreContract
 
 pytestmark = pytest.mark.etcd
@@ -198,7 +199,7 @@ async def test_name_with_slash_is_one_segment(store: EtcdStore, etcd_server: Etc
 
 
 async def test_unreachable_endpoint_raises_unavailable_with_address() -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     async with opened(dead) as store:
         with pytest.raises(StoreUnavailable, match=dead):
             await store.load("m")
@@ -207,7 +208,7 @@ async def test_unreachable_endpoint_raises_unavailable_with_address() -> None:
 
 
 async def test_next_endpoint_is_tried(etcd_server: EtcdServer) -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     async with opened(f"{dead},{etcd_server.addr}") as store:
         await store.save("m", A)
         assert await store.load("m") == A
@@ -423,29 +424,30 @@ async def test_registration_is_recreated_after_restart(
         )
 
 
-async def test_registration_survives_lease_revoked(
-    store: EtcdStore, etcd_server: EtcdServer
+async def _revoke(store: EtcdStore, etcd_server: EtcdServer, lease: int) -> None:
+    etcd_server.etcdctl("lease", "revoke", format(lease, "x"))
+    assert await store.list_instances("m") == {}
+
+
+async def _freeze_past_the_ttl(store: EtcdStore, etcd_server: EtcdServer, lease: int) -> None:
+    etcd_server.pause()
+    try:
+        await asyncio.sleep(1.5)  # the scenario: longer than the 1 s TTL
+    finally:
+        etcd_server.resume()
+
+
+@pytest.mark.parametrize(("ttl", "lose_lease"), [(2, _revoke), (1, _freeze_past_the_ttl)],
+                         ids=["revoked", "expired-while-etcd-is-frozen"])
+async def test_registration_survives_losing_its_lease(
+    store: EtcdStore, etcd_server: EtcdServer, ttl: int,
+    lose_lease: Callable[[EtcdStore, EtcdServer, int], Awaitable[None]],
 ) -> None:
-    async with store.register("m", {"n": 1}, instance_id="me", ttl=2) as reg:
+    """A registration whose lease is gone gets a new lease and is listed again."""
+    async with store.register("m", {"n": 1}, instance_id="me", ttl=ttl) as reg:
         await until(lambda: reg.is_registered, 5.0, "registered")
         first = reg.lease
         assert first is not None
-        etcd_server.etcdctl("lease", "revoke", format(first, "x"))
-        assert await store.list_instances("m") == {}
-        await until(lambda: _instances_are(store, {"me": {"n": 1}}), 3.0, "re-registered")
-        assert reg.lease != first
-
-
-async def test_registration_survives_lease_expiring_while_etcd_is_frozen(
-    store: EtcdStore, etcd_server: EtcdServer
-) -> None:
-    async with store.register("m", {"n": 1}, instance_id="me", ttl=1) as reg:
-        await until(lambda: reg.is_registered, 5.0, "registered")
-        first = reg.lease
-        etcd_server.pause()
-        try:
-            await asyncio.sleep(1.5)  # the scenario: longer than the TTL
-        finally:
-            etcd_server.resume()
+        await lose_lease(store, etcd_server, first)
         await until(lambda: reg.lease not in (None, first), 5.0, "a new lease is granted")
         await until(lambda: _instances_are(store, {"me": {"n": 1}}), 5.0, "re-registered")

@@ -10,16 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import FAKE, make_fake_model, pid_alive, supervisor, wait_for
+from tests.harness import FAKE, make_fake_model, pid_alive, props, supervisor, wait_for
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     return make_fake_model(tmp_path / "a.gguf")
-
-
-def props(port: int) -> dict:
-    return httpx.get(f"http://127.0.0.1:{port}/props", timeout=5).json()
 
 
 def test_starts_serves_and_reports_status(tmp_path: Path, model: Path) -> None:
@@ -30,7 +26,7 @@ def test_starts_serves_and_reports_status(tmp_path: Path, model: Path) -> None:
         assert status["config"]["args"]["--parallel"] == "2"
         assert status["config"]["args"]["--model"] == str(model)
         assert props(sup.port)["total_slots"] == 2
-        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        stored = sup.stored()
         assert stored["args"]["--parallel"] == "2"
 
 
@@ -41,10 +37,10 @@ def test_change_is_applied_and_stored(tmp_path: Path, model: Path) -> None:
         r = sup.post({"-m": str(other), "np": 4})
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "applied" and r.json()["restarted"]
-        assert props(sup.port) | {} and props(sup.port)["model_path"] == str(other)
-        assert props(sup.port)["total_slots"] == 4
+        p = props(sup.port)
+        assert p["model_path"] == str(other) and p["total_slots"] == 4
         assert sup.llama_pid() != old_pid and not pid_alive(old_pid)
-        stored = tomllib.loads(sup.config_file.read_text())["default"]["args"]
+        stored = sup.stored()["args"]
         assert stored["--model"] == str(other) and stored["--parallel"] == "4"
 
 
@@ -254,10 +250,10 @@ def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
         assert "FALLING BACK to the command-line config" in sup.log()
         assert "does not exist" in sup.log()
         # The stored config changes only when another config is applied successfully.
-        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        stored = sup.stored()
         assert stored["args"]["--model"] == str(doomed)
         assert sup.post({"-np": 2}).status_code == 200
-        stored = tomllib.loads(sup.config_file.read_text())["default"]
+        stored = sup.stored()
         assert stored["args"]["--model"] == str(model)
 
 
