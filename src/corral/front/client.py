@@ -1,0 +1,197 @@
+"""The client side: requests parsed off one client connection, as exchanges.
+
+An ``Exchange`` is one request from its first byte to the end of its response. Its ``buf``
+holds what is to be sent upstream: the head, then the body as it arrives. Until the first
+response byte comes back the whole request is kept there, so it can be sent again (the
+crash retry); after that, what was sent is dropped and the rest is streamed.
+
+The common request (head and body in one read, nothing pipelined behind it) is forwarded as
+the very bytes received. Otherwise the head is rebuilt from the parsed pieces, byte for byte
+the same headers in the same order, and a chunked body is re-framed chunk for chunk.
+Pipelined requests queue on the connection and are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+if TYPE_CHECKING:
+    from corral.front.model import Upstream
+    from corral.front.proxy import FrontDoor
+    from corral.front.upstream import UpstreamConn
+
+
+class Exchange:
+    """One request and its response, across attempts."""
+
+    __slots__ = ("client", "method", "url", "version", "headers", "is_head", "keep_alive",
+                 "expect_continue", "chunked", "buf", "sent", "body_done", "submitted",
+                 "upstream", "conn", "attempt", "responded", "retried", "stale_retried",
+                 "timer", "gone")
+
+    def __init__(self, client: ClientConn) -> None:
+        self.client = client
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.is_head = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.chunked = False
+        self.buf: list[bytes] = []       # to send upstream; buf[:sent] went to the current conn
+        self.sent = 0
+        self.body_done = False
+        self.submitted = False
+        self.upstream: Upstream | None = None   # set while an attempt counts as in flight
+        self.conn: UpstreamConn | None = None
+        self.attempt = 0                # bumped per attempt: a late connect finds it stale
+        self.responded = False          # a response byte came: no retry any more
+        self.retried = False            # the one crash retry was used
+        self.stale_retried = False      # a pooled connection was found dead: free retry used
+        self.timer: asyncio.TimerHandle | None = None
+        self.gone = False               # the client left or was answered
+
+    def build_head(self) -> bytes:
+        parts = [self.method, b" ", self.url, b" HTTP/", self.version.encode(), b"\r\n"]
+        for name, value in self.headers:
+            if self.expect_continue and name.lower() == b"expect":
+                continue  # the front door answered the 100 itself; the body follows anyway
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class ClientConn(asyncio.Protocol):
+    """One client connection: parses requests, queues them, hands them to the door."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()   # queue[0] is the one being answered
+        self.parsing: Exchange | None = None
+        self.closing = False                    # closes after the response in progress
+        self.write_paused = False
+        self._new: list[Exchange] = []
+        self._begins = 0
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.door.client_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        fresh = self.parsing is None
+        self._begins = 0
+        if not self._feed(data):
+            return
+        if self._new:
+            whole = fresh and self._begins == 1 and self.parsing is None
+            for ex in self._new:
+                if whole and not ex.expect_continue:
+                    ex.buf[:] = [data]   # exactly one whole request: forward it as received
+                else:
+                    ex.buf[0] = ex.build_head()
+            self._new.clear()
+        if self.queue:
+            self.door.pump(self.queue[0])
+
+    def _feed(self, data: bytes) -> bool:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade (h2c, websocket) request: llama-server ignores the header and
+            # answers in HTTP/1.1, so it is forwarded as a plain request.
+            rest = data[exc.args[0]:]
+            self._begins += 2  # not forwarded as received
+            return self._feed(rest) if rest else True
+        except httptools.HttpParserError as exc:
+            self.door.bad_request(self, f"malformed HTTP request: {exc}")
+            return False
+        return True
+
+    def eof_received(self) -> bool:
+        return False  # close; anything in flight for this client is abandoned
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.client_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._upstream_reading(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._upstream_reading(True)
+
+    def _upstream_reading(self, on: bool) -> None:
+        conn = self.queue[0].conn if self.queue else None
+        if conn is not None:
+            conn.set_reading(on)
+
+    # ---- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begins += 1
+        self.parsing = Exchange(self)
+
+    def on_url(self, url: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.headers.append((name, value))
+        n = len(name)
+        if n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            ex.expect_continue = True
+        elif n == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            ex.chunked = True
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        ex.method = parser.get_method()
+        ex.version = parser.get_http_version()
+        ex.keep_alive = parser.should_keep_alive()
+        ex.is_head = ex.method == b"HEAD"
+        ex.buf.append(b"")  # the head's place, filled in after this read
+        self.queue.append(ex)
+        self._new.append(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.chunked:
+            ex.buf += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            ex.buf.append(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.chunked:
+            ex.buf.append(b"0\r\n\r\n")
+        ex.body_done = True
+        self.parsing = None
+
+    # ---- called by the door -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def is_idle(self) -> bool:
+        return not self.queue and self.parsing is None

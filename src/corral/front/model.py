@@ -1,0 +1,58 @@
+"""The front door's vocabulary: an upstream, the settings, and the statistics snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One llama-server the front door can forward to (a generation on a loopback port)."""
+
+    host: str
+    port: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSettings:
+    """Limits of the held queue and of the crash retry.
+
+    ``retry_grace_s``: a request whose upstream failed before answering a byte, while that
+    upstream is still the active one, waits this long for the controller to notice the crash
+    (``hold()`` or ``route_to()``) before it is retried on the same upstream anyway.
+    """
+
+    max_held: int = 256
+    hold_timeout_s: float = 120.0
+    retry_after_s: int = 2
+    retry_grace_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class FrontStats:
+    """What the front door has done, for ``/v1/status`` (a snapshot; counters since start).
+
+    ``failed`` counts the answers the front door gave itself, by reason: ``held_overflow``,
+    ``hold_timeout``, ``refused``, ``bad_gateway``, ``bad_request``. ``requests_total``
+    counts final responses sent to clients by status class (``2xx`` ... ``5xx``), the front
+    door's own answers included. ``cut`` counts responses that ended before their last byte.
+    """
+
+    listen: str
+    mode: str
+    active_port: int | None
+    active_generation: int | None
+    in_flight: int
+    held_now: int
+    held_total: int
+    released_total: int
+    retried: int
+    cut: int
+    failed: Mapping[str, int] = field(default_factory=dict)
+    requests_total: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
