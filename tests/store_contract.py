@@ -46,17 +46,21 @@ class StoreContract:
         return lambda: store
 
     def test_is_a_config_store(self, store: ConfigStore) -> None:
+        """The driver is a ConfigStore with a description."""
         assert isinstance(store, ConfigStore)
         assert isinstance(store.description, str) and store.description
 
     async def test_unknown_name_loads_none(self, store: ConfigStore) -> None:
+        """An unknown name loads as None."""
         assert await store.load("nothing-here") is None
 
     async def test_round_trip_keeps_everything(self, store: ConfigStore) -> None:
+        """A saved config loads back equal, stamps included."""
         await store.save("gpt", FULL)
         assert await store.load("gpt") == FULL
 
     async def test_args_keep_their_order(self, store: ConfigStore) -> None:
+        """Args load back in the order they were saved."""
         forward = config("a", ("--z", "1"), ("--a", "2"), ("--m", True), ("-b", "3"))
         backward = config("a", *reversed(forward.config.args))
         await store.save("fwd", forward)
@@ -65,16 +69,19 @@ class StoreContract:
         assert (await store.load("bwd")) == backward
 
     async def test_empty_args_and_stamps(self, store: ConfigStore) -> None:
+        """A config with no args and no stamps round-trips."""
         bare = StoredConfig(LlamaConfig("llama-server"))
         await store.save("bare", bare)
         assert await store.load("bare") == bare
 
     async def test_stamped_now_round_trips(self, store: ConfigStore) -> None:
+        """A config stamped now round-trips."""
         stored = StoredConfig.now(FULL.config)
         await store.save("now", stored)
         assert await store.load("now") == stored
 
     async def test_saving_another_name_keeps_the_first(self, store: ConfigStore) -> None:
+        """Saving one name leaves the others as they were."""
         a, b = config("a", ("--port", "1")), config("b", ("--port", "2"))
         await store.save("a", a)
         await store.save("b", b)
@@ -82,6 +89,7 @@ class StoreContract:
         assert await store.load("b") == b
 
     async def test_overwrite_replaces_the_whole_config(self, store: ConfigStore) -> None:
+        """Overwriting a name replaces its whole config; no old flag lingers."""
         other = config("other", ("--port", "9"))
         await store.save("other", other)
         await store.save("a", config("old", ("--model", "old"), ("--flash-attn", True)))
@@ -91,6 +99,7 @@ class StoreContract:
         assert await store.load("other") == other
 
     async def test_many_names(self, store: ConfigStore) -> None:
+        """Many names, awkward ones included, each keep their own config."""
         expected = {
             name: config(f"n{i}", ("--port", str(8000 + i))) for i, name in enumerate(NAMES)
         }
@@ -100,6 +109,7 @@ class StoreContract:
             assert await store.load(name) == stored, name
 
     async def test_concurrent_saves_lose_nothing(self, store: ConfigStore) -> None:
+        """Concurrent saves of different names lose none of them."""
         expected = {f"c{i}": config(f"c{i}", ("--seq", str(i))) for i in range(20)}
         await asyncio.gather(*(store.save(name, s) for name, s in expected.items()))
         for name, stored in expected.items():
@@ -108,6 +118,7 @@ class StoreContract:
     async def test_saved_config_is_visible_to_a_fresh_store(
         self, store: ConfigStore, reopen: Callable[[], ConfigStore]
     ) -> None:
+        """A saved config is visible to a freshly opened store."""
         await store.save("gpt", FULL)
         fresh = reopen()
         try:

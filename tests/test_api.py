@@ -40,6 +40,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProcess]
     (b'{"args": {"-np": {"a": 1}}}', "args"),
 ])
 def test_malformed_bodies_are_400(sup: SupervisorProcess, body: bytes, fragment: str) -> None:
+    """A body that is not a valid change is a 400 naming the problem; nothing is applied."""
     before = sup.status()
     r = sup.http.post("/v1/params", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
@@ -49,6 +50,7 @@ def test_malformed_bodies_are_400(sup: SupervisorProcess, body: bytes, fragment:
 
 
 def test_oversized_body_is_413(sup: SupervisorProcess) -> None:
+    """A body over the size limit is a 413."""
     r = sup.http.post("/v1/params", content=b'{"args": {"-a": "' + b"x" * 100_000 + b'"}}',
                       headers={"content-type": "application/json"})
     assert r.status_code == 413
@@ -56,11 +58,13 @@ def test_oversized_body_is_413(sup: SupervisorProcess) -> None:
 
 
 def test_too_many_args_is_400(sup: SupervisorProcess) -> None:
+    """A change with hundreds of flags is a 400."""
     r = sup.post({f"--f{i}": 1 for i in range(300)})
     assert r.status_code == 400
 
 
 def test_wait_false_gives_a_change_id_to_poll(sup: SupervisorProcess) -> None:
+    """?wait=false answers 202 with a change id whose outcome can be polled."""
     r = sup.post({"--alias": "async-change"}, wait=False)
     assert r.status_code == 202, r.text
     change_id = r.json()["change_id"]
@@ -73,11 +77,13 @@ def test_wait_false_gives_a_change_id_to_poll(sup: SupervisorProcess) -> None:
 
 
 def test_unknown_change_is_404(sup: SupervisorProcess) -> None:
+    """An unknown change id is a 404 that names it."""
     r = sup.http.get("/v1/changes/nope")
     assert r.status_code == 404 and "nope" in r.json()["error"]
 
 
 def test_health_and_openapi(sup: SupervisorProcess) -> None:
+    """/health reports the state, and the OpenAPI spec lists every route."""
     assert sup.http.get("/health").json() == {"status": "ok", "state": "RUNNING"}
     spec = sup.http.get("/openapi.json").json()
     assert {"/v1/params", "/v1/status", "/v1/changes/{change_id}", "/health"} <= set(
@@ -85,6 +91,7 @@ def test_health_and_openapi(sup: SupervisorProcess) -> None:
 
 
 def test_token_is_required_and_never_shown(tmp_path: Path) -> None:
+    """With --api-token, only /health is open; a wrong token is a 403; no token is ever shown."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, token=TOKEN,
                     extra_cli=["--api-token", TOKEN]) as s:
@@ -106,6 +113,7 @@ def test_token_is_required_and_never_shown(tmp_path: Path) -> None:
 
 
 def test_token_from_environment(tmp_path: Path) -> None:
+    """CORRAL_API_TOKEN turns on the token check like --api-token."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, token=TOKEN, env={"CORRAL_API_TOKEN": TOKEN}) as s:
         s.wait_running()
@@ -113,6 +121,7 @@ def test_token_from_environment(tmp_path: Path) -> None:
 
 
 def test_non_loopback_without_token_is_refused(tmp_path: Path) -> None:
+    """Serving the API beyond loopback without a token refuses to start."""
     model = make_fake_model(tmp_path / "a.gguf")
     out = subprocess.run(
         [sys.executable, "-m", "corral", "supervise", "--supervisor-addr", f"0.0.0.0:{free_port()}",
@@ -125,6 +134,7 @@ def test_non_loopback_without_token_is_refused(tmp_path: Path) -> None:
 
 
 def test_api_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """An API port in use stops the start with a message naming it."""
     import socket
 
     model = make_fake_model(tmp_path / "a.gguf")
@@ -166,6 +176,7 @@ def test_fuzzing_from_openapi_finds_no_server_errors(sup: SupervisorProcess) -> 
 
 
 def test_unknown_routes_and_methods_answer_json(sup: SupervisorProcess) -> None:
+    """Unknown routes and methods answer 404/405 in the JSON error format."""
     r = sup.http.get("/v2/nothing")
     assert r.status_code == 404 and r.json() == {"status": "error", "error": "Not Found"}
     r = sup.http.delete("/v1/params")

@@ -34,14 +34,17 @@ LONG = BackoffPolicy(max_failures=100)
     ],
 )
 def test_delay_after(policy: BackoffPolicy, failures: int, delay: float | None) -> None:
+    """The delay after N consecutive failures, the cap, and giving up at max_failures."""
     assert policy.delay_after(failures) == delay
 
 
 def test_defaults_match_the_architecture() -> None:
+    """The default schedule is 0.5 s doubling to 30 s, as documented."""
     assert (DEFAULT.initial_s, DEFAULT.factor, DEFAULT.cap_s) == (0.5, 2.0, 30.0)
 
 
 def test_delays_never_shrink_until_giving_up() -> None:
+    """Delays never shrink as failures add up, and stop at the cap."""
     delays = [LONG.delay_after(n) for n in range(100)]
     assert all(isinstance(d, float) for d in delays)
     assert delays == sorted(delays)
@@ -74,6 +77,7 @@ def test_start_history(events: str, counts: list[int]) -> None:
 
 
 def test_history_drives_the_policy_to_fatal() -> None:
+    """Failures counted by the history reach FATAL; one success starts afresh."""
     history, policy = StartHistory(), BackoffPolicy(max_failures=3)
     assert [policy.delay_after(history.failed()) for _ in range(4)] == [0.5, 1.0, None, None]
     history.succeeded()  # a new successful apply clears FATAL

@@ -27,6 +27,7 @@ PUBLIC = {
 
 
 def test_all_is_the_documented_surface() -> None:
+    """corral.__all__ is exactly the documented public names, sorted, once each."""
     assert set(corral.__all__) == PUBLIC
     assert len(corral.__all__) == len(set(corral.__all__))
     assert list(corral.__all__) == sorted(corral.__all__)
@@ -34,18 +35,21 @@ def test_all_is_the_documented_surface() -> None:
 
 @pytest.mark.parametrize("name", sorted(PUBLIC - {"__version__"}))
 def test_exported_member_exists_and_is_corrals(name: str) -> None:
+    """Each exported name is defined in corral and has a docstring."""
     member = getattr(corral, name)
     assert member.__module__.startswith("corral.")
     assert member.__doc__, f"{name} has no docstring"
 
 
 def test_star_import() -> None:
+    """from corral import * brings every public name."""
     namespace: dict[str, object] = {}
     exec("from corral import *", namespace)
     assert set(namespace) >= PUBLIC
 
 
 def test_version_matches_the_package_metadata() -> None:
+    """corral.__version__ is the installed package's version."""
     assert corral.__version__ == importlib.metadata.version("corral")
 
 
@@ -67,6 +71,7 @@ def _flat(text: str) -> str:
 
 
 def test_top_level_help() -> None:
+    """corral --help lists every command and writes nothing to stderr."""
     result = run_corral("--help")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -75,12 +80,14 @@ def test_top_level_help() -> None:
 
 
 def test_version_flag() -> None:
+    """corral --version prints the version."""
     result = run_corral("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"corral {corral.__version__}"
 
 
 def test_missing_command_is_a_usage_error() -> None:
+    """corral without a command is a usage error (exit 2)."""
     result = run_corral()
     assert result.returncode == 2
     assert "usage:" in result.stderr
@@ -100,6 +107,7 @@ def supervise_help() -> str:
 
 
 def test_supervise_has_the_proposals_flags() -> None:
+    """corral supervise has the flags the proposal names."""
     flags = {s for a in SUPERVISE_OPTIONS for s in a.option_strings}
     assert {"--supervisor-addr", "--binary", "--model", "-m", "--port", "--args",
             "--config-driver", "--monitoring-interval"} <= flags
@@ -107,6 +115,7 @@ def test_supervise_has_the_proposals_flags() -> None:
 
 @pytest.mark.parametrize("action", SUPERVISE_OPTIONS, ids=lambda a: a.option_strings[0])
 def test_supervise_help_mentions_flag(action: argparse.Action, supervise_help: str) -> None:
+    """Every supervise flag appears in its --help, with help text."""
     for spelling in action.option_strings:
         assert re.search(rf"(^|[\s,\[]){re.escape(spelling)}\b", supervise_help), spelling
     assert action.help, f"{action.option_strings[0]} has no help text"
@@ -118,6 +127,7 @@ WITH_DEFAULT = [a for a in SUPERVISE_OPTIONS
 
 @pytest.mark.parametrize("action", WITH_DEFAULT, ids=lambda a: a.option_strings[0])
 def test_supervise_help_states_defaults(action: argparse.Action, supervise_help: str) -> None:
+    """Every supervise flag with a default states it in --help."""
     default = action.default
     shown = f"{default:g}" if isinstance(default, float) else str(default)
     pattern = rf"\(default: {re.escape(shown)}[);]"
@@ -125,6 +135,7 @@ def test_supervise_help_states_defaults(action: argparse.Action, supervise_help:
 
 
 def test_supervise_help_has_examples(supervise_help: str) -> None:
+    """supervise --help ends with examples of the API and the config driver."""
     assert "examples:" in supervise_help
     assert "/v1/params" in supervise_help
     assert "--config-driver" in supervise_help

@@ -44,6 +44,7 @@ def fleet_json(etcd: EtcdServer, name: str = "fleet") -> dict:
 
 
 def test_apply_is_stored_in_etcd_and_resumed(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """An apply is stored in etcd without the per-instance port and wins at the next start."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         sup.wait_running()
@@ -61,6 +62,7 @@ def test_apply_is_stored_in_etcd_and_resumed(tmp_path: Path, etcd_server: EtcdSe
 
 def test_three_supervisors_follow_an_etcdctl_put(tmp_path: Path,
                                                  etcd_server: EtcdServer) -> None:
+    """Three supervisors register, follow a config put with etcdctl, and follow a peer's apply."""
     model = make_fake_model(tmp_path / "a.gguf")
     other = make_fake_model(tmp_path / "b.gguf")
     with ExitStack() as stack:
@@ -93,6 +95,7 @@ def test_three_supervisors_follow_an_etcdctl_put(tmp_path: Path,
 
 def test_kill_9_of_a_supervisor_drops_its_registration(tmp_path: Path,
                                                        etcd_server: EtcdServer) -> None:
+    """A SIGKILLed supervisor's llama-server dies and its registration expires with the lease."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         pid = sup.wait_running()["pid"]
@@ -104,6 +107,7 @@ def test_kill_9_of_a_supervisor_drops_its_registration(tmp_path: Path,
 
 def test_a_host_where_the_fleet_config_fails_keeps_its_last_good(
         tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """A fleet config that fails here is reported as divergence; the last good one keeps running."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         sup.wait_running()
@@ -150,6 +154,7 @@ def test_etcd_outages(tmp_path: Path, etcd_server: EtcdServer, health_watch) -> 
 
 def test_start_with_etcd_down_runs_cli_config_then_catches_up(
         tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """With etcd down at start the CLI config runs; the fleet config follows once etcd is up."""
     model = make_fake_model(tmp_path / "a.gguf")
     config = {"binary": str(FAKE), "args": [["--model", str(model)], ["--parallel", "7"]]}
     etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(config))
@@ -163,6 +168,7 @@ def test_start_with_etcd_down_runs_cli_config_then_catches_up(
 
 
 def test_etcd_driver_without_server_and_two_drivers(tmp_path: Path) -> None:
+    """Two config drivers at once are a usage error."""
     model = make_fake_model(tmp_path / "a.gguf")
     out = subprocess.run(
         [sys.executable, "-m", "corral", "supervise", "--binary", str(FAKE), "--model",
@@ -174,6 +180,7 @@ def test_etcd_driver_without_server_and_two_drivers(tmp_path: Path) -> None:
 @pytest.mark.real
 def test_real_fleet_of_three(tmp_path: Path, etcd_server: EtcdServer, real_binary: Path,
                              real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+    """Three supervisors of the real llama-server follow one fleet config put in etcd."""
     other = model_alias("fleet-b")
     with ExitStack() as stack:
         sups = []

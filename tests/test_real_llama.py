@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
 def test_supervises_real_server(tmp_path: Path, real_binary: Path, real_model: Path) -> None:
+    """The real llama-server starts with the CLI args, serves them, and they are stored."""
     with supervisor(tmp_path, real_binary, real_model, ["-np", "2", "-c", "2048"]) as sup:
         status = sup.wait_running(120)
         p = props(sup.port)
@@ -29,6 +30,7 @@ def test_supervises_real_server(tmp_path: Path, real_binary: Path, real_model: P
 
 def test_kill_9_ten_times_revives_with_same_args(tmp_path: Path, real_binary: Path,
                                                  real_model: Path) -> None:
+    """Ten SIGKILLs of the real llama-server: each is revived with the same config."""
     with supervisor(tmp_path, real_binary, real_model, ["-np", "3"]) as sup:
         first = sup.wait_running(120)
         for i in range(10):
@@ -44,6 +46,7 @@ def test_kill_9_ten_times_revives_with_same_args(tmp_path: Path, real_binary: Pa
 
 def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path, real_binary: Path,
                                             real_model: Path) -> None:
+    """SIGTERM stops the real llama-server with the supervisor, which exits 0."""
     with supervisor(tmp_path, real_binary, real_model) as sup:
         pid = sup.wait_running(120)["pid"]
         assert sup.stop(signal.SIGTERM) == 0
@@ -54,6 +57,7 @@ def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path, real_binary: Path,
 
 def test_supervisor_sigkill_leaves_no_llama_server(tmp_path: Path, real_binary: Path,
                                                     real_model: Path) -> None:
+    """SIGKILL of the supervisor takes the real llama-server with it within 1 s."""
     with supervisor(tmp_path, real_binary, real_model) as sup:
         pid = sup.wait_running(120)["pid"]
         sup.kill()
@@ -62,6 +66,7 @@ def test_supervisor_sigkill_leaves_no_llama_server(tmp_path: Path, real_binary: 
 
 def test_binary_that_fails_at_once_backs_off_then_fatal(tmp_path: Path, real_binary: Path,
                                                         real_model: Path) -> None:
+    """A model that fails to load backs off, goes FATAL, stores nothing; a good apply clears it."""
     bad = corrupt_gguf(tmp_path, real_model)
     with supervisor(tmp_path, real_binary, bad, extra_cli=["--max-start-failures", "3"]) as sup:
         assert sup.wait_state("BACKOFF", 60)["consecutive_failures"] >= 1
@@ -78,6 +83,7 @@ def test_binary_that_fails_at_once_backs_off_then_fatal(tmp_path: Path, real_bin
 
 def test_apply_changes_slots_model_and_port(tmp_path: Path, real_binary: Path,
                                             real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+    """Slots, model and port changes reach the real llama-server and the store."""
     with supervisor(tmp_path, real_binary, real_model) as sup:
         sup.wait_running(120)
         other = model_alias("other")
@@ -104,6 +110,7 @@ def test_apply_changes_slots_model_and_port(tmp_path: Path, real_binary: Path,
 def test_preflight_rejections_cause_no_downtime(tmp_path: Path, real_binary: Path,
                                                 real_model: Path, health_watch,  # type: ignore[no-untyped-def]
                                                 args: dict, reason: str) -> None:
+    """A change rejected by the checks costs not one failed /health probe."""
     with supervisor(tmp_path, real_binary, real_model) as sup:
         pid = sup.wait_running(120)["pid"]
         before = sup.config_file.read_bytes()
@@ -122,6 +129,7 @@ def test_preflight_rejections_cause_no_downtime(tmp_path: Path, real_binary: Pat
 @pytest.mark.parametrize("change", ["corrupt-model", "bad-value"])
 def test_start_failure_rolls_back_to_last_good(tmp_path: Path, real_binary: Path,
                                                real_model: Path, change: str) -> None:
+    """A change the real llama-server fails on is a 422 with its log, and is rolled back."""
     args = ({"-m": str(corrupt_gguf(tmp_path, real_model))} if change == "corrupt-model"
             else {"--ctx-size": "not-a-number"})
     with supervisor(tmp_path, real_binary, real_model, ["-np", "2"]) as sup:
@@ -192,6 +200,7 @@ def test_proposal_example_2_with_slow_restarts(tmp_path: Path, slow_binary, mode
 
 def test_proposal_example_1_merges_into_one_restart(tmp_path: Path, real_binary: Path,
                                                     real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
+    """The proposal's example 1: four quick changes become one restart, the last write winning."""
     foo, baz = model_alias("foo"), model_alias("baz")
     with supervisor(tmp_path, real_binary, real_model, extra_cli=["--debounce-ms", "400"]) as sup:
         sup.wait_running(120)
@@ -260,6 +269,7 @@ def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # 
 
 def test_two_supervisors_two_names_one_file(tmp_path: Path, real_binary: Path,
                                             real_model: Path) -> None:
+    """Two supervisors with different --name keep their configs apart in one file."""
     config = tmp_path / "shared.toml"
     store = ["--config-file", str(config)]
     with supervisor(tmp_path, real_binary, real_model,
@@ -279,6 +289,7 @@ def test_two_supervisors_two_names_one_file(tmp_path: Path, real_binary: Path,
 
 def test_binary_change_runs_the_new_program(tmp_path: Path, real_binary: Path,
                                             real_model: Path) -> None:
+    """A binary change runs the new program, and the new binary is stored."""
     import psutil
 
     other = tmp_path / "llama-server-other"

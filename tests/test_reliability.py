@@ -94,6 +94,7 @@ def watch_states(sup: SupervisorProcess, until: str, timeout: float) -> list[dic
 
 @pytest.mark.slow
 def test_exit_at_once_backs_off_on_schedule_and_stays_fatal(tmp_path: Path, model: Path) -> None:
+    """Failed starts wait 0.5, 1, 2 s; FATAL then holds, nothing scheduled, until a good apply."""
     with supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "1"],
                     extra_cli=["--max-start-failures", "4"]) as sup:
         fatal = sup.wait_state("FATAL", 30)
@@ -130,6 +131,7 @@ def test_exit_at_once_backs_off_on_schedule_and_stays_fatal(tmp_path: Path, mode
 
 
 def test_exit_0_at_boot_is_a_failed_start(tmp_path: Path, model: Path) -> None:
+    """An exit with code 0 before ready counts as a failed start, up to FATAL."""
     with supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "0"],
                     extra_cli=["--max-start-failures", "2"]) as sup:
         seen = watch_states(sup, "FATAL", 20)
@@ -141,6 +143,7 @@ def test_exit_0_at_boot_is_a_failed_start(tmp_path: Path, model: Path) -> None:
 
 
 def test_apply_that_exits_0_is_rejected_and_rolled_back(tmp_path: Path, model: Path) -> None:
+    """A new config that exits 0 at start is a 422 and the last good one runs again."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
         old_pid = sup.wait_running()["pid"]
         before = sup.config_file.read_bytes()
@@ -159,6 +162,7 @@ def test_apply_that_exits_0_is_rejected_and_rolled_back(tmp_path: Path, model: P
 
 
 def test_state_stays_starting_while_health_is_503(tmp_path: Path, model: Path) -> None:
+    """The state is STARTING while /health answers 503, and RUNNING only after its 200."""
     with supervisor(tmp_path, FAKE, model, ["--fake-load-s", "2"]) as sup:
         samples: list[tuple[float, str, int | None, int | None]] = []
 
@@ -178,6 +182,7 @@ def test_state_stays_starting_while_health_is_503(tmp_path: Path, model: Path) -
 
 
 def test_never_ready_at_boot_is_killed_at_the_deadline(tmp_path: Path, model: Path) -> None:
+    """A server never ready is killed at --ready-timeout and counts as a failed start."""
     with supervisor(tmp_path, FAKE, model, ["--fake-never-ready"],
                     extra_cli=["--ready-timeout", "1", "--max-start-failures", "2"]) as sup:
         seen = watch_states(sup, "BACKOFF", 20)
@@ -200,6 +205,7 @@ def test_never_ready_at_boot_is_killed_at_the_deadline(tmp_path: Path, model: Pa
 
 def test_child_ignoring_sigterm_is_killed_on_apply_and_on_stop(tmp_path: Path,
                                                                  model: Path) -> None:
+    """A server that ignores SIGTERM is SIGKILLed after --stop-timeout, on apply and on stop."""
     with supervisor(tmp_path, FAKE, model, ["--fake-ignore-sigterm"],
                     extra_cli=["--stop-timeout", "1"]) as sup:
         old = sup.wait_running()["pid"]
@@ -225,6 +231,7 @@ def test_child_ignoring_sigterm_is_killed_on_apply_and_on_stop(tmp_path: Path,
     "stop", "apply", "crash",
 ])
 def test_no_grandchild_survives(tmp_path: Path, model: Path, how: str) -> None:
+    """No grandchild of llama-server outlives its stop, replacement or crash."""
     pidfile = tmp_path / "fake.pids"
     try:
         with supervisor(tmp_path, FAKE, model,
@@ -251,6 +258,7 @@ def test_no_grandchild_survives(tmp_path: Path, model: Path, how: str) -> None:
 
 
 def test_restarted_supervisor_kills_stale_grandchild_first(tmp_path: Path, model: Path) -> None:
+    """A restarted supervisor kills what its SIGKILLed predecessor left before it starts anew."""
     pidfile = tmp_path / "fake.pids"
     args = ["--fake-grandchild", "--fake-pidfile", str(pidfile)]
     try:
@@ -286,6 +294,7 @@ def test_restarted_supervisor_kills_stale_grandchild_first(tmp_path: Path, model
 ])
 def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
         tmp_path: Path, model: Path, step: str, committed: str) -> None:
+    """After a SIGKILL at any apply step the next supervisor runs one server, old or new config."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"],
                     env={"CORRAL_FAILPOINT": step}) as first:
         first.wait_running()
@@ -308,6 +317,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
 
 
 def test_second_supervisor_of_the_same_config_refuses(tmp_path: Path, model: Path) -> None:
+    """A second supervisor of the same config exits at once and disturbs nothing."""
     with supervisor(tmp_path, FAKE, model) as first:
         pid = first.wait_running()["pid"]
         assert first.proc is not None
@@ -329,6 +339,7 @@ def test_second_supervisor_of_the_same_config_refuses(tmp_path: Path, model: Pat
 
 def test_output_flood_never_blocks_and_supervisor_stays_responsive(tmp_path: Path,
                                                                     model: Path) -> None:
+    """A server writing 16 MiB at once never blocks, and the API stays fast and small."""
     with supervisor(tmp_path, FAKE, model) as sup:
         sup.wait_running()
         assert sup.proc is not None
@@ -360,6 +371,7 @@ def test_output_flood_never_blocks_and_supervisor_stays_responsive(tmp_path: Pat
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_child_gracefully_and_exits_0(tmp_path: Path, model: Path,
                                                         sig: signal.Signals) -> None:
+    """SIGTERM or SIGINT stops the child with SIGTERM and the supervisor exits 0."""
     with supervisor(tmp_path, FAKE, model) as sup:
         pid = sup.wait_running()["pid"]
         assert sup.stop(sig, timeout=20) == 0
@@ -387,6 +399,7 @@ def test_second_signal_during_shutdown_kills_at_once(tmp_path: Path, model: Path
 
 def test_sigterm_during_apply_exits_promptly_and_keeps_the_old_config(tmp_path: Path,
                                                                         model: Path) -> None:
+    """SIGTERM during an apply exits promptly, answers 503 or nothing, and stores nothing new."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
         old = sup.wait_running()["pid"]
         before = sup.config_file.read_bytes()
@@ -428,6 +441,7 @@ def test_sigterm_during_apply_exits_promptly_and_keeps_the_old_config(tmp_path: 
 @pytest.mark.slow
 def test_flood_of_changes_batches_restarts_and_last_write_wins(tmp_path: Path,
                                                                 model: Path) -> None:
+    """Hundreds of concurrent changes: no error, few restarts, the last write wins."""
     import random
 
     threads_n, posts_n = 8, 20

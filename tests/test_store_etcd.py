@@ -115,12 +115,14 @@ def config_key(name: str) -> str:
 
 
 async def test_etcd_store_is_watchable() -> None:
+    """The etcd store is a WatchableStore and names every endpoint in its description."""
     async with opened("127.0.0.1:1,127.0.0.1:2") as store:
         assert isinstance(store, WatchableStore)
         assert "127.0.0.1:1" in store.description and "127.0.0.1:2" in store.description
 
 
 async def test_value_is_readable_json_in_etcdctl(store: EtcdStore, etcd_server: EtcdServer) -> None:
+    """A saved config is plain JSON in etcd, one flag per line, readable with etcdctl."""
     await store.save("m", B)
     text = etcd_server.etcdctl("get", config_key("m"), "--print-value-only")
     assert '["--model", "/m.gguf"]' in text  # one flag per line
@@ -133,6 +135,7 @@ async def test_value_is_readable_json_in_etcdctl(store: EtcdStore, etcd_server: 
 
 
 async def test_hand_written_value_is_read(store: EtcdStore, etcd_server: EtcdServer) -> None:
+    """A value written by hand (args as an object, numbers, booleans) loads as flags."""
     value = {
         "binary": "/usr/bin/llama-server",
         "args": {"--model": "/m.gguf", "port": 8081, "--cont-batching": True, "--mlock": False},
@@ -162,12 +165,14 @@ async def test_hand_written_value_is_read(store: EtcdStore, etcd_server: EtcdSer
 async def test_garbage_value_is_corrupt(
     store: EtcdStore, etcd_server: EtcdServer, garbage: str
 ) -> None:
+    """A value that is not a config is StoreCorrupt, naming its key."""
     etcd_server.etcdctl("put", config_key("bad"), garbage)
     with pytest.raises(StoreCorrupt, match="/corral/configs/bad"):
         await store.load("bad")
 
 
 def test_decode_accepts_numbers_and_drops_false() -> None:
+    """Numbers become flag text and null drops the flag."""
     raw = b'{"binary": "b", "args": [["-c", 4096], ["--temp", 0.5], ["--x", null], ["-ngl", 99.0]]}'
     assert decode_config(raw, "k").config.args == (
         ("-c", "4096"),
@@ -177,6 +182,7 @@ def test_decode_accepts_numbers_and_drops_false() -> None:
 
 
 async def test_prefixes_are_separate(etcd_server: EtcdServer) -> None:
+    """Stores with different prefixes do not see each other's configs."""
     async with (
         opened(etcd_server.addr, prefix="/one") as one,
         opened(etcd_server.addr, prefix="/two/") as two,
@@ -187,6 +193,7 @@ async def test_prefixes_are_separate(etcd_server: EtcdServer) -> None:
 
 
 async def test_name_with_slash_is_one_segment(store: EtcdStore, etcd_server: EtcdServer) -> None:
+    """A name with a slash is one escaped key segment, not a directory."""
     await store.save("a/b", A)
     assert await store.load("a/b") == A
     assert await store.load("a") is None
@@ -199,6 +206,7 @@ async def test_name_with_slash_is_one_segment(store: EtcdStore, etcd_server: Etc
 
 
 async def test_unreachable_endpoint_raises_unavailable_with_address() -> None:
+    """An unreachable endpoint is StoreUnavailable naming the address, and marks the store down."""
     dead = f"127.0.0.1:{free_port()}"
     async with opened(dead) as store:
         with pytest.raises(StoreUnavailable, match=dead):
@@ -208,6 +216,7 @@ async def test_unreachable_endpoint_raises_unavailable_with_address() -> None:
 
 
 async def test_next_endpoint_is_tried(etcd_server: EtcdServer) -> None:
+    """A dead first endpoint is skipped for the next one."""
     dead = f"127.0.0.1:{free_port()}"
     async with opened(f"{dead},{etcd_server.addr}") as store:
         await store.save("m", A)
@@ -216,6 +225,7 @@ async def test_next_endpoint_is_tried(etcd_server: EtcdServer) -> None:
 
 
 async def test_stopped_etcd_then_back(store: EtcdStore, etcd_server: EtcdServer) -> None:
+    """A stopped etcd is StoreUnavailable; once back, the store works again."""
     await store.save("m", A)
     etcd_server.stop()
     with pytest.raises(StoreUnavailable, match=etcd_server.addr):
@@ -227,6 +237,7 @@ async def test_stopped_etcd_then_back(store: EtcdStore, etcd_server: EtcdServer)
 
 
 async def test_paused_etcd_fails_fast_and_watch_recovers(etcd_server: EtcdServer) -> None:
+    """A frozen etcd fails calls after 2 s, the watch notices, and recovers once it thaws."""
     async with (
         opened(etcd_server.addr) as watcher,
         opened(etcd_server.addr) as writer,
@@ -259,6 +270,7 @@ async def test_paused_etcd_fails_fast_and_watch_recovers(etcd_server: EtcdServer
 
 
 async def test_watch_sees_puts_quickly(etcd_server: EtcdServer) -> None:
+    """A watch sees each save, in order, within 1 s, and nothing else."""
     async with opened(etcd_server.addr) as watcher, opened(etcd_server.addr) as writer:
         await watcher.load("m")  # nothing stored yet: watch starts from here
         async with watching(watcher, "m") as queue:
@@ -274,6 +286,7 @@ async def test_watch_sees_puts_quickly(etcd_server: EtcdServer) -> None:
 
 
 async def test_watch_starts_after_own_save(store: EtcdStore) -> None:
+    """A watch opened after a save yields the next change, not the save."""
     await store.save("m", A)
     async with watching(store, "m") as queue:
         await store.save("m", B)
@@ -283,6 +296,7 @@ async def test_watch_starts_after_own_save(store: EtcdStore) -> None:
 async def test_watch_without_history_yields_current_value_first(
     etcd_server: EtcdServer,
 ) -> None:
+    """A fresh watcher gets the current value first, then the changes."""
     async with opened(etcd_server.addr) as writer, opened(etcd_server.addr) as watcher:
         await writer.save("m", A)
         async with watching(watcher, "m") as queue:
@@ -292,6 +306,7 @@ async def test_watch_without_history_yields_current_value_first(
 
 
 async def test_watch_ignores_other_names(etcd_server: EtcdServer) -> None:
+    """A watch sees only its own name, not names that share its prefix."""
     async with opened(etcd_server.addr) as writer, opened(etcd_server.addr) as watcher:
         await watcher.load("m")
         async with watching(watcher, "m") as queue:
@@ -305,6 +320,7 @@ async def test_watch_ignores_other_names(etcd_server: EtcdServer) -> None:
 async def test_watch_sees_etcdctl_writes_and_skips_garbage(
     store: EtcdStore, etcd_server: EtcdServer
 ) -> None:
+    """A watch yields hand-written values, skips garbage and deletions."""
     await store.load("m")
     async with watching(store, "m") as queue:
         hand = {"binary": "/bin/ls", "args": {"--port": 1}}
@@ -320,6 +336,7 @@ async def test_watch_sees_etcdctl_writes_and_skips_garbage(
 async def test_watch_survives_restart_and_sees_change_made_meanwhile(
     etcd_server: EtcdServer,
 ) -> None:
+    """A watch outlives an etcd restart and yields the change made while it reconnected."""
     async with opened(etcd_server.addr) as watcher:
         await watcher.save("m", A)
         async with watching(watcher, "m") as queue:
@@ -336,6 +353,7 @@ async def test_watch_survives_restart_and_sees_change_made_meanwhile(
 
 
 async def test_watch_can_be_closed_while_streaming(store: EtcdStore) -> None:
+    """A watch that has yielded a change can be closed (aclose) while it streams."""
     await store.save("m", A)
     watch = cast(AsyncGenerator[StoredConfig, None], store.watch("m"))
     waiter = asyncio.ensure_future(anext(watch))
@@ -348,6 +366,7 @@ async def test_watch_can_be_closed_while_streaming(store: EtcdStore) -> None:
 
 
 async def test_registration_lists_updates_and_closes(store: EtcdStore) -> None:
+    """Registrations are listed with their updates and removed when closed."""
     async with store.register("m", {"port": 8081}, instance_id="one", ttl=2) as one:
         async with store.register("m", {"port": 8082}, instance_id="two", ttl=2):
             await until(lambda: one.is_registered, 5.0, "registered")
@@ -391,6 +410,7 @@ asyncio.run(main())
 async def test_registration_vanishes_within_ttl_when_holder_is_killed(
     store: EtcdStore, etcd_server: EtcdServer
 ) -> None:
+    """A SIGKILLed holder's registration disappears within its TTL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHILD, etcd_server.addr, stdout=asyncio.subprocess.PIPE
     )
@@ -413,6 +433,7 @@ async def test_registration_vanishes_within_ttl_when_holder_is_killed(
 async def test_registration_is_recreated_after_restart(
     store: EtcdStore, etcd_server: EtcdServer
 ) -> None:
+    """After an etcd restart the registration comes back with the update made meanwhile."""
     async with store.register("m", {"state": "RUNNING"}, instance_id="me", ttl=2) as reg:
         await until(lambda: reg.is_registered, 5.0, "registered")
         await asyncio.to_thread(etcd_server.stop)

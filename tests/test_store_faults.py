@@ -72,6 +72,7 @@ BIG = 24  # flags per config: a few KB, so a kill often lands inside the write i
 def test_sigkill_while_saving_leaves_the_old_or_the_new_config(
     tmp_path: Path, spawn: Spawn
 ) -> None:
+    """A writer SIGKILLed mid-save leaves the file parseable, with the old or the new config."""
     path = tmp_path / "config.toml"
     path.write_text(PREAMBLE, encoding="utf-8")
     seed = random.randrange(2**32)
@@ -124,6 +125,7 @@ WRITES = 1000
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_writers_sharing_a_file_lose_no_update(tmp_path: Path, spawn: Spawn) -> None:
+    """Two processes saving to one file never lose or roll back each other's saves."""
     path = tmp_path / "config.toml"
     path.write_text(PREAMBLE, encoding="utf-8")
     # --check: before each save a writer checks its name still holds its previous save.

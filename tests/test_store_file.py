@@ -80,10 +80,12 @@ def mode_of(path: Path) -> int:
 
 
 def test_description_names_the_file(path: Path) -> None:
+    """The file store's description names its path."""
     assert str(path) in TomlFileStore(path).description
 
 
 async def test_file_looks_like_the_documented_format(path: Path) -> None:
+    """A saved config is a [name] table with an [name.args] table of flags, as documented."""
     stored = config("a", ("--model", "/models/a.gguf"), ("--port", "8081"), ("-cb", True))
     await TomlFileStore(path).save("gpt", stored)
     text = text_of(path)
@@ -100,6 +102,7 @@ async def test_file_looks_like_the_documented_format(path: Path) -> None:
 
 
 async def test_names_that_need_quoting_are_quoted(path: Path) -> None:
+    """A name with a dot is a quoted table name, not nested tables."""
     await TomlFileStore(path).save("my.model", FULL)
     text = text_of(path)
     assert '["my.model"]' in text
@@ -107,6 +110,7 @@ async def test_names_that_need_quoting_are_quoted(path: Path) -> None:
 
 
 async def test_hand_edited_values_are_read_as_flags(path: Path) -> None:
+    """Hand-written numbers, booleans and floats load as flags."""
     loaded = await hand_edited(path).load("gpt")
     assert loaded is not None
     assert loaded.config.args == (
@@ -121,12 +125,14 @@ async def test_hand_edited_values_are_read_as_flags(path: Path) -> None:
 
 
 async def test_bare_toml_datetime_is_read_as_text(path: Path) -> None:
+    """A bare TOML datetime in applied_at loads as text."""
     store = hand_edited(path, '[a]\nbinary = "x"\napplied_at = 2026-11-28T22:00:00+00:00\n')
     loaded = await store.load("a")
     assert loaded is not None and loaded.applied_at == "2026-11-28T22:00:00+00:00"
 
 
 async def test_comments_and_other_tables_survive_a_save(path: Path) -> None:
+    """Saving a new name keeps every hand-written line and table."""
     store = hand_edited(path)
     await store.save("new", FULL)
     await store.save("new", FULL)
@@ -138,6 +144,7 @@ async def test_comments_and_other_tables_survive_a_save(path: Path) -> None:
 
 
 async def test_overwriting_a_name_keeps_its_place_and_the_rest(path: Path) -> None:
+    """Overwriting a name keeps its place in the file and everything around it."""
     store = hand_edited(path)
     await store.save("gpt", FULL)
     text = text_of(path)
@@ -156,6 +163,7 @@ CORRUPT = {
 
 @pytest.mark.parametrize("text", CORRUPT.values(), ids=CORRUPT.keys())
 async def test_corrupt_file_is_reported_and_never_overwritten(path: Path, text: str) -> None:
+    """A corrupt file is StoreCorrupt naming it, and a save never overwrites it."""
     store = hand_edited(path, text)
     before = bytes_of(path)
     with pytest.raises(StoreCorrupt, match=re.escape(str(path))):
@@ -167,11 +175,13 @@ async def test_corrupt_file_is_reported_and_never_overwritten(path: Path, text: 
 
 
 async def test_syntax_error_names_line_and_column(path: Path) -> None:
+    """A TOML syntax error names its line and column."""
     with pytest.raises(StoreCorrupt, match=r"line 2 col"):
         await hand_edited(path, CORRUPT["syntax"]).load("gpt")
 
 
 def test_file_that_is_not_utf8_is_corrupt(path: Path) -> None:
+    """A file that is not UTF-8 is corrupt and never overwritten."""
     path.parent.mkdir(parents=True)
     path.write_bytes(b'[gpt]\nbinary = "\xff\xfe"\n')
     with pytest.raises(StoreCorrupt, match="UTF-8"):
@@ -194,6 +204,7 @@ BAD_SHAPES = {
 
 @pytest.mark.parametrize("text", BAD_SHAPES.values(), ids=BAD_SHAPES.keys())
 async def test_badly_shaped_table_is_corrupt_and_named(path: Path, text: str) -> None:
+    """A badly shaped table is corrupt by name; the other names still load and save."""
     store = hand_edited(path, text + '\n[fine]\nbinary = "y"\n')
     with pytest.raises(StoreCorrupt, match=rf"{re.escape(str(path))}.*'gpt'"):
         await store.load("gpt")
@@ -204,6 +215,7 @@ async def test_badly_shaped_table_is_corrupt_and_named(path: Path, text: str) ->
 
 
 async def test_parent_is_a_file_is_unavailable(tmp_path: Path) -> None:
+    """A path under a regular file is StoreUnavailable, for load and save."""
     (tmp_path / "file").write_text("")
     path = tmp_path / "file" / "config.toml"
     with pytest.raises(StoreUnavailable, match=rf"{re.escape(str(path))}.*Not a directory"):
@@ -213,6 +225,7 @@ async def test_parent_is_a_file_is_unavailable(tmp_path: Path) -> None:
 
 
 async def test_path_is_a_directory_is_unavailable(tmp_path: Path) -> None:
+    """A path that is a directory is StoreUnavailable, for load and save."""
     store = TomlFileStore(tmp_path)
     with pytest.raises(StoreUnavailable, match=rf"{re.escape(str(tmp_path))}.*Is a directory"):
         await store.save("gpt", FULL)
@@ -222,6 +235,7 @@ async def test_path_is_a_directory_is_unavailable(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_directory_is_unavailable(tmp_path: Path) -> None:
+    """A save into a read-only directory is StoreUnavailable."""
     tmp_path.chmod(0o500)
     try:
         with pytest.raises(StoreUnavailable, match="Permission denied"):
@@ -231,6 +245,7 @@ def test_read_only_directory_is_unavailable(tmp_path: Path) -> None:
 
 
 def test_new_file_is_private_and_an_existing_mode_is_kept(path: Path) -> None:
+    """A new file is 0600 in a 0700 directory; an existing file keeps its mode."""
     asyncio.run(TomlFileStore(path).save("gpt", FULL))
     assert mode_of(path) == 0o600
     assert mode_of(path.parent) == 0o700
@@ -240,11 +255,13 @@ def test_new_file_is_private_and_an_existing_mode_is_kept(path: Path) -> None:
 
 
 async def test_loading_creates_nothing(path: Path) -> None:
+    """Loading from a missing file creates neither it nor its directory."""
     assert await TomlFileStore(path).load("gpt") is None
     assert not path.parent.exists()
 
 
 async def test_leftover_temp_files_are_harmless(path: Path) -> None:
+    """A temp file left by a killed save does not disturb the next save."""
     store = hand_edited(path)
     (path.parent / ".config.toml.dead.tmp").write_text('[gpt]\nbinary = "half-writ')
     await store.save("gpt", FULL)
@@ -252,6 +269,7 @@ async def test_leftover_temp_files_are_harmless(path: Path) -> None:
 
 
 async def test_symlinked_file_is_followed_not_replaced(tmp_path: Path) -> None:
+    """A symlinked config file is written through, and stays a symlink."""
     target = tmp_path / "dotfiles" / "corral.toml"
     store = hand_edited(target)
     link = tmp_path / "config.toml"
@@ -273,6 +291,7 @@ print("listed")
 
 
 async def test_lock_fd_is_close_on_exec(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock file's descriptor is not inherited by child processes."""
     real_flock = fcntl.flock
     seen: list[tuple[str, bool, str]] = []
 
@@ -295,6 +314,7 @@ async def test_lock_fd_is_close_on_exec(path: Path, monkeypatch: pytest.MonkeyPa
 
 
 async def test_save_waits_for_the_lock_file(path: Path) -> None:
+    """A save waits while another process holds the lock file."""
     store = hand_edited(path)
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
     try:
@@ -309,6 +329,7 @@ async def test_save_waits_for_the_lock_file(path: Path) -> None:
 
 
 async def test_saving_a_hand_edited_table_keeps_its_comments(path: Path) -> None:
+    """Changing flags of a hand-edited table keeps its comments and order."""
     store = hand_edited(path)
     loaded = await store.load("gpt")
     assert loaded is not None
@@ -329,6 +350,7 @@ async def test_saving_a_hand_edited_table_keeps_its_comments(path: Path) -> None
 
 
 async def test_reordered_args_are_rewritten_in_the_new_order(path: Path) -> None:
+    """Args saved in a new order are rewritten in that order."""
     store = hand_edited(path)
     flipped = config("x", ("-ngl", "1"), ("--model", "/m"))
     await store.save("gpt", flipped)

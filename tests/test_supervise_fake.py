@@ -19,6 +19,7 @@ def model(tmp_path: Path) -> Path:
 
 
 def test_starts_serves_and_reports_status(tmp_path: Path, model: Path) -> None:
+    """The fake starts with the CLI args, serves them, and status and the store report them."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
         status = sup.wait_running()
         assert status["port"] == sup.port
@@ -31,6 +32,7 @@ def test_starts_serves_and_reports_status(tmp_path: Path, model: Path) -> None:
 
 
 def test_change_is_applied_and_stored(tmp_path: Path, model: Path) -> None:
+    """A POSTed change replaces the server (new pid, old one gone) and is stored."""
     other = make_fake_model(tmp_path / "b.gguf")
     with supervisor(tmp_path, FAKE, model) as sup:
         old_pid = sup.wait_running()["pid"]
@@ -45,6 +47,7 @@ def test_change_is_applied_and_stored(tmp_path: Path, model: Path) -> None:
 
 
 def test_same_config_is_a_noop(tmp_path: Path, model: Path) -> None:
+    """A change equal to the running config (other spellings) restarts nothing."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
         pid = sup.wait_running()["pid"]
         r = sup.post({"--parallel": 2, "model": str(model)})
@@ -62,6 +65,7 @@ def test_same_config_is_a_noop(tmp_path: Path, model: Path) -> None:
 ])
 def test_preflight_rejects_without_touching_the_server(tmp_path: Path, model: Path,
                                                        args: dict, reason: str) -> None:
+    """A change that fails the checks is a 422; the server and the store stay as they were."""
     with supervisor(tmp_path, FAKE, model) as sup:
         pid = sup.wait_running()["pid"]
         before = sup.config_file.read_bytes()
@@ -73,6 +77,7 @@ def test_preflight_rejects_without_touching_the_server(tmp_path: Path, model: Pa
 
 
 def test_busy_port_is_rejected_in_preflight(tmp_path: Path, model: Path) -> None:
+    """A --port someone else listens on is a 422 before anything stops."""
     import socket
 
     with socket.socket() as busy, supervisor(tmp_path, FAKE, model) as sup:
@@ -85,6 +90,7 @@ def test_busy_port_is_rejected_in_preflight(tmp_path: Path, model: Path) -> None
 
 
 def test_failed_start_rolls_back(tmp_path: Path, model: Path) -> None:
+    """A new config that exits at start is a 422 with its log; the last good one runs again."""
     with supervisor(tmp_path, FAKE, model) as sup:
         sup.wait_running()
         before = sup.config_file.read_bytes()
@@ -100,6 +106,7 @@ def test_failed_start_rolls_back(tmp_path: Path, model: Path) -> None:
 
 
 def test_never_ready_times_out_and_rolls_back(tmp_path: Path, model: Path) -> None:
+    """A new config never ready within --ready-timeout is a 422 and is rolled back."""
     with supervisor(tmp_path, FAKE, model, extra_cli=["--ready-timeout", "1"]) as sup:
         sup.wait_running()
         r = sup.post({"--fake-never-ready": True})
@@ -109,6 +116,7 @@ def test_never_ready_times_out_and_rolls_back(tmp_path: Path, model: Path) -> No
 
 
 def test_port_change_moves_the_server(tmp_path: Path, model: Path) -> None:
+    """A --port change moves llama-server to the new port and off the old one."""
     from tests.harness import free_port
 
     new_port = free_port()
@@ -123,6 +131,7 @@ def test_port_change_moves_the_server(tmp_path: Path, model: Path) -> None:
 
 
 def test_kill_9_revives_with_same_args(tmp_path: Path, model: Path) -> None:
+    """Each SIGKILL of llama-server is followed by a restart with the same config."""
     with supervisor(tmp_path, FAKE, model, ["-np", "3"]) as sup:
         first = sup.wait_running()
         for i in range(5):
@@ -137,6 +146,7 @@ def test_kill_9_revives_with_same_args(tmp_path: Path, model: Path) -> None:
 
 
 def test_sigterm_stops_cleanly(tmp_path: Path, model: Path) -> None:
+    """SIGTERM to the supervisor stops llama-server and exits 0."""
     with supervisor(tmp_path, FAKE, model) as sup:
         pid = sup.wait_running()["pid"]
         assert sup.stop(signal.SIGTERM) == 0
@@ -145,6 +155,7 @@ def test_sigterm_stops_cleanly(tmp_path: Path, model: Path) -> None:
 
 
 def test_supervisor_sigkill_takes_the_child_with_it(tmp_path: Path, model: Path) -> None:
+    """SIGKILL of the supervisor takes llama-server with it within 1 s."""
     with supervisor(tmp_path, FAKE, model) as sup:
         pid = sup.wait_running()["pid"]
         sup.kill()
@@ -152,6 +163,7 @@ def test_supervisor_sigkill_takes_the_child_with_it(tmp_path: Path, model: Path)
 
 
 def test_crash_loop_backs_off_then_fatal(tmp_path: Path, model: Path) -> None:
+    """A server that always exits backs off, goes FATAL after N starts; a good apply clears it."""
     with supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "1"],
                     extra_cli=["--max-start-failures", "3"]) as sup:
         backoff = sup.wait_state("BACKOFF", 20)
@@ -168,6 +180,7 @@ def test_crash_loop_backs_off_then_fatal(tmp_path: Path, model: Path) -> None:
 
 
 def test_log_reports_loading_progress(tmp_path: Path, model: Path) -> None:
+    """A slow load is reported in the log while it lasts."""
     with supervisor(tmp_path, FAKE, model, ["--fake-load-s", "1.8"]) as sup:
         sup.wait_running()
         log = sup.log()
@@ -176,6 +189,7 @@ def test_log_reports_loading_progress(tmp_path: Path, model: Path) -> None:
 
 
 def test_corrupt_store_is_a_clear_error_and_left_untouched(tmp_path: Path, model: Path) -> None:
+    """An unparsable config file stops the start with its path and line, and stays as it was."""
     import subprocess
     import sys
 
@@ -193,6 +207,7 @@ def test_corrupt_store_is_a_clear_error_and_left_untouched(tmp_path: Path, model
 
 def test_unwritable_store_fails_the_apply_and_keeps_the_stored_config(tmp_path: Path,
                                                                       model: Path) -> None:
+    """A change that cannot be stored fails, and the old config runs and stays stored."""
     with supervisor(tmp_path, FAKE, model, ["-np", "2"]) as sup:
         sup.wait_running()
         before = sup.config_file.read_bytes()
@@ -209,6 +224,7 @@ def test_unwritable_store_fails_the_apply_and_keeps_the_stored_config(tmp_path: 
 
 
 def test_two_names_share_one_file(tmp_path: Path, model: Path) -> None:
+    """Two supervisors with different --name keep their configs apart in one file."""
     config = tmp_path / "shared.toml"
     store = ["--config-file", str(config)]
     with supervisor(tmp_path, FAKE, model, store_args=[*store, "--name", "alpha"]) as a, \
@@ -223,6 +239,7 @@ def test_two_names_share_one_file(tmp_path: Path, model: Path) -> None:
 
 
 def test_binary_by_name_on_path(tmp_path: Path, model: Path) -> None:
+    """A binary given by name is found on PATH and reported by its full path."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "llama-server").symlink_to(FAKE)
@@ -234,6 +251,7 @@ def test_binary_by_name_on_path(tmp_path: Path, model: Path) -> None:
 
 def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
                                                                model: Path) -> None:
+    """A stored config that no longer starts gives way to the command-line config."""
     doomed = make_fake_model(tmp_path / "doomed.gguf")
     state = tmp_path / "state"
     with supervisor(tmp_path, FAKE, model, state_dir=state) as sup:
@@ -242,8 +260,7 @@ def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
         port = sup.port
         sup.stop()
     doomed.unlink()
-    stored_before = tomllib.loads((tmp_path / "config.toml").read_text())["default"]
-    assert stored_before["args"]["--model"] == str(doomed)
+    assert sup.stored()["args"]["--model"] == str(doomed)
     with supervisor(tmp_path, FAKE, model, port=port, state_dir=state) as sup:
         status = sup.wait_running()
         assert status["config"]["args"]["--model"] == str(model)
@@ -258,6 +275,7 @@ def test_stored_config_that_cannot_start_falls_back_to_the_cli(tmp_path: Path,
 
 
 def test_client_commands(tmp_path: Path, model: Path) -> None:
+    """corral status, apply and params talk to a running supervisor and print its JSON."""
     import json
     import subprocess
     import sys
