@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from corral import __version__
+from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
 
-EPILOG_SUPERVISE = """\
+EPILOG_SUPERVISE = f"""\
 examples:
   corral supervise --binary llama-server --model /models/qwen.gguf --port 8081
-  corral supervise --config-driver '{"type": "file", "path": "/etc/corral/config.toml", \
-"name": "gpt"}' --binary llama-server --model /models/qwen.gguf --port 8081 -- -c 4096 -np 2
+  corral supervise --config-driver '{{"type": "file", "path": "/etc/corral/config.toml", \
+"name": "gpt"}}' --binary llama-server --model /models/qwen.gguf --port 8081 -- -c 4096 -np 2
   corral supervise --args /path/llama-server -m /models/qwen.gguf --port 8089
 
 then change the running server:
-  curl --json '{"args": {"-m": "/models/new.gguf", "-np": 4}}' http://127.0.0.1:8084/v1/params
+  curl --json '{{"args": {{"-m": "/models/new.gguf", "-np": 4}}}}' http://{SUPERVISOR_ADDR}/v1/params
 
 start-up precedence: the config stored under --name wins over --binary/--model/--port and
 extra args (a warning lists the differences); if it cannot start, the command-line config
@@ -60,13 +60,12 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _run_fleet(ns: argparse.Namespace) -> int:
-    import asyncio
-
+    from corral import client
     from corral.errors import CorralError
-    from corral.fleet_view import fleet_report, render_table
+    from corral.fleet_view import render_table
 
     try:
-        report = asyncio.run(fleet_report(ns.etcd, ns.name))
+        report = client.fleet(ns.etcd, ns.name)
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 1
@@ -82,7 +81,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "management API (POST /v1/params, GET /v1/status). Arguments after '--' go to "
         "llama-server as they are.",
         epilog=EPILOG_SUPERVISE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT",
+    p.add_argument("--supervisor-addr", default=SUPERVISOR_ADDR, metavar="HOST:PORT",
                    help="address of the management API (default: %(default)s; anything but "
                    "loopback needs --api-token)")
     p.add_argument("--binary", help="llama-server to run: a path or a name on PATH "
@@ -126,7 +125,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    "regardless")
     s = p.add_argument_group("security and output")
     s.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' "
-                   "(default: $CORRAL_API_TOKEN)")
+                   f"(default: ${TOKEN_ENV})")
     s.add_argument("--quiet-llama", action="store_true",
                    help="do not echo llama-server's output (it is still kept for errors)")
     s.add_argument("--log-level", default="info",
@@ -137,18 +136,19 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     for name, help_text in (("status", "print a supervisor's /v1/status"),
                             ("params", "print the config in effect")):
-        c = sub.add_parser(name, help=help_text)
-        c.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT")
-        c.add_argument("--api-token", help="(default: $CORRAL_API_TOKEN)")
-        c.set_defaults(func=_run_client, path={"status": "/v1/status",
-                                               "params": "/v1/params"}[name])
+        _add_target(sub.add_parser(name, help=help_text))
     a = sub.add_parser("apply", help="POST a change to /v1/params and wait for the outcome",
                        usage="corral apply [options] [--json BODY | -- FLAGS ...]",
                        description="Example: corral apply -- -m /models/b.gguf -np 4")
-    a.add_argument("--supervisor-addr", default="127.0.0.1:8084", metavar="HOST:PORT")
-    a.add_argument("--api-token", help="(default: $CORRAL_API_TOKEN)")
+    _add_target(a)
     a.add_argument("--json", dest="body", help='raw body, e.g. \'{"args": {"-np": 4}}\'')
-    a.set_defaults(func=_run_client, path="/v1/params")
+
+
+def _add_target(c: argparse.ArgumentParser) -> None:
+    """The options every client command shares: which supervisor, and its token."""
+    c.add_argument("--supervisor-addr", default=SUPERVISOR_ADDR, metavar="HOST:PORT")
+    c.add_argument("--api-token", help=f"(default: ${TOKEN_ENV})")
+    c.set_defaults(func=_run_client)
 
 
 def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -203,7 +203,7 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             driver=driver_spec(ns.config_driver, ns.config_file, ns.etcd, ns.name),
             settings=settings,
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
-            api_token=ns.api_token or os.environ.get("CORRAL_API_TOKEN") or None)
+            api_token=token_from_env(ns.api_token))
         return asyncio.run(supervise(opts))
     except CorralError as exc:
         log.error("%s", exc)
@@ -211,25 +211,17 @@ def _run_supervise(ns: argparse.Namespace) -> int:
 
 
 def _run_client(ns: argparse.Namespace) -> int:
-    import httpx
+    from corral.client import SupervisorClient, change_body
+    from corral.errors import CorralError, UsageError
 
-    token = ns.api_token or os.environ.get("CORRAL_API_TOKEN")
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    url = f"http://{ns.supervisor_addr}{ns.path}"
+    supervisor = SupervisorClient(ns.supervisor_addr, token_from_env(ns.api_token))
     try:
-        if ns.path == "/v1/params" and ns.command == "apply":
-            body = json.loads(ns.body) if ns.body else {"args": _flags_to_args(ns.extra)}
-            response = httpx.post(url, json=body, headers=headers, timeout=None)
+        if ns.command == "apply":
+            reply = supervisor.apply(change_body(ns.body, ns.extra))
         else:
-            response = httpx.get(url, headers=headers, timeout=10)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        print(f"corral: {url}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(response.json(), indent=2))
-    return 0 if response.is_success else 1
-
-
-def _flags_to_args(tokens: list[str]) -> dict[str, str | bool]:
-    from corral.core.args import parse_argv
-
-    return dict(parse_argv(tokens, None))
+            reply = supervisor.status() if ns.command == "status" else supervisor.params()
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    print(json.dumps(reply.body, indent=2))
+    return 0 if reply.ok else 1

@@ -17,11 +17,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from corral import defaults
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.store.base import StoredConfig
 from corral.store.etcd.client import (
@@ -133,7 +132,7 @@ class EtcdStore:
         ttl: int = DEFAULT_TTL,
     ) -> Registration:
         """A (not yet started) registration of this instance under ``name``."""
-        instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        instance_id = instance_id or defaults.instance_id()
         return Registration(self._client, self.instance_key(name, instance_id), info, ttl=ttl)
 
     async def list_instances(self, name: str) -> dict[str, JSON]:
