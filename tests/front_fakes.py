@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
 
 from corral.front import FrontDoor, FrontSettings, Upstream
 

@@ -70,6 +70,7 @@ class FrontDoor:
         self._draining: set[Upstream] = set()
         self._waiters: dict[Upstream | None, list[asyncio.Future[None]]] = {}
         self._server: asyncio.Server | None = None
+        self._closed: asyncio.Future[None] | None = None
         self._closing = False
         self._retried = 0
         self._cut = 0
@@ -79,14 +80,13 @@ class FrontDoor:
     # ---- lifetime -----------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Accept and forward until cancelled (or ``close``)."""
+        """Accept and forward until ``close`` ends, or until cancelled (which cuts)."""
         loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
         self._server = await loop.create_server(lambda: ClientConn(self), sock=self._sock,
                                                 backlog=1024)
         try:
-            await self._server.serve_forever()
-        except asyncio.CancelledError:
-            pass
+            await self._closed
         finally:
             self._abort_all()
 
@@ -102,6 +102,8 @@ class FrontDoor:
         await self._wait_idle(None, drain_timeout_s)
         self.refuse("Corral is shutting down")
         self._abort_all()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     def _abort_all(self) -> None:
         self._closing = True
@@ -110,7 +112,10 @@ class FrontDoor:
         for task in list(self._connecting):
             task.cancel()
         for client in list(self._clients):
-            client.transport.abort()
+            if client.queue:
+                client.transport.abort()   # still waiting for an answer: it is cut
+            else:
+                client.transport.close()   # flushes what was written (a 503 ...)
         self._pool.close_idle()
 
     # ---- the controller's switches ------------------------------------------------------
