@@ -27,7 +27,7 @@ from corral.core.args import (
     parse_help,
     port_of,
 )
-from corral.core.plan import plan_batch
+from corral.core.steps import plan_batch
 from corral.errors import InvalidArgs
 from tests.fake_llama_server import HELP as FAKE_HELP
 

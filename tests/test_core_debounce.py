@@ -25,7 +25,7 @@ from corral.core.args import (
     parse_help,
 )
 from corral.core.debounce import Debouncer
-from corral.core.plan import plan_batch
+from corral.core.steps import plan_batch
 from tests.fake_llama_server import HELP as FAKE_HELP
 
 FAKE = parse_help(FAKE_HELP)

@@ -64,7 +64,7 @@ def test_checker(source: str, bad: list[str]) -> None:
 
 def test_core_has_modules() -> None:
     names = {p.stem for p in CORE.glob("*.py")}
-    assert {"args", "debounce", "plan", "backoff", "lifecycle"} <= names
+    assert {"args", "debounce", "steps", "backoff", "decide"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)

@@ -289,7 +289,7 @@ def test_restarted_supervisor_kills_stale_grandchild_first(tmp_path: Path, model
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step, committed", [
-    ("after_stop_old", "2"), ("after_start_new", "2"),
+    ("after_stop", "2"), ("after_awaitready", "2"),
     ("before_persist", "2"), ("after_persist", "4"),
 ])
 def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
@@ -302,7 +302,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
         with pytest.raises(httpx.TransportError):
             first.post({"-np": 4})
         assert wait_exit(first, 10) == -signal.SIGKILL
-        assert starts(first) == (1 if step == "after_stop_old" else 2)
+        assert starts(first) == (1 if step == "after_stop" else 2)
         wait_gone(started_pids(first), 2, "the dead supervisor's servers")
 
     with supervisor(tmp_path, FAKE, model, ["-np", "2"], port=first.port) as second:

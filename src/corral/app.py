@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -24,14 +23,17 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from corral.api.routes import create_app
+from corral.child.launcher import ProcessLauncher
 from corral.child.pidfile import InstanceLock, PidFile
-from corral.child.preflight import CatalogCache, resolve_binary
-from corral.controller import Controller, Settings, Startup
+from corral.child.preflight import CatalogCache, Preflight, resolve_binary
+from corral.controller import Controller
 from corral.core.args import LlamaConfig, parse_argv
-from corral.core.local import LocalOverrides
 from corral.errors import PreflightFailed, StoreUnavailable, UsageError
-from corral.store.base import ConfigStore, WatchableStore
+from corral.settings import Settings, Startup
+from corral.store.base import ConfigStore
+from corral.store.etcd import EtcdStore
 from corral.store.factory import DriverSpec, open_store
+from corral.store.local import LocalOverrides, LocalStore
 
 if TYPE_CHECKING:
     from corral.fleet import FleetSync
@@ -92,6 +94,7 @@ def bind_api(host: str, port: int) -> socket.socket:
 
 
 async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
+    """The config the command line asks for (the fallback when a stored one fails)."""
     try:
         binary = resolve_binary(opts.binary)
     except PreflightFailed as exc:
@@ -106,13 +109,10 @@ async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     return LlamaConfig(binary, tuple(args.items()))
 
 
-async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig,
-                         local: LocalOverrides | None = None) -> Startup:
+async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig) -> Startup:
     """The stored config of ``name`` wins; the command line is the fallback."""
     try:
         stored = await store.load(name)
-        if stored is not None and local is not None:
-            stored = dataclasses.replace(stored, config=local.apply(stored.config))
     except StoreUnavailable as exc:
         log.warning("config store unreachable (%s): running the command-line config", exc)
         return Startup(from_cli, None, persist_when_ready=False)
@@ -162,31 +162,36 @@ async def supervise(opts: Options) -> int:
     check_api_exposure(host, opts.api_token)
     catalogs = CatalogCache()
     from_cli = await cli_config(opts, catalogs)
-    store = open_store(opts.driver)
+    opened = open_store(opts.driver)
     name = opts.driver.name
-    log.info("config store: %s, name %r", store.description, name)
+    log.info("config store: %s, name %r", opened.description, name)
     # In a fleet the config is shared, but --port/--host stay this instance's own.
-    local = LocalOverrides.from_config(from_cli) if isinstance(store, WatchableStore) else None
+    store: ConfigStore = opened
+    pinned: dict[str, str] = {}
+    if isinstance(opened, EtcdStore):
+        store = LocalStore(opened, LocalOverrides.from_config(from_cli))
+        pinned = dict.fromkeys(store.pinned_keys, "it is set per instance in a fleet; restart "
+                               "this supervisor with another --port/--host to change it")
     lock_path, pid_path = instance_files(
-        opts.state_dir, store, name, str(from_cli.get("--port")) if local else None)
+        opts.state_dir, opened, name, str(from_cli.get("--port")) if pinned else None)
     lock = InstanceLock(lock_path)
     lock.acquire()
     sock = bind_api(host, api_port)
     try:
-        startup = await choose_startup(store, name, from_cli, local)
-        controller = Controller(name, store, startup, opts.settings, PidFile(pid_path), catalogs,
-                                local)
+        startup = await choose_startup(store, name, from_cli)
+        controller = Controller(
+            name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
+            launcher=ProcessLauncher(opts.settings.echo_output), checks=Preflight(catalogs))
         app = create_app(controller, opts.api_token)
         server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                 access_log=False))
         log.info("management API on http://%s:%d (token %s)", host, api_port,
                  "required" if opts.api_token else "not required: loopback only")
         fleet = None
-        if local is not None:
+        if isinstance(store, LocalStore) and isinstance(opened, EtcdStore):
             from corral.fleet import FleetSync
 
-            fleet = FleetSync(controller, store, name, local,  # type: ignore[arg-type]
-                              f"{host}:{api_port}")
+            fleet = FleetSync(controller, store, opened, name, f"{host}:{api_port}")
         await _run_until_signal(controller, server, sock, fleet)
     finally:
         sock.close()
@@ -200,6 +205,7 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                             sock: socket.socket, fleet: FleetSync | None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
+    kill_now = asyncio.Event()
     signals_seen = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -210,12 +216,17 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             shutdown.set()
         else:
             log.warning("%s again: killing llama-server now", sig.name)
-            loop.create_task(controller.kill_now())
+            kill_now.set()
+
+    async def kill_on_second_signal() -> None:
+        await kill_now.wait()
+        await controller.kill_now()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with asyncio.TaskGroup() as tg:
+            killer = tg.create_task(kill_on_second_signal(), name="second signal")
             control = tg.create_task(controller.run(), name="controller")
             api = tg.create_task(server.serve(sockets=[sock]), name="api")
             waiter = tg.create_task(shutdown.wait())
@@ -228,6 +239,7 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                 await control
             server.should_exit = True
             waiter.cancel()
+            killer.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -1,14 +1,23 @@
-"""Submitted changes and their outcomes, as the API reports them."""
+"""Submitted changes and their outcomes, in the controller's words (the API maps them)."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.core.args import Change, LlamaConfig
 
 MAX_CHANGE_RECORDS = 1000  # outcomes kept for GET /v1/changes/{id}
+
+
+class Outcome(enum.StrEnum):
+    PENDING = "pending"  # waiting for its batch
+    APPLIED = "applied"  # running, and stored
+    REJECTED = "rejected"  # cannot work here; the last good config runs
+    NOT_STORED = "not stored"  # worked, but the store refused it; rolled back
+    UNAVAILABLE = "unavailable"  # the store is unreachable, or the supervisor is stopping
 
 
 @dataclass
@@ -19,23 +28,20 @@ class ChangeRecord:
     change: Change
     received_at: float
     done: asyncio.Future[None]
-    status: str = "pending"  # pending | applied | rejected | failed
-    http_status: int = 202
+    outcome: Outcome = Outcome.PENDING
     error: str | None = None
     log: list[str] = field(default_factory=list)
     config: LlamaConfig | None = None
     restarted: bool = False
     source: str = "api"  # "api", or "fleet" for a config another supervisor stored
 
-    def finish(self, status: str, http_status: int, config: LlamaConfig | None,
-               error: str | None = None, log_tail: list[str] | None = None,
-               restarted: bool = False) -> None:
+    def finish(self, outcome: Outcome, config: LlamaConfig | None, error: str | None = None,
+               log_tail: list[str] | None = None, restarted: bool = False) -> None:
         if self.done.done():
             return  # an outcome is final
-        self.status, self.http_status, self.config = status, http_status, config
+        self.outcome, self.config = outcome, config
         self.error, self.log, self.restarted = error, log_tail or [], restarted
         self.done.set_result(None)
-
 
 
 def config_json(config: LlamaConfig) -> dict[str, Any]:

@@ -173,9 +173,9 @@ def _run_supervise(ns: argparse.Namespace) -> int:
     import asyncio
 
     from corral.app import Options, supervise
-    from corral.controller import Settings
     from corral.core.backoff import BackoffPolicy
     from corral.errors import CorralError
+    from corral.settings import Settings
     from corral.store.factory import driver_spec
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,

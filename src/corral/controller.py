@@ -1,18 +1,21 @@
-"""The one owner of the llama-server process: applies, revivals and shutdown, one at a time.
+"""The one owner of llama-server processes: applies, revivals and shutdown, one at a time.
 
 Theory of operation
 -------------------
 HTTP handlers only validate and *submit* a change; it joins the open batch of the
 :class:`~corral.core.debounce.Debouncer` and the handler awaits the batch's outcome. This
-task loops: it wakes when a batch is due, when the child exits, when a backoff delay ends,
-or when a liveness probe is due, and handles exactly one of those at a time. Because
-nothing else touches the child, a revival can never run in the middle of an apply and two
-llama-servers can never be started side by side.
+task loops: it waits until something happens (a batch is due, the active server exits, a
+backoff delay ends, a liveness probe answers), turns it into an
+:class:`~corral.core.decide.Event`, and carries out what the decision table says for the
+current state. Actions that take time (a start, an apply) end by feeding the next event
+back. Because nothing else touches the servers, a revival can never run in the middle of
+an apply.
 
-An apply is a transaction: stop old -> start new -> ready -> persist -> answer. If the
-new config fails, the last good one is started again and the batch is answered 422; if
-persisting fails, the same rollback happens and the answer says why. Nothing of a rejected
-change is kept.
+An apply runs the steps :func:`~corral.core.steps.plan_batch` lays out (stop-first or
+start-first); what a failure means (nothing lost, a rollback needed, a failed start) is
+again the table's call. Nothing of a rejected change is kept. Time comes from a
+:class:`~corral.seams.Clock`, processes from a :class:`~corral.seams.Launcher`, so the
+whole loop runs in-process in tests.
 """
 
 from __future__ import annotations
@@ -20,105 +23,87 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
-from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, config_json
-from corral.child import preflight
+from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, Outcome
 from corral.child.pidfile import PidFile
-from corral.child.process import Child, spawn
-from corral.child.ready import is_alive, wait_ready
-from corral.core.args import Change, LlamaConfig, host_of, port_of
-from corral.core.backoff import BackoffPolicy, StartHistory
+from corral.core.args import Change, LlamaConfig
+from corral.core.backoff import StartHistory
 from corral.core.debounce import Debouncer
-from corral.core.lifecycle import Lifecycle, State
-from corral.core.local import LocalOverrides
-from corral.core.plan import plan_batch
-from corral.errors import PreflightFailed, StartFailed, StoreError, StoreUnavailable
-from corral.failpoints import failpoint
-from corral.store.base import ConfigStore, StoredConfig
+from corral.core.decide import Action, Event, State, decide, is_serving, start_failure_event
+from corral.core.steps import Plan, Slot, plan_batch
+from corral.errors import PreflightFailed, StartFailed
+from corral.plan_runner import PlanRunner
+from corral.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
+from corral.settings import Settings, Startup
+from corral.slots import Slots
+from corral.status import Status, status_of
+from corral.store.base import ConfigStore
 
 log = logging.getLogger("corral")
 
 
-
-@dataclass(frozen=True)
-class Settings:
-    ready_timeout_s: float = 300.0
-    stop_timeout_s: float = 10.0
-    min_healthy_s: float = 0.3
-    debounce_s: float = 0.2
-    max_batch_age_s: float = 2.0
-    liveness_interval_s: float = 0.0
-    liveness_failures: int = 3
-    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
-    echo_output: bool = True
-
-
-@dataclass(frozen=True)
-class Startup:
-    """What to run at start: the stored config wins, the CLI config is the fallback."""
-
-    preferred: LlamaConfig
-    fallback: LlamaConfig | None = None
-    persist_when_ready: bool = False
-
-
 class Controller:
-    def __init__(self, name: str, store: ConfigStore, startup: Startup, settings: Settings,
-                 pidfile: PidFile | None = None,
-                 catalogs: preflight.CatalogCache | None = None,
-                 local: LocalOverrides | None = None) -> None:
+    def __init__(self, name: str, store: ConfigStore, startup: Startup, settings: Settings, *,
+                 launcher: Launcher, checks: Checks, clock: Clock | None = None,
+                 front: Front | None = None, pidfile: PidFile | None = None,
+                 pinned: dict[str, str] | None = None) -> None:
         self.name = name
         self.store = store
         self.settings = settings
-        self.catalogs = catalogs or preflight.CatalogCache()
+        self.checks = checks
+        self.clock = clock or SystemClock()
+        self.front = front or NoFront()
+        self.pinned = pinned or {}  # flag -> why the API may not change it
         self.last_good = startup.preferred
-        self.lifecycle = Lifecycle()
-        self.child: Child | None = None
+        self.state = State.STOPPED
+        self.slots = Slots(launcher, self.clock, pidfile)
+        self.history = StartHistory()
         self.restarts = 0
-        self.generation = 0
         self.last_error: str | None = None
         self.ready_since: float | None = None
         self.retry_at: float | None = None
-        self.on_state_change: Callable[[], Awaitable[None]] | None = None
-        self.local = local
+        self.last_strategy: str | None = None
         self.fleet: dict[str, Any] | None = None  # set by corral.fleet when in a fleet
+        self._launcher = launcher
         self._startup = startup
         self._pidfile = pidfile
-        self._history = StartHistory()
         self._debouncer: Debouncer[ChangeRecord] = Debouncer(
             settings.debounce_s, settings.max_batch_age_s)
         self._records: OrderedDict[str, ChangeRecord] = OrderedDict()
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
-        self._http = httpx.AsyncClient()
         self._liveness_misses = 0
         self._next_liveness: float | None = None
         # A probe runs beside the loop: a hung server must not delay applies or revivals.
         self._probe: asyncio.Future[bool] | None = None
-        self._in_flight: list[ChangeRecord] = []  # answered 503 if shutdown cuts an apply
-        self._stopping: Child | None = None  # what a second signal must kill at once
+        self._batch: list[ChangeRecord] = []  # the batch being applied
+        self._plan: Plan | None = None
+        self._prior = State.STOPPED  # the state the batch found
+        self._runner = PlanRunner(self)
+        self._actions: dict[Action, Callable[[], Awaitable[Event | None]]] = {
+            Action.START_BOOT: self._start_boot, Action.START: self._start_last_good,
+            Action.FORGET_FAILURES: self._forget_failures,
+            Action.SCHEDULE_RETRY: self._schedule_retry, Action.CANCEL_RETRY: self._cancel_retry,
+            Action.COUNT_RESTART: self._count_restart, Action.KILL: self._kill_hung,
+            Action.HOLD: self._hold, Action.REFUSE: self._refuse,
+            Action.RUN_PLAN: self._run_plan, Action.ANSWER: self._answer,
+            Action.ANSWER_PENDING: self._answer_pending, Action.CLOSE_FRONT: self._close_front,
+            Action.STOP_ALL: self._stop_all,
+        }
 
     # ---- what the API calls -------------------------------------------------------------
 
-    @property
-    def state(self) -> State:
-        return self.lifecycle.state
-
     def submit(self, change: Change, source: str = "api") -> ChangeRecord:
         loop = asyncio.get_running_loop()
-        record = ChangeRecord(f"c{next(self._ids)}", change, time.time(), loop.create_future(),
-                              source=source)
+        record = ChangeRecord(f"c{next(self._ids)}", change, self.clock.wall(),
+                              loop.create_future(), source=source)
         self._records[record.id] = record
         while len(self._records) > MAX_CHANGE_RECORDS:
             self._records.popitem(last=False)
-        self._debouncer.add(record, time.monotonic())
+        self._debouncer.add(record, self.clock.monotonic())
         self._wake.set()
         return record
 
@@ -136,68 +121,177 @@ class Controller:
 
     async def check(self, config: LlamaConfig) -> None:
         """Pre-flight ``config`` against what runs now; raise PreflightFailed."""
-        catalog = await self.catalogs.get(config.binary)
-        running = self.child.config if self.child and not self.child.exited.done() else None
-        preflight.check_config(config, running, catalog)
+        active = self.slots.live(Slot.ACTIVE)
+        await self.checks.check(config, active.config if active else None)
+
+    def status(self) -> Status:
+        return status_of(self)
 
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self._start_at_boot()
+            if self._pidfile is not None:
+                self._pidfile.kill_stale()
+            await self._handle(Event.BOOT)
             while True:
-                await self._wait_for_work()
-                await self._do_due_work()
+                event = await self._next_event()
+                if event is not None:
+                    await self._handle(event)
         finally:
-            await self._shutdown()
+            await asyncio.shield(self._shutdown())
+
+    async def _handle(self, event: Event) -> None:
+        """Look the event up in the table, move, act; then handle what the actions led to."""
+        while True:
+            decision = decide(self.state, event)
+            self.state = decision.next
+            follow_up = None
+            for action in decision.actions:
+                follow_up = await self._actions[action]() or follow_up
+            if follow_up is None:
+                return
+            event = follow_up
+
+    async def _next_event(self) -> Event | None:
+        await self._wait_for_work()
+        now = self.clock.monotonic()
+        if (reaped := await self.slots.reap(Slot.ACTIVE)) is not None:
+            self._on_exit(*reaped)
+            return Event.CRASHED
+        if self.retry_at is not None and now >= self.retry_at:
+            self.retry_at = None
+            return Event.RETRY_DUE
+        if self._debouncer.is_due(now):
+            return await self._take_batch(now)
+        if self._probe is not None and self._probe.done():
+            return self._on_probe(self._probe.result())
+        if self._next_liveness is not None and now >= self._next_liveness:
+            self._start_probe()
+        return None
 
     async def _wait_for_work(self) -> None:
-        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
-        if self.child is not None:
-            waits.add(self.child.exited)
+        wake = asyncio.ensure_future(self._wake.wait())
+        waits: set[asyncio.Future[Any]] = {wake}
+        if (active := self.slots[Slot.ACTIVE]) is not None:
+            waits.add(active.exited)
         if self._probe is not None:
             waits.add(self._probe)
         deadlines = [d for d in (self._debouncer.deadline(), self.retry_at,
                                  self._next_liveness) if d is not None]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for w in waits:
-            if w is not (self.child.exited if self.child else None) and w is not self._probe:
-                w.cancel()
+        timer = None
+        if deadlines:
+            delay = max(0.0, min(deadlines) - self.clock.monotonic())
+            timer = asyncio.ensure_future(self.clock.sleep(delay))
+            waits.add(timer)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for own in (wake, timer):
+                if own is not None:
+                    own.cancel()
         self._wake.clear()
 
-    async def _do_due_work(self) -> None:
-        now = time.monotonic()
-        if self.child is not None and self.child.exited.done():
-            await self._on_crash(self.child)
-        elif self.retry_at is not None and now >= self.retry_at:
-            self.retry_at = None
-            await self._start_with_backoff([self.last_good])
-        elif self._debouncer.is_due(now):
-            await self._apply(self._debouncer.take(now))
-        elif self._probe is not None and self._probe.done():
-            await self._on_probe(self._probe.result())
-        elif self._next_liveness is not None and now >= self._next_liveness:
-            self._start_probe()
+    def _on_exit(self, server: Server, code: int, ran_s: float) -> None:
+        self._cancel_probe()
+        self.ready_since = None
+        tail = " | ".join(server.output.tail(5))
+        self.last_error = (f"llama-server exited with code {code} after {ran_s:.1f} s"
+                           + (f": {tail}" if tail else ""))
+        log.error("%s; reviving with the last good config", self.last_error)
 
-    # ---- starting and reviving -------------------------------------------------------------
+    async def _take_batch(self, now: float) -> Event | None:
+        batch = self._debouncer.take(now)
+        persist = any(r.source != "fleet" for r in batch)  # a fleet config is stored already
+        plan = plan_batch(self.last_good, is_serving(self.state), [r.change for r in batch],
+                          self.settings.swap, persist)
+        if plan.is_noop:
+            log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
+            for r in batch:
+                r.finish(Outcome.APPLIED, self.last_good)
+            return None
+        try:
+            await self.check(plan.desired)  # stage 2: the merged batch (see Preflight)
+        except PreflightFailed as exc:
+            log.warning("batch of %d change(s) rejected before any restart: %s", len(batch), exc)
+            for r in batch:
+                r.finish(Outcome.REJECTED, self.last_good, str(exc))
+            return None
+        self._batch, self._plan, self._prior = batch, plan, self.state
+        return Event.BATCH
 
-    async def _start_at_boot(self) -> None:
-        if self._pidfile is not None:
-            self._pidfile.kill_stale()
-        candidates = [self._startup.preferred]
-        if self._startup.fallback is not None and self._startup.fallback != self._startup.preferred:
-            candidates.append(self._startup.fallback)
-        await self._start_with_backoff(candidates, persist=self._startup.persist_when_ready)
+    # ---- liveness ------------------------------------------------------------------------
 
-    async def _start_with_backoff(self, candidates: list[LlamaConfig],
-                                  persist: bool = False) -> LlamaConfig | None:
-        """Start the first candidate that becomes ready; else schedule a retry or go FATAL."""
-        self._move(State.STARTING)
+    def _start_probe(self) -> None:
+        self._next_liveness = None
+        active = self.slots.live(Slot.ACTIVE)
+        if active is not None and self.state is State.RUNNING:
+            self._probe = asyncio.ensure_future(self._launcher.probe(active))
+
+    def _on_probe(self, healthy: bool) -> Event | None:
+        self._probe = None
+        self._schedule_liveness()
+        if healthy or self.slots.live(Slot.ACTIVE) is None:
+            self._liveness_misses = 0
+            return None
+        self._liveness_misses += 1
+        return Event.HUNG if self._liveness_misses >= self.settings.liveness_failures else None
+
+    def _cancel_probe(self) -> None:
+        self._next_liveness = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    def _schedule_liveness(self) -> None:
+        interval = self.settings.liveness_interval_s
+        self._next_liveness = self.clock.monotonic() + interval if interval > 0 else None
+
+    # ---- starting ------------------------------------------------------------------------
+
+    async def start_in(self, slot: Slot, config: LlamaConfig) -> Server:
+        """Spawn ``config`` into ``slot``; raise StartFailed/PreflightFailed."""
+        await self.checks.check_port(config)  # stage 3: free only once the old one stopped
+        server = await self.slots.start(slot, config)
+        log.info("started llama-server (pid %d, generation %d): %s", server.pid,
+                 server.generation, " ".join(config.argv()))
+        return server
+
+    async def await_ready(self, slot: Slot) -> None:
+        """Wait until the server in ``slot`` is ready; on failure nothing is left of it."""
+        server = self.slots[slot]
+        assert server is not None
+        # Held requests go to an active server at its first /health 200, before min-healthy.
+        on_healthy = (lambda: self.front.route_to(server)) if slot is Slot.ACTIVE else None
+        try:
+            took = await self._launcher.wait_ready(server, self.settings.ready_timeout_s,
+                                                   self.settings.min_healthy_s, on_healthy)
+        except BaseException:
+            if slot is Slot.ACTIVE:
+                self.front.hold()
+            await asyncio.shield(self.slots.stop(slot, self.settings.stop_timeout_s))
+            raise
+        if slot is Slot.ACTIVE:
+            self.became_active()
+        log.info("llama-server (pid %d) is ready after %.1f s", server.pid, took)
+
+    def became_active(self) -> None:
+        self.ready_since = self.clock.monotonic()
+        self._liveness_misses = 0
+        self._cancel_probe()
+        self._schedule_liveness()
+
+    async def _start_config(self, config: LlamaConfig) -> None:
+        await self.check(config)
+        await self.start_in(Slot.ACTIVE, config)
+        await self.await_ready(Slot.ACTIVE)
+
+    async def _start_boot(self) -> Event:
         errors = []
+        candidates = self._startup.candidates()
         for config in candidates:
             try:
-                await self._start(config)
+                await self._start_config(config)
             except (StartFailed, PreflightFailed) as exc:
                 errors.append(str(exc))
                 if config is not candidates[-1]:
@@ -208,231 +302,87 @@ class Controller:
                 log.warning("running the command-line config; the stored config is kept "
                             "until another config is applied successfully")
             self.last_good = config
-            self._history.succeeded()
-            if persist:
-                try:
-                    await self._persist(config)
-                except StoreError as exc:
-                    log.error("could not store the running config: %s", exc)
-            self._move(State.RUNNING)
-            return config
-        failures = self._history.failed()
-        delay = self.settings.backoff.delay_after(failures)
-        self.last_error = "; ".join(errors)
-        if delay is None:
-            log.error("llama-server failed to start %d times in a row: FATAL; apply a new "
-                      "config to try again. Last error: %s", failures, self.last_error)
-            self._move(State.FATAL)
-        else:
-            log.warning("start failed (%d in a row); retrying in %.1f s", failures, delay)
-            self.retry_at = time.monotonic() + delay
-            self._move(State.BACKOFF)
-        return None
+            if self._startup.persist_when_ready:
+                await self._runner.persist_quietly(config)
+            return Event.READY
+        return self._start_failed("; ".join(errors))
 
-    async def _start(self, config: LlamaConfig) -> Child:
-        """Spawn ``config`` and wait until it is ready; on failure nothing is left running."""
-        await self.check(config)
-        self.generation += 1
+    async def _start_last_good(self) -> Event:
         try:
-            child = await spawn(config, self.generation, self.settings.echo_output)
-        except OSError as exc:
-            raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
-        self.child = child
-        if self._pidfile is not None:
-            self._pidfile.record(child.pid)
-        log.info("started llama-server (pid %d, generation %d) on port %d: %s",
-                 child.pid, self.generation, port_of(config), " ".join(config.argv()))
-        try:
-            took = await wait_ready(child, self._health_url(config), self._http,
-                                    self.settings.ready_timeout_s, self.settings.min_healthy_s)
-        except BaseException:
-            await self._stop_child()
-            raise
-        self.ready_since = time.monotonic()
-        self._liveness_misses = 0
-        self._schedule_liveness()
-        log.info("llama-server (pid %d) is ready after %.1f s", child.pid, took)
-        return child
+            await self._start_config(self.last_good)
+        except (StartFailed, PreflightFailed) as exc:
+            return self._start_failed(str(exc))
+        return Event.READY
 
-    async def _on_crash(self, child: Child) -> None:
-        code = child.exited.result()
-        await child.kill()  # reap the rest of its group
-        self.child = None
-        self._cancel_probe()
-        self._clear_pidfile()
-        tail = " | ".join(child.output.tail(5))
-        self.last_error = (f"llama-server exited with code {code} after {child.uptime():.1f} s"
-                           + (f": {tail}" if tail else ""))
-        log.error("%s; reviving with the last good config", self.last_error)
-        self.restarts += 1
-        await self._start_with_backoff([self.last_good])
-
-    def _start_probe(self) -> None:
-        self._next_liveness = None
-        if self.child is not None and self.state is State.RUNNING:
-            self._probe = asyncio.ensure_future(
-                is_alive(self._http, self._health_url(self.child.config)))
-
-    async def _on_probe(self, alive: bool) -> None:
-        self._probe = None
-        self._schedule_liveness()
-        child = self.child
-        if child is None or alive:
-            self._liveness_misses = 0
-            return
-        self._liveness_misses += 1
-        if self._liveness_misses >= self.settings.liveness_failures:
-            log.error("llama-server (pid %d) failed %d health checks in a row: restarting it",
-                      child.pid, self._liveness_misses)
-            await child.kill()  # the loop sees the exit and revives it
-
-    def _cancel_probe(self) -> None:
-        self._next_liveness = None
-        if self._probe is not None:
-            self._probe.cancel()
-            self._probe = None
-
-    def _schedule_liveness(self) -> None:
-        interval = self.settings.liveness_interval_s
-        self._next_liveness = time.monotonic() + interval if interval > 0 else None
-
-    # ---- applying a batch ---------------------------------------------------------------
-
-    async def _apply(self, batch: list[ChangeRecord]) -> None:
-        plan = plan_batch(self.last_good, self.state is State.RUNNING, [r.change for r in batch])
-        if plan.is_noop:
-            log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
-            for r in batch:
-                r.finish("applied", 200, self.last_good)
-            return
-        try:
-            await self.check(plan.desired)
-        except PreflightFailed as exc:
-            log.warning("batch of %d change(s) rejected before any restart: %s", len(batch), exc)
-            for r in batch:
-                r.finish("rejected", 422, self.last_good, str(exc))
-            return
-        prior = self.state
-        self._in_flight = batch
-        self._move(State.APPLYING)
-        self.retry_at = None
-        log.info("applying a batch of %d change(s): %s", len(batch),
-                 " ".join(plan.desired.argv()))
-        await self._stop_child()
-        failpoint("after_stop_old")
-        try:
-            await self._start(plan.desired)
-            failpoint("after_start_new")
-            failpoint("before_persist")
-            # A config that came from the store (a fleet peer's write) is stored already.
-            if any(r.source != "fleet" for r in batch):
-                await self._persist(plan.desired)
-            failpoint("after_persist")
-        except (StartFailed, PreflightFailed, StoreError) as exc:
-            await self._stop_child()
-            await self._after_failed_apply(batch, exc, prior)
-            return
-        self.last_good = plan.desired
-        self._history.succeeded()
-        self.last_error = None
-        self._move(State.RUNNING)
-        for r in batch:
-            r.finish("applied", 200, plan.desired, restarted=True)
-
-    async def _after_failed_apply(self, batch: list[ChangeRecord], exc: Exception,
-                                  prior: State) -> None:
-        tail = exc.log if isinstance(exc, StartFailed) else []
-        status, code = ("failed", 503) if isinstance(exc, StoreUnavailable) else (
-            ("failed", 500) if isinstance(exc, StoreError) else ("rejected", 422))
-        reason = str(exc)
-        if prior is State.RUNNING:
-            log.error("new config failed (%s); rolling back to the last good config", reason)
-            self._move(State.ROLLING_BACK)
-            try:
-                await self._start(self.last_good)
-            except (StartFailed, PreflightFailed) as again:
-                reason = f"{reason}; and the rollback failed too: {again}"
-                self._move(State.FATAL)
-            else:
-                self._move(State.RUNNING)
-        elif prior is State.BACKOFF:
-            self.retry_at = time.monotonic() + (self.settings.backoff.delay_after(
-                self._history.consecutive_failures) or 0.0)
-            self._move(State.BACKOFF)
-        else:  # FATAL stays FATAL: the last good config already failed to start
-            self._move(State.FATAL)
+    def _start_failed(self, reason: str) -> Event:
+        if self.state is State.ROLLING_BACK:
+            reason = self._runner.rollback_failed(reason)
         self.last_error = reason
-        for r in batch:
-            r.finish(status, code, self.last_good, reason, tail)
+        failures = self.history.failed()
+        gives_up = self.settings.backoff.delay_after(failures) is None
+        if gives_up:
+            log.error("llama-server failed to start %d times in a row: FATAL; apply a new "
+                      "config to try again. Last error: %s", failures, reason)
+        return start_failure_event(gives_up)
 
-    async def _persist(self, config: LlamaConfig) -> None:
-        shared = self.local.strip(config) if self.local else config
-        await self.store.save(self.name, StoredConfig.now(shared))
+    # ---- actions -------------------------------------------------------------------------
+
+    async def _forget_failures(self) -> None:
+        self.history.succeeded()
+
+    async def _schedule_retry(self) -> None:
+        failures = self.history.consecutive_failures
+        delay = self.settings.backoff.delay_after(failures) or 0.0
+        log.warning("start failed (%d in a row); retrying in %.1f s", failures, delay)
+        self.retry_at = self.clock.monotonic() + delay
+
+    async def _cancel_retry(self) -> None:
+        self.retry_at = None
+
+    async def _count_restart(self) -> None:
+        self.restarts += 1
+
+    async def _kill_hung(self) -> None:
+        active = self.slots.live(Slot.ACTIVE)
+        if active is not None:
+            log.error("llama-server (pid %d) failed %d health checks in a row: restarting it",
+                      active.pid, self._liveness_misses)
+            await active.kill()  # the loop sees the exit and revives it
+
+    async def _hold(self) -> None:
+        self.front.hold()
+
+    async def _refuse(self) -> None:
+        self.front.refuse(f"llama-server is FATAL: {self.last_error}")
+
+    async def _run_plan(self) -> Event:
+        assert self._plan is not None
+        return await self._runner.run(self._plan, self._batch, self._prior)
+
+    async def _answer(self) -> None:
+        self._runner.answer(self._batch)
+        self._batch, self._plan = [], None
+
+    async def _answer_pending(self) -> None:
+        for record in [*self._batch, *self._debouncer.take(float("inf"))]:
+            record.finish(Outcome.UNAVAILABLE, self.last_good, "the supervisor is shutting down")
+
+    async def _close_front(self) -> None:
+        await self.front.close(self.settings.drain_timeout_s)
+
+    async def _stop_all(self) -> Event:
+        self._cancel_probe()
+        self.ready_since = None
+        await self.slots.stop_all(self.settings.stop_timeout_s)
+        return Event.STOPPED
 
     # ---- stopping ------------------------------------------------------------------------
 
-    async def _stop_child(self) -> None:
-        child, self.child = self.child, None
-        self.ready_since = None
-        self._cancel_probe()
-        if child is not None:
-            self._stopping = child
-            try:
-                code = await child.stop(self.settings.stop_timeout_s)
-            finally:
-                self._stopping = None
-            log.info("llama-server (pid %d) stopped (code %d)", child.pid, code)
-        self._clear_pidfile()
-
-    def _clear_pidfile(self) -> None:
-        if self._pidfile is not None:
-            self._pidfile.clear()
-
     async def _shutdown(self) -> None:
-        self._move(State.STOPPING)
-        for record in [*self._in_flight, *self._debouncer.take(float("inf"))]:
-            record.finish("failed", 503, self.last_good, "the supervisor is shutting down")
-        await asyncio.shield(self._stop_child())
-        self._move(State.STOPPED)
-        await self._http.aclose()
+        if self.state is not State.STOPPING:
+            await self._handle(Event.SHUTDOWN)
+        await self._launcher.aclose()
 
     async def kill_now(self) -> None:
-        """A second shutdown signal: SIGKILL the child group without waiting."""
-        for child in (self.child, self._stopping):
-            if child is not None:
-                await child.kill()
-
-    # ---- helpers -------------------------------------------------------------------------
-
-    def _move(self, state: State) -> None:
-        if self.lifecycle.state is not state:
-            self.lifecycle.move(state)
-
-    def _health_url(self, config: LlamaConfig) -> str:
-        host = host_of(config)
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port_of(config)}/health"
-
-    def status(self) -> dict[str, Any]:
-        child = self.child
-        alive = child is not None and not child.exited.done()
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "pid": child.pid if alive and child else None,
-            "port": port_of(self.last_good),
-            "restarts": self.restarts,
-            "generation": self.generation,
-            "uptime_s": round(time.monotonic() - self.ready_since, 3)
-            if self.ready_since is not None else None,
-            "last_error": self.last_error,
-            "pending_changes": self.pending_changes,
-            "consecutive_failures": self._history.consecutive_failures,
-            "retry_in_s": round(max(0.0, self.retry_at - time.monotonic()), 3)
-            if self.retry_at is not None else None,
-            "config": config_json(self.last_good),
-            "store": self.store.description,
-            "store_connected": self.store_connected,
-            "fleet": self.fleet,
-        }
-
+        """A second shutdown signal: SIGKILL every server group without waiting."""
+        await self.slots.kill_all()

@@ -1,7 +1,9 @@
-"""Crash injection for fault tests: ``CORRAL_FAILPOINT=after_stop_old`` makes the supervisor
-SIGKILL itself when it reaches that step, the way a power cut or OOM kill would.
+"""Crash injection for fault tests: ``CORRAL_FAILPOINT=after_stop`` makes the supervisor
+SIGKILL itself when it reaches that point of an apply, the way a power cut or OOM kill would.
 
-Steps: ``after_stop_old``, ``after_start_new``, ``before_persist``, ``after_persist``.
+Points: ``before_<step>`` and ``after_<step>`` for every step of a plan
+(:mod:`corral.core.steps`, lower-cased: ``after_stop``, ``after_awaitready``,
+``before_persist``, ``after_persist``, ``after_switch``, ...).
 Read once at import; costs one comparison per step when unset.
 """
 

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral import __version__
 from corral.api.schemas import (
     ChangeResult,
+    ChangeStatus,
+    ConfigView,
     ErrorBody,
     HealthView,
     ParamsRequest,
@@ -25,10 +27,10 @@ from corral.api.schemas import (
     StatusView,
 )
 from corral.api.security import BodyLimit, TokenAuth
-from corral.changes import ChangeRecord, config_json
+from corral.changes import ChangeRecord, Outcome, config_json
 from corral.child.preflight import resolve_binary
 from corral.controller import Controller
-from corral.core.args import BINARY_KEY, Change, apply_change, parse_change
+from corral.core.args import BINARY_KEY, Change, LlamaConfig, apply_change, parse_change
 from corral.errors import CorralError, InvalidArgs
 
 MAX_BODY_BYTES = 64 * 1024
@@ -46,12 +48,33 @@ def error(status: int, message: str, details: list[Any] | None = None) -> JSONRe
                         status_code=status)
 
 
-def record_view(record: ChangeRecord) -> dict[str, Any]:
-    return ChangeResult(
-        status=record.status,  # type: ignore[arg-type]
-        change_id=record.id, error=record.error, log=record.log, restarted=record.restarted,
-        config=config_json(record.config) if record.config else None,  # type: ignore[arg-type]
-    ).model_dump()
+# The controller's outcomes in HTTP's words: the only place that knows them.
+HTTP_STATUS: dict[Outcome, int] = {
+    Outcome.PENDING: 202, Outcome.APPLIED: 200, Outcome.REJECTED: 422,
+    Outcome.NOT_STORED: 500, Outcome.UNAVAILABLE: 503,
+}
+BODY_STATUS: dict[Outcome, ChangeStatus] = {
+    Outcome.PENDING: "pending", Outcome.APPLIED: "applied", Outcome.REJECTED: "rejected",
+    Outcome.NOT_STORED: "failed", Outcome.UNAVAILABLE: "failed",
+}
+
+
+def config_view(config: LlamaConfig) -> ConfigView:
+    return ConfigView.model_validate(config_json(config))
+
+
+def change_result(outcome: Outcome, change_id: str | None, config: LlamaConfig | None,
+                  error: str | None = None, log: list[str] | None = None,
+                  restarted: bool = False) -> JSONResponse:
+    body = ChangeResult(status=BODY_STATUS[outcome], change_id=change_id, error=error,
+                        log=log or [], restarted=restarted,
+                        config=config_view(config) if config else None)
+    return JSONResponse(body.model_dump(), HTTP_STATUS[outcome])
+
+
+def record_result(record: ChangeRecord) -> JSONResponse:
+    return change_result(record.outcome, record.id, record.config, record.error, record.log,
+                         record.restarted)
 
 
 def create_app(controller: Controller, token: str | None = None,
@@ -85,23 +108,21 @@ def create_app(controller: Controller, token: str | None = None,
         the batch is applied (200), rejected (422) or could not be stored (500/503).
         """
         if not controller.store_connected:
-            return JSONResponse({"status": "failed", "change_id": None, "log": [],
-                                 "restarted": False, "config": config_json(controller.last_good),
-                                 "error": f"the config store is unreachable "
-                                 f"({controller.store.description}); the change could not be "
-                                 "made durable, so nothing was changed"}, 503)
+            return change_result(
+                Outcome.UNAVAILABLE, None, controller.last_good,
+                f"the config store is unreachable ({controller.store.description}); the "
+                "change could not be made durable, so nothing was changed")
         try:
             change = await _validated_change(controller, body.args)
         except CorralError as exc:
-            return JSONResponse({"status": "rejected", "change_id": None, "error": str(exc),
-                                 "log": [], "restarted": False,
-                                 "config": config_json(controller.last_good)}, 422)
+            return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
         record = controller.submit(change)
         if not wait:
-            return JSONResponse(record_view(record), 202,
-                                headers={"location": f"/v1/changes/{record.id}"})
+            response = record_result(record)
+            response.headers["location"] = f"/v1/changes/{record.id}"
+            return response
         await asyncio.shield(record.done)  # a client hanging up must not cancel the batch
-        return JSONResponse(record_view(record), record.http_status)
+        return record_result(record)
 
     @app.get("/v1/params", response_model=ParamsView, responses=_ERRORS)
     async def get_params() -> dict[str, Any]:
@@ -110,17 +131,19 @@ def create_app(controller: Controller, token: str | None = None,
 
     @app.get("/v1/changes/{change_id}", response_model=ChangeResult,
              responses={**_ERRORS, 404: {"model": ErrorBody}})
-    async def get_change(change_id: str) -> Any:
+    async def get_change(change_id: str) -> JSONResponse:
         """The outcome of a change submitted with ``?wait=false``."""
         record = controller.record(change_id)
         if record is None:
             return error(404, f"no change {change_id!r} (the last 1000 are kept)")
-        return record_view(record)
+        response = record_result(record)
+        response.status_code = 200
+        return response
 
     @app.get("/v1/status", response_model=StatusView, responses=_ERRORS)
-    async def get_status() -> dict[str, Any]:
+    async def get_status() -> StatusView:
         """State of the supervised llama-server."""
-        return controller.status()
+        return StatusView.model_validate(controller.status(), from_attributes=True)
 
     @app.get("/health", response_model=HealthView)
     async def health() -> dict[str, Any]:
@@ -135,10 +158,9 @@ async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Chan
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
         binary = resolve_binary(raw[BINARY_KEY].strip())
         raw = {**raw, BINARY_KEY: binary}
-    change = parse_change(raw, await controller.catalogs.get(binary))
-    pinned = controller.local.keys() & {k for k, _ in change.args} if controller.local else set()
-    if pinned:
-        raise InvalidArgs(f"{', '.join(sorted(pinned))} is set per instance in a fleet; restart "
-                          "this supervisor with another --port/--host to change it")
-    await controller.check(apply_change(controller.last_good, change))
+    change = parse_change(raw, await controller.checks.catalog(binary))
+    for key, _ in change.args:
+        if key in controller.pinned:
+            raise InvalidArgs(f"{key} cannot be changed through the API: {controller.pinned[key]}")
+    await controller.check(apply_change(controller.last_good, change))  # stage 1 (Preflight)
     return change

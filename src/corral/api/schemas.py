@@ -25,14 +25,18 @@ class ParamsRequest(BaseModel):
 
 
 class ConfigView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     binary: str
     args: dict[str, str | bool]
     argv: list[str]
 
 
+ChangeStatus = Literal["pending", "applied", "rejected", "failed"]
+
+
 class ChangeResult(BaseModel):
-    status: Literal["pending", "applied", "rejected", "failed"]
-    change_id: str
+    status: ChangeStatus
+    change_id: str | None
     error: str | None = None
     log: list[str] = []
     restarted: bool = False
@@ -50,7 +54,18 @@ class ErrorBody(BaseModel):
     details: list[Any] | None = None
 
 
+class ServerView(BaseModel):
+    """A llama-server warming up beside the active one (start-first swap)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    pid: int
+    port: int
+    generation: int
+    uptime_s: float
+
+
 class StatusView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     name: str
     state: str
     pid: int | None
@@ -65,7 +80,10 @@ class StatusView(BaseModel):
     config: ConfigView
     store: str
     store_connected: bool
+    last_strategy: str | None = None
+    candidate: ServerView | None = None
     fleet: dict[str, Any] | None = None
+    front: dict[str, Any] | None = None
 
 
 class HealthView(BaseModel):

@@ -18,7 +18,6 @@ class OutputRing:
     def __init__(self, max_lines: int = 200, max_line_chars: int = 2000) -> None:
         self._lines: deque[str] = deque(maxlen=max_lines)
         self._max_line_chars = max_line_chars
-        self.bytes_seen = 0
 
     def add(self, line: str) -> None:
         if len(line) > self._max_line_chars:
@@ -33,7 +32,6 @@ async def drain(stream: asyncio.StreamReader, ring: OutputRing, prefix: str, ech
     """Read ``stream`` until EOF into ``ring``; never blocks the writer for long."""
     partial = b""
     while chunk := await stream.read(1 << 16):
-        ring.bytes_seen += len(chunk)
         *lines, partial = (partial + chunk).split(b"\n")
         if len(partial) > 1 << 16:  # a runaway line without newline: cut it here
             lines.append(partial)

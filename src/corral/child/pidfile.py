@@ -2,7 +2,7 @@
 
 The instance lock (``<key>.lock``, fcntl, close-on-exec so llama-server never inherits it)
 is held for the supervisor's whole life: a second supervisor of the same config fails at
-once with the holder's pid. The pid file records the child's pid, process group and start
+once with the holder's pid. The pid file records every child's pid, process group and start
 time; a supervisor that was SIGKILLed leaves it behind, and its successor kills that group
 before starting (PR_SET_PDEATHSIG normally got there first; this covers the rest, such as
 grandchildren). The start time guards against a recycled pid.
@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -52,39 +53,62 @@ class InstanceLock:
 
 
 class PidFile:
+    """Every llama-server group this supervisor owns (two during a start-first swap)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def record(self, pid: int) -> None:
+    def add(self, pid: int) -> None:
         try:
             created = psutil.Process(pid).create_time()
         except psutil.Error:
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": pid, "pgid": pid, "create_time": created}))
-        os.replace(tmp, self.path)
+        self._write([*self._read(), {"pid": pid, "pgid": pid, "create_time": created}])
+
+    def remove(self, pid: int) -> None:
+        groups = [g for g in self._read() if g["pid"] != pid]
+        if groups:
+            self._write(groups)
+        else:
+            self.clear()
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def kill_stale(self) -> int | None:
-        """Kill the group a dead predecessor left running; return its pgid if any."""
+    def _read(self) -> list[dict[str, Any]]:
         try:
             data = json.loads(self.path.read_text())
-            pgid, pid, created = int(data["pgid"]), int(data["pid"]), float(data["create_time"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
-        members = _group_members(pgid, pid, created)
-        if members:
-            log.warning("killing llama-server group %d left running by a previous supervisor "
-                        "(pids %s)", pgid, sorted(p.pid for p in members))
-            for proc in members:
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(signal.SIGKILL)
-            psutil.wait_procs(members, timeout=5)
+        except (FileNotFoundError, ValueError):
+            return []
+        groups = data.get("groups", [data]) if isinstance(data, dict) else []
+        return [g for g in groups if isinstance(g, dict)]
+
+    def _write(self, groups: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"groups": groups}))
+        os.replace(tmp, self.path)
+
+    def kill_stale(self) -> list[int]:
+        """Kill the groups a dead predecessor left running; return their pgids."""
+        killed = []
+        for group in self._read():
+            try:
+                pgid, pid = int(group["pgid"]), int(group["pid"])
+                created = float(group["create_time"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            members = _group_members(pgid, pid, created)
+            if members:
+                log.warning("killing llama-server group %d left running by a previous "
+                            "supervisor (pids %s)", pgid, sorted(p.pid for p in members))
+                for proc in members:
+                    with contextlib.suppress(psutil.Error):
+                        proc.send_signal(signal.SIGKILL)
+                psutil.wait_procs(members, timeout=5)
+                killed.append(pgid)
         self.clear()
-        return pgid if members else None
+        return killed
 
 
 def _group_members(pgid: int, leader: int, leader_created: float) -> list[psutil.Process]:

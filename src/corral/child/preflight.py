@@ -63,9 +63,9 @@ def check_port_free(host: str, port: int) -> None:
             raise PreflightFailed(f"port {port} on {host} is not available: {reason}") from None
 
 
-def check_config(config: LlamaConfig, running: LlamaConfig | None, catalog: FlagCatalog) -> None:
-    """Raise PreflightFailed for the first problem found in ``config``."""
-    resolve_binary(config.binary)
+def check_static(config: LlamaConfig, catalog: FlagCatalog) -> None:
+    """What does not depend on other processes: binary, flags, model file."""
+    resolve_binary(config.binary)  # it may have gone since the change was parsed
     if len(catalog):
         unknown = [k for k, _ in config.args if catalog.lookup(k) is None]
         if unknown:
@@ -77,10 +77,40 @@ def check_config(config: LlamaConfig, running: LlamaConfig | None, catalog: Flag
     port = config.get("--port")
     if isinstance(port, str) and not port.isdigit():
         raise PreflightFailed(f"--port must be a number, got {port!r}")
-    moved = running is None or (port_of(config), host_of(config)) != (
-        port_of(running), host_of(running))
-    if moved:
-        check_port_free(host_of(config), port_of(config))
+
+
+def check_config_port(config: LlamaConfig) -> None:
+    check_port_free(host_of(config), port_of(config))
+
+
+def same_address(a: LlamaConfig, b: LlamaConfig) -> bool:
+    return (port_of(a), host_of(a)) == (port_of(b), host_of(b))
+
+
+class Preflight:
+    """The real :class:`~corral.seams.Checks`.
+
+    Stages, and why a check is repeated:
+    1. the API checks ``last good ⊕ change`` when it arrives, so a change that cannot work
+       is refused at once and never joins a batch;
+    2. the controller checks the merged batch (merging can combine changes that were each
+       fine; files may have changed since);
+    3. right before a spawn, only the port: it is free only once the old server stopped.
+    """
+
+    def __init__(self, catalogs: CatalogCache | None = None) -> None:
+        self.catalogs = catalogs or CatalogCache()
+
+    async def catalog(self, binary: str) -> FlagCatalog:
+        return await self.catalogs.get(binary)
+
+    async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
+        check_static(config, await self.catalog(config.binary))
+        if running is None or not same_address(config, running):
+            check_config_port(config)
+
+    async def check_port(self, config: LlamaConfig) -> None:
+        check_config_port(config)
 
 
 @dataclass

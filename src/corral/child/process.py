@@ -63,9 +63,6 @@ class Child:
         """Resolves with the exit code (negative: killed by that signal) once reaped."""
         return self._exit
 
-    def uptime(self) -> float:
-        return time.monotonic() - self.started_at
-
     async def stop(self, timeout: float) -> int:
         """SIGTERM the group, SIGKILL it after ``timeout``; reap. Safe to call twice."""
         if not self._exit.done():

@@ -10,27 +10,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
-from corral.child.process import Child
 from corral.errors import StartFailed
+from corral.seams import Server
 
 log = logging.getLogger("corral.child")
 
-PROBE_INTERVAL_S = 0.02
+# Held requests are released at the first /health 200, so the probe interval is their delay.
+PROBE_INTERVAL_S = 0.01
 FIRST_PROGRESS_S = 1.0  # a user watching a big model load hears from us after 1 s ...
 PROGRESS_EVERY_S = 5.0  # ... and then every 5 s
 
 
 async def wait_ready(
-    child: Child,
+    child: Server,
     health_url: str,
     client: httpx.AsyncClient,
     timeout_s: float,
     min_healthy_s: float,
+    on_healthy: Callable[[], None] | None = None,
 ) -> float:
-    """Return the seconds it took to become ready, or raise :class:`StartFailed`."""
+    """Return the seconds it took to become ready, or raise :class:`StartFailed`.
+
+    ``on_healthy`` runs at the first 200 (the front door releases held requests then);
+    the start still counts only after ``min_healthy_s`` more of staying alive.
+    """
     start = time.monotonic()
     deadline = start + timeout_s
     next_progress = start + FIRST_PROGRESS_S
@@ -47,6 +54,8 @@ async def wait_ready(
             next_progress += PROGRESS_EVERY_S
         last_status = await _probe(client, health_url)
         if last_status == "200":
+            if on_healthy is not None:
+                on_healthy()
             break
         await _sleep_or_exit(child, min(PROBE_INTERVAL_S, max(0.0, deadline - now)), start)
     await _sleep_or_exit(child, min_healthy_s, start)
@@ -61,7 +70,7 @@ async def _probe(client: httpx.AsyncClient, url: str) -> str:
     return str(response.status_code)
 
 
-async def _sleep_or_exit(child: Child, seconds: float, start: float) -> None:
+async def _sleep_or_exit(child: Server, seconds: float, start: float) -> None:
     done, _ = await asyncio.wait({child.exited}, timeout=seconds)
     if done:
         raise StartFailed(
@@ -69,6 +78,6 @@ async def _sleep_or_exit(child: Child, seconds: float, start: float) -> None:
             f"after {time.monotonic() - start:.1f} s", child.output.tail())
 
 
-async def is_alive(client: httpx.AsyncClient, url: str) -> bool:
-    """One liveness probe, for hang detection."""
+async def probe_health(client: httpx.AsyncClient, url: str) -> bool:
+    """One liveness probe, for hang detection: does /health answer 200?"""
     return await _probe(client, url) == "200"

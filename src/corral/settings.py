@@ -1,0 +1,38 @@
+"""The controller's settings and what it starts with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corral.core.args import LlamaConfig
+from corral.core.backoff import BackoffPolicy
+from corral.core.steps import Strategy
+
+
+@dataclass(frozen=True)
+class Settings:
+    ready_timeout_s: float = 300.0
+    stop_timeout_s: float = 10.0
+    min_healthy_s: float = 0.3
+    debounce_s: float = 0.2
+    max_batch_age_s: float = 2.0
+    liveness_interval_s: float = 0.0
+    liveness_failures: int = 3
+    drain_timeout_s: float = 30.0
+    swap: Strategy = Strategy.STOP_FIRST
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    echo_output: bool = True
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What to run at start: the stored config wins, the CLI config is the fallback."""
+
+    preferred: LlamaConfig
+    fallback: LlamaConfig | None = None
+    persist_when_ready: bool = False
+
+    def candidates(self) -> list[LlamaConfig]:
+        if self.fallback is None or self.fallback == self.preferred:
+            return [self.preferred]
+        return [self.preferred, self.fallback]

@@ -1,0 +1,88 @@
+"""What ``GET /v1/status`` reports, as typed data (the API schema serialises it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from corral.core.args import ArgValue, LlamaConfig, port_of
+from corral.core.steps import Slot
+
+if TYPE_CHECKING:
+    from corral.controller import Controller
+    from corral.seams import Server
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    binary: str
+    args: dict[str, ArgValue]
+    argv: list[str]
+
+    @staticmethod
+    def of(config: LlamaConfig) -> ConfigSnapshot:
+        return ConfigSnapshot(config.binary, config.as_dict(), config.argv())
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A llama-server that is not (yet) the one clients are routed to."""
+
+    pid: int
+    port: int
+    generation: int
+    uptime_s: float
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    state: str
+    pid: int | None
+    port: int
+    restarts: int
+    generation: int
+    uptime_s: float | None
+    last_error: str | None
+    pending_changes: int
+    consecutive_failures: int
+    retry_in_s: float | None
+    config: ConfigSnapshot
+    store: str
+    store_connected: bool
+    last_strategy: str | None
+    candidate: ServerStatus | None
+    fleet: dict[str, Any] | None
+    front: dict[str, Any] | None
+
+
+def status_of(c: Controller) -> Status:
+    now = c.clock.monotonic()
+    active = c.slots.live(Slot.ACTIVE)
+    return Status(
+        name=c.name,
+        state=c.state.value,
+        pid=active.pid if active else None,
+        port=port_of(active.config if active else c.last_good),
+        restarts=c.restarts,
+        generation=c.slots.generation,
+        uptime_s=round(now - c.ready_since, 3) if c.ready_since is not None else None,
+        last_error=c.last_error,
+        pending_changes=c.pending_changes,
+        consecutive_failures=c.history.consecutive_failures,
+        retry_in_s=round(max(0.0, c.retry_at - now), 3) if c.retry_at is not None else None,
+        config=ConfigSnapshot.of(c.last_good),
+        store=c.store.description,
+        store_connected=c.store_connected,
+        last_strategy=c.last_strategy,
+        candidate=_server_status(c, c.slots.live(Slot.CANDIDATE)),
+        fleet=c.fleet,
+        front=c.front.view(),
+    )
+
+
+def _server_status(c: Controller, server: Server | None) -> ServerStatus | None:
+    if server is None:
+        return None
+    return ServerStatus(server.pid, port_of(server.config), server.generation,
+                        round(c.slots.uptime(server), 3))
