@@ -17,7 +17,7 @@ from typing import Any
 from corral.controller import Controller
 from corral.core.args import FlagCatalog, LlamaConfig
 from corral.core.backoff import BackoffPolicy
-from corral.core.steps import Strategy
+from corral.core.fit import FitVerdict, SwapMode
 from corral.errors import PreflightFailed, StartFailed, StoreUnavailable
 from corral.settings import Settings, Startup
 from corral.store.base import StoredConfig
@@ -193,6 +193,7 @@ class FakeChecks:
 
     bad_models: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
+    fits: bool = True  # what side_by_side answers
 
     async def catalog(self, binary: str) -> FlagCatalog:
         return FlagCatalog()
@@ -205,6 +206,9 @@ class FakeChecks:
 
     async def check_port(self, config: LlamaConfig) -> None:
         self.calls.append("port")
+
+    def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
+        return FitVerdict(self.fits, "fake memory check")
 
 
 class FakeFront:
@@ -264,7 +268,7 @@ class Rig:
     """A controller on fakes, running in a task; ``async with Rig(...) as rig``."""
 
     def __init__(self, startup: Startup | None = None, settings: Settings = FAST,
-                 swap: Strategy = Strategy.STOP_FIRST) -> None:
+                 swap: SwapMode = SwapMode.STOP_FIRST) -> None:
         self.clock = FakeClock()
         self.launcher = FakeLauncher(self.clock)
         self.checks = FakeChecks()

@@ -7,12 +7,12 @@ import pytest
 
 from corral.changes import ChangeRecord, Outcome
 from corral.core.args import Change
-from corral.core.steps import Strategy
+from corral.core.fit import SwapMode
 from corral.errors import StoreError
 from corral.settings import Settings, Startup
 from tests.fakes import FAST, Behaviour, Rig, config
 
-START_FIRST, STOP_FIRST = Strategy.START_FIRST, Strategy.STOP_FIRST
+START_FIRST, STOP_FIRST = SwapMode.START_FIRST, SwapMode.STOP_FIRST
 
 
 def change(**flags: str | None) -> Change:
@@ -173,6 +173,17 @@ async def test_start_first_failure_never_touches_the_old_server() -> None:
         assert rig.front.calls == [("route", old.pid)]
 
 
+@pytest.mark.parametrize(("fits", "strategy"), [(True, "start-first"), (False, "stop-first")])
+async def test_auto_swap_starts_first_only_when_both_fit(fits: bool, strategy: str) -> None:
+    """--swap auto: start-first when the new server fits beside the old one, else stop-first."""
+    async with Rig(swap=SwapMode.AUTO) as rig:
+        await rig.until_state("RUNNING")
+        rig.checks.fits = fits
+        record = await settled(rig, rig.controller.submit(change(model="b.gguf")))
+        assert record.outcome is Outcome.APPLIED
+        assert rig.controller.status().last_strategy == strategy
+
+
 async def test_stop_first_failure_rolls_back_to_the_last_good_config() -> None:
     """A stop-first apply that fails at load starts the last good config again: 422."""
     async with Rig() as rig:
@@ -214,7 +225,7 @@ async def test_rollback_that_fails_too_is_fatal_with_both_reasons() -> None:
     (START_FIRST, StoreError("disk full"), Outcome.NOT_STORED),
     (STOP_FIRST, None, Outcome.UNAVAILABLE),
 ])
-async def test_store_failure_rolls_back(swap: Strategy, error: Exception | None,
+async def test_store_failure_rolls_back(swap: SwapMode, error: Exception | None,
                                         outcome: Outcome) -> None:
     """A config that ran but could not be stored is not kept: the last good one runs."""
     async with Rig(swap=swap) as rig:

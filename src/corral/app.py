@@ -28,7 +28,10 @@ from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.controller import Controller
 from corral.core.args import LlamaConfig, parse_argv
+from corral.defaults import TOKEN_ENV
 from corral.errors import PreflightFailed, StoreUnavailable, UsageError
+from corral.front import FrontDoor, FrontSettings
+from corral.front.steer import SteeredFront, place_on_loopback
 from corral.settings import Settings, Startup
 from corral.store.base import ConfigStore
 from corral.store.etcd import EtcdStore
@@ -53,12 +56,50 @@ class Options:
     state_dir: Path
     api_token: str | None = None
     cli_flags: list[str] = field(default_factory=list)
+    listen: str | None = None  # the front door's address
+    front: FrontSettings = field(default_factory=FrontSettings)
 
 
-def parse_addr(addr: str) -> tuple[str, int]:
+PRIVATE_WITH_LISTEN = ("--port", "--host")
+
+
+def local_view(opened: ConfigStore, from_cli: LlamaConfig,
+               listen: str | None) -> tuple[ConfigStore, dict[str, str]]:
+    """The store as this instance sees it, and the flags the API may not change.
+
+    In a fleet the config is shared, but --port/--host stay this instance's own; with
+    --listen they are Corral's (a loopback port per start) and never stored.
+    """
+    if listen:
+        why = (f"with --listen Corral picks llama-server's port and host itself; clients "
+               f"use {listen}")
+        overrides = LocalOverrides((), frozenset(PRIVATE_WITH_LISTEN))
+    elif isinstance(opened, EtcdStore):
+        why = ("it is set per instance in a fleet; restart this supervisor with another "
+               "--port/--host to change it")
+        overrides = LocalOverrides.from_config(from_cli)
+    else:
+        return opened, {}
+    store = LocalStore(opened, overrides)
+    return store, dict.fromkeys(store.pinned_keys, why)
+
+
+def instance_key(opts: Options, from_cli: LlamaConfig) -> str | None:
+    """What tells apart two instances of one shared config on one machine."""
+    if opts.listen:
+        return opts.listen
+    return str(from_cli.get("--port")) if opts.driver.type == "etcd" else None
+
+
+def bind_listen(addr: str) -> socket.socket:
+    host, port = parse_addr(addr, "--listen")
+    return bind_socket(host, port, "the front door")
+
+
+def parse_addr(addr: str, flag: str = "--supervisor-addr") -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit():
-        raise UsageError(f"--supervisor-addr must be host:port, got {addr!r}")
+        raise UsageError(f"{flag} must be host:port, got {addr!r}")
     host = host.strip("[]") or "127.0.0.1"
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
@@ -74,10 +115,14 @@ def check_api_exposure(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise UsageError(
             f"refusing to serve the management API on {host} without a token: it can start "
-            "programs. Set --api-token or CORRAL_API_TOKEN, or bind to 127.0.0.1")
+            f"programs. Set --api-token or {TOKEN_ENV}, or bind to 127.0.0.1")
 
 
 def bind_api(host: str, port: int) -> socket.socket:
+    return bind_socket(host, port, "the API")
+
+
+def bind_socket(host: str, port: int, what: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says
     # TCP, and without it every keep-alive answer waits ~40 ms (Nagle vs delayed ACK).
@@ -87,7 +132,7 @@ def bind_api(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot serve the API on {host}:{port}: {exc.strerror}") from None
+        raise UsageError(f"cannot serve {what} on {host}:{port}: {exc.strerror}") from None
     sock.listen(1024)
     sock.set_inheritable(False)
     return sock
@@ -105,7 +150,13 @@ async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     if opts.port is not None:
         tokens = [*tokens, "--port", str(opts.port)]
     args = dict(parse_argv(tokens, await catalogs.get(binary)))
-    args.setdefault("--port", "8080")
+    if opts.listen:
+        ignored = [k for k in PRIVATE_WITH_LISTEN if args.pop(k, None) is not None]
+        if ignored:
+            log.warning("%s ignored: with --listen, Corral gives llama-server a loopback port "
+                        "of its own; clients use %s", "/".join(ignored), opts.listen)
+    else:
+        args.setdefault("--port", "8080")
     return LlamaConfig(binary, tuple(args.items()))
 
 
@@ -165,24 +216,25 @@ async def supervise(opts: Options) -> int:
     opened = open_store(opts.driver)
     name = opts.driver.name
     log.info("config store: %s, name %r", opened.description, name)
-    # In a fleet the config is shared, but --port/--host stay this instance's own.
-    store: ConfigStore = opened
-    pinned: dict[str, str] = {}
-    if isinstance(opened, EtcdStore):
-        store = LocalStore(opened, LocalOverrides.from_config(from_cli))
-        pinned = dict.fromkeys(store.pinned_keys, "it is set per instance in a fleet; restart "
-                               "this supervisor with another --port/--host to change it")
-    lock_path, pid_path = instance_files(
-        opts.state_dir, opened, name, str(from_cli.get("--port")) if pinned else None)
+    store, pinned = local_view(opened, from_cli, opts.listen)
+    lock_path, pid_path = instance_files(opts.state_dir, opened, name, instance_key(opts, from_cli))
     lock = InstanceLock(lock_path)
     lock.acquire()
     sock = bind_api(host, api_port)
+    listen_sock = bind_listen(opts.listen) if opts.listen else None
+    door = FrontDoor(listen_sock, opts.front) if listen_sock else None
     try:
         startup = await choose_startup(store, name, from_cli)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
-            launcher=ProcessLauncher(opts.settings.echo_output), checks=Preflight(catalogs))
+            launcher=ProcessLauncher(opts.settings.echo_output),
+            checks=Preflight(catalogs, picks_ports=door is not None),
+            front=SteeredFront(door) if door else None,
+            place=place_on_loopback if door else None)
         app = create_app(controller, opts.api_token)
+        if door is not None:
+            log.info("front door on http://%s: clients connect here; llama-server gets a "
+                     "loopback port of its own", opts.listen)
         server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                 access_log=False))
         log.info("management API on http://%s:%d (token %s)", host, api_port,
@@ -192,9 +244,11 @@ async def supervise(opts: Options) -> int:
             from corral.fleet import FleetSync
 
             fleet = FleetSync(controller, store, opened, name, f"{host}:{api_port}")
-        await _run_until_signal(controller, server, sock, fleet)
+        await _run_until_signal(controller, server, sock, fleet, door)
     finally:
         sock.close()
+        if listen_sock is not None:
+            listen_sock.close()
         await store.close()
         lock.release()
     log.info("supervisor stopped")
@@ -202,7 +256,8 @@ async def supervise(opts: Options) -> int:
 
 
 async def _run_until_signal(controller: Controller, server: uvicorn.Server,
-                            sock: socket.socket, fleet: FleetSync | None) -> None:
+                            sock: socket.socket, fleet: FleetSync | None,
+                            door: FrontDoor | None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     kill_now = asyncio.Event()
@@ -231,6 +286,7 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             api = tg.create_task(server.serve(sockets=[sock]), name="api")
             waiter = tg.create_task(shutdown.wait())
             follower = tg.create_task(fleet.run(), name="fleet") if fleet else None
+            front = tg.create_task(door.serve(), name="front door") if door else None
             await asyncio.wait({control, api, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if follower is not None:
                 follower.cancel()  # leave the fleet first: no new applies while stopping
@@ -240,6 +296,8 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             server.should_exit = True
             waiter.cancel()
             killer.cancel()
+            if front is not None:
+                front.cancel()  # closed and drained by the controller's shutdown already
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -87,10 +87,35 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--binary", help="llama-server to run: a path or a name on PATH "
                    "(default: llama-server)")
     p.add_argument("--model", "-m", help="GGUF model file passed as --model")
-    p.add_argument("--port", type=int, help="port llama-server listens on (default: 8080)")
+    p.add_argument("--port", type=int, help="port llama-server listens on (default: 8080; "
+                   "ignored with --listen)")
     p.add_argument("--args", nargs=argparse.REMAINDER, metavar="BINARY ARGS",
                    help="the proposal's older form: the binary, then all its arguments "
                    "(must come last)")
+    f = p.add_argument_group(
+        "front door (clients never see a closed port)",
+        "With --listen, Corral owns HOST:PORT for its whole life and forwards every request "
+        "to the llama-server that is ready; llama-server itself gets a loopback port of its "
+        "own. Requests that arrive while nothing is ready (an apply, a crash revival) are held, "
+        "not refused.")
+    f.add_argument("--listen", metavar="HOST:PORT",
+                   help="serve clients here through the front door (default: off; clients "
+                   "talk to llama-server's --port directly)")
+    f.add_argument("--swap", choices=["auto", "start-first", "stop-first"], default="auto",
+                   help="how an apply replaces the running server: start-first loads the new "
+                   "one beside the old and switches when it is ready (needs --listen and the "
+                   "memory for both); stop-first drains and stops the old one first, holding "
+                   "requests meanwhile; auto picks start-first when both fit in memory "
+                   "(default: %(default)s; without --listen always stop-first)")
+    f.add_argument("--drain-timeout", type=_positive(float), default=30.0, metavar="S",
+                   help="seconds to let in-flight requests finish before a server is stopped "
+                   "(default: %(default)g)")
+    f.add_argument("--max-held", type=int, default=256, metavar="N",
+                   help="requests held at most while nothing is ready; more get 503 "
+                   "(default: %(default)s)")
+    f.add_argument("--hold-timeout", type=_positive(float), default=120.0, metavar="S",
+                   help="seconds a request may be held before it gets 503 "
+                   "(default: %(default)g)")
     g = p.add_argument_group("config store (where the last good config survives restarts)")
     g.add_argument("--config-driver", metavar="JSON",
                    help='\'{"type": "file", "path": PATH, "name": NAME}\' or '
@@ -174,7 +199,9 @@ def _run_supervise(ns: argparse.Namespace) -> int:
 
     from corral.app import Options, supervise
     from corral.core.backoff import BackoffPolicy
+    from corral.core.fit import SwapMode
     from corral.errors import CorralError
+    from corral.front import FrontSettings
     from corral.settings import Settings
     from corral.store.factory import driver_spec
 
@@ -190,20 +217,29 @@ def _run_supervise(ns: argparse.Namespace) -> int:
         binary, extra = ns.args[0], [*ns.args[1:], *extra]
     import platformdirs
 
+    if ns.swap == "start-first" and not ns.listen:
+        log.error("--swap start-first needs --listen: without the front door the new server "
+                  "cannot take the old one's port while it still serves")
+        return 2
+    if ns.listen and ns.port is not None:
+        log.warning("--port %d ignored: with --listen, llama-server gets a loopback port of "
+                    "its own; clients use %s", ns.port, ns.listen)
     try:
         settings = Settings(
             ready_timeout_s=ns.ready_timeout, stop_timeout_s=ns.stop_timeout,
             min_healthy_s=ns.min_healthy, debounce_s=ns.debounce_ms / 1000,
             max_batch_age_s=ns.max_batch_ms / 1000, liveness_interval_s=ns.monitoring_interval,
             backoff=BackoffPolicy(max_failures=max(1, ns.max_start_failures)),
-            echo_output=not ns.quiet_llama)
+            echo_output=not ns.quiet_llama, drain_timeout_s=ns.drain_timeout,
+            swap=SwapMode(ns.swap) if ns.listen else SwapMode.STOP_FIRST)
         opts = Options(
             supervisor_addr=ns.supervisor_addr, binary=binary or "llama-server",
             model=ns.model, port=ns.port, extra_args=extra,
             driver=driver_spec(ns.config_driver, ns.config_file, ns.etcd, ns.name),
             settings=settings,
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
-            api_token=token_from_env(ns.api_token))
+            api_token=token_from_env(ns.api_token), listen=ns.listen,
+            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout))
         return asyncio.run(supervise(opts))
     except CorralError as exc:
         log.error("%s", exc)

@@ -33,7 +33,8 @@ from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import StartHistory
 from corral.core.debounce import Debouncer
 from corral.core.decide import Action, Event, State, decide, is_serving, start_failure_event
-from corral.core.steps import Plan, Slot, plan_batch
+from corral.core.fit import SwapMode, choose_strategy
+from corral.core.steps import Plan, Slot, Strategy, desired_config, plan_batch
 from corral.errors import PreflightFailed, StartFailed
 from corral.plan_runner import PlanRunner
 from corral.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
@@ -49,7 +50,8 @@ class Controller:
     def __init__(self, name: str, store: ConfigStore, startup: Startup, settings: Settings, *,
                  launcher: Launcher, checks: Checks, clock: Clock | None = None,
                  front: Front | None = None, pidfile: PidFile | None = None,
-                 pinned: dict[str, str] | None = None) -> None:
+                 pinned: dict[str, str] | None = None,
+                 place: Callable[[LlamaConfig], LlamaConfig] | None = None) -> None:
         self.name = name
         self.store = store
         self.settings = settings
@@ -57,6 +59,7 @@ class Controller:
         self.clock = clock or SystemClock()
         self.front = front or NoFront()
         self.pinned = pinned or {}  # flag -> why the API may not change it
+        self.place = place or (lambda config: config)  # --listen: a loopback port per start
         self.last_good = startup.preferred
         self.state = State.STOPPED
         self.slots = Slots(launcher, self.clock, pidfile)
@@ -203,8 +206,9 @@ class Controller:
     async def _take_batch(self, now: float) -> Event | None:
         batch = self._debouncer.take(now)
         persist = any(r.source != "fleet" for r in batch)  # a fleet config is stored already
-        plan = plan_batch(self.last_good, is_serving(self.state), [r.change for r in batch],
-                          self.settings.swap, persist)
+        changes = [r.change for r in batch]
+        strategy = self._strategy(desired_config(self.last_good, changes))
+        plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
         if plan.is_noop:
             log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
             for r in batch:
@@ -219,6 +223,15 @@ class Controller:
             return None
         self._batch, self._plan, self._prior = batch, plan, self.state
         return Event.BATCH
+
+    def _strategy(self, desired: LlamaConfig) -> Strategy:
+        mode, active = self.settings.swap, self.slots.live(Slot.ACTIVE)
+        if mode is not SwapMode.AUTO or active is None or desired == self.last_good:
+            return choose_strategy(mode, None)
+        verdict = self.checks.side_by_side(active.config, desired)
+        strategy = choose_strategy(mode, verdict)
+        log.info("--swap auto chose %s: %s", strategy.value, verdict.reason)
+        return strategy
 
     # ---- liveness ------------------------------------------------------------------------
 
@@ -251,6 +264,7 @@ class Controller:
 
     async def start_in(self, slot: Slot, config: LlamaConfig) -> Server:
         """Spawn ``config`` into ``slot``; raise StartFailed/PreflightFailed."""
+        config = self.place(config)
         await self.checks.check_port(config)  # stage 3: free only once the old one stopped
         server = await self.slots.start(slot, config)
         log.info("started llama-server (pid %d, generation %d): %s", server.pid,

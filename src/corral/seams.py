@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from corral.core.args import FlagCatalog, LlamaConfig
+from corral.core.fit import FitVerdict
 
 
 class Clock(Protocol):
@@ -96,6 +97,10 @@ class Checks(Protocol):
 
     async def check_port(self, config: LlamaConfig) -> None:
         """The port alone: it is free only once the server that held it has stopped."""
+        ...
+
+    def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
+        """Would ``new`` fit in memory while ``running`` keeps serving?"""
         ...
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from corral.core.args import LlamaConfig
 from corral.core.backoff import BackoffPolicy
-from corral.core.steps import Strategy
+from corral.core.fit import SwapMode
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Settings:
     liveness_interval_s: float = 0.0
     liveness_failures: int = 3
     drain_timeout_s: float = 30.0
-    swap: Strategy = Strategy.STOP_FIRST
+    swap: SwapMode = SwapMode.STOP_FIRST  # AUTO and START_FIRST need the front door
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     echo_output: bool = True
 

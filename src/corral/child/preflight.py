@@ -17,7 +17,9 @@ import socket
 from dataclasses import dataclass, field
 
 from corral.core.args import FlagCatalog, LlamaConfig, host_of, parse_help, port_of
+from corral.core.fit import FitVerdict, fits_beside
 from corral.errors import PreflightFailed
+from corral.sense.memory import file_size, mem_available
 
 log = logging.getLogger("corral.preflight")
 
@@ -98,19 +100,24 @@ class Preflight:
     3. right before a spawn, only the port: it is free only once the old server stopped.
     """
 
-    def __init__(self, catalogs: CatalogCache | None = None) -> None:
+    def __init__(self, catalogs: CatalogCache | None = None, picks_ports: bool = False) -> None:
         self.catalogs = catalogs or CatalogCache()
+        # With --listen, Corral gives every llama-server a free loopback port of its own.
+        self.picks_ports = picks_ports
 
     async def catalog(self, binary: str) -> FlagCatalog:
         return await self.catalogs.get(binary)
 
     async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
         check_static(config, await self.catalog(config.binary))
-        if running is None or not same_address(config, running):
+        if not self.picks_ports and (running is None or not same_address(config, running)):
             check_config_port(config)
 
     async def check_port(self, config: LlamaConfig) -> None:
         check_config_port(config)
+
+    def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
+        return fits_beside(file_size(new.get("--model")), mem_available())
 
 
 @dataclass

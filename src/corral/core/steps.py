@@ -85,6 +85,14 @@ class Plan:
     is_noop: bool
 
 
+def desired_config(last_good: LlamaConfig, batch: Sequence[Change]) -> LlamaConfig:
+    """``last_good ⊕ merged batch``; ``last_good`` itself if that changes nothing."""
+    desired = apply_change(last_good, merge_changes(batch))
+    # Same flags and values in another order is still the same server: no restart.
+    same = desired.binary == last_good.binary and desired.as_dict() == last_good.as_dict()
+    return last_good if same else desired
+
+
 def plan_batch(last_good: LlamaConfig, is_serving: bool, batch: Sequence[Change],
                strategy: Strategy = Strategy.STOP_FIRST, persist: bool = True) -> Plan:
     """The steps that turn ``last_good`` into ``last_good ⊕ merged batch``.
@@ -93,11 +101,8 @@ def plan_batch(last_good: LlamaConfig, is_serving: bool, batch: Sequence[Change]
     config is started again (that is how a user retries). ``persist`` is False for a config
     that came from the store (a fleet peer's write is stored already).
     """
-    desired = apply_change(last_good, merge_changes(batch))
-    # Same flags and values in another order is still the same server: no restart.
-    same = desired.binary == last_good.binary and desired.as_dict() == last_good.as_dict()
-    if same:
-        desired = last_good
+    desired = desired_config(last_good, batch)
+    same = desired is last_good
     store: tuple[Step, ...] = (Persist(desired),) if persist else ()
     if not is_serving:
         steps = (Start(desired, Slot.ACTIVE), AwaitReady(Slot.ACTIVE), *store)

@@ -8,13 +8,12 @@ Every driver passes the same contract tests (``tests/test_store_contract.py``).
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from corral.core.args import LlamaConfig
+from corral.defaults import instance_id
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class StoredConfig:
     @staticmethod
     def now(config: LlamaConfig) -> StoredConfig:
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        return StoredConfig(config, stamp, f"{socket.gethostname()}:{os.getpid()}")
+        return StoredConfig(config, stamp, instance_id())
 
 
 @runtime_checkable

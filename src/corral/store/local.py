@@ -10,24 +10,31 @@ sees only configs as this host runs them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 
 from corral.core.args import ArgValue, LlamaConfig
-from corral.store.base import StoredConfig, WatchableStore
+from corral.store.base import ConfigStore, StoredConfig, WatchableStore
+
+log = logging.getLogger("corral")
 
 LOCAL_KEYS = frozenset({"--port", "--host"})
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalOverrides:
+    """This host's values of its local flags; ``private`` flags are neither stored nor read
+    (with ``--listen`` Corral picks llama-server's port and host itself)."""
+
     args: tuple[tuple[str, ArgValue], ...] = ()
+    private: frozenset[str] = frozenset()
 
     @staticmethod
     def from_config(config: LlamaConfig) -> LocalOverrides:
         return LocalOverrides(tuple((k, v) for k, v in config.args if k in LOCAL_KEYS))
 
     def keys(self) -> frozenset[str]:
-        return frozenset(k for k, _ in self.args)
+        return frozenset(k for k, _ in self.args) | self.private
 
     def apply(self, shared: LlamaConfig) -> LlamaConfig:
         """The shared config as this host runs it."""
@@ -44,7 +51,7 @@ class LocalOverrides:
 class LocalStore:
     """A shared store seen through this host's local flags."""
 
-    def __init__(self, inner: WatchableStore, overrides: LocalOverrides) -> None:
+    def __init__(self, inner: ConfigStore | WatchableStore, overrides: LocalOverrides) -> None:
         self.inner = inner
         self.overrides = overrides
 
@@ -65,6 +72,10 @@ class LocalStore:
         return self.overrides.strip(config)
 
     def _local(self, stored: StoredConfig) -> StoredConfig:
+        dropped = sorted(self.overrides.private & {k for k, _ in stored.config.args})
+        if dropped:
+            log.warning("the stored config sets %s, which Corral now chooses itself "
+                        "(--listen): ignored, and dropped at the next save", ", ".join(dropped))
         return dataclasses.replace(stored, config=self.overrides.apply(stored.config))
 
     async def load(self, name: str) -> StoredConfig | None:
@@ -76,6 +87,7 @@ class LocalStore:
         await self.inner.save(name, dataclasses.replace(stored, config=shared))
 
     async def watch(self, name: str) -> AsyncIterator[StoredConfig]:
+        assert isinstance(self.inner, WatchableStore), "only a shared store can be watched"
         async for stored in self.inner.watch(name):
             yield self._local(stored)
 

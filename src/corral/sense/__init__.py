@@ -1,0 +1,1 @@
+"""Facts about this machine that decisions need (memory now; GPUs and estimates later)."""
