@@ -1,15 +1,16 @@
 """Where Corral's respawn time goes: its own building blocks, timed in-process.
 
 Runs the real llama-server through ``corral.child.process.spawn`` in this process's event
-loop and times each step of Corral's crash path (``Controller._on_crash`` ->
-``_start_with_backoff`` -> ``_start``) separately:
+loop and times separately each step the controller takes after a crash (see the decision
+table in ``corral.core``: the exit is seen, the old group reaped, the config checked, the
+new server spawned and recorded):
 
   exit seen      SIGKILL (from another thread, the loop idle) -> ``child.exited`` done
                  (a pidfd on the event loop, then waitpid)
   child.kill     reap the group + wait for the output reader to finish
-  preflight      ``CatalogCache.get`` + ``preflight.check_config`` (binds the port once)
+  preflight      ``Preflight.check`` (the cached flag catalog, files, binds the port once)
   spawn          ``spawn()``: posix_spawn (vfork) of ``setpriv --pdeathsig KILL``
-  pidfile        ``PidFile.record`` (psutil create_time + write + rename)
+  pidfile        ``PidFile.add`` (psutil create_time + write + rename)
 
 The supervisor's own modules (uvicorn, FastAPI, ...) are imported first so that a fork
 copies a process of the same size. For comparison: the same argv through a plain
@@ -51,8 +52,8 @@ async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
 
     binary = str(llama_server())
     port = free_port()
-    catalogs = preflight.CatalogCache()
-    catalog = await catalogs.get(binary)
+    checks = preflight.Preflight()
+    catalog = await checks.catalog(binary)
     tokens = ["--model", str(model()), *BASE_ARGS, "--port", str(port)]
     config = LlamaConfig(binary, tuple(parse_argv(tokens, catalog)))
     url = f"http://127.0.0.1:{port}/health"
@@ -69,13 +70,12 @@ async def _profile(runs: int, tmp: Path) -> dict[str, Any]:
             t1 = time.perf_counter()
             await child.kill()
             t2 = time.perf_counter()
-            cat = await catalogs.get(binary)
-            preflight.check_config(config, None, cat)
+            await checks.check(config, None)
             t3 = time.perf_counter()
             pidfile.clear()
             child = await spawn(config, 1, echo_output=False)
             t4 = time.perf_counter()
-            pidfile.record(child.pid)
+            pidfile.add(child.pid)
             t5 = time.perf_counter()
             for k, v in (("exit_seen", t1 - t0[0]), ("child_kill", t2 - t1),
                          ("preflight", t3 - t2), ("spawn", t4 - t3), ("pidfile", t5 - t4),
