@@ -1,6 +1,7 @@
 # One entry point for people and CI. Every target sets up what it needs first (idempotent).
-#   make run    supervise a real llama-server on the real small model (Ctrl-C stops both);
-#               its last good config is kept in .corral/config.toml
+#   make run    supervise a real llama-server on the real small model behind the front door
+#               (clients: 127.0.0.1:8080, API: 127.0.0.1:8084; Ctrl-C stops both); its last
+#               good config is kept in .corral/config.toml
 #   make test   set up (incl. etcd) and run every test, real llama-server included
 #   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
 #   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
@@ -10,7 +11,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 API ?= 127.0.0.1:8084
-PORT ?= 8081
+LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-system setup-test run test bench soak lint clean
@@ -26,10 +27,10 @@ setup-test:
 
 run: setup-system
 	@eval "$$($(PY) scripts/llama_paths.py)"; \
-	echo "Supervising $$LLAMA_SERVER on $$MODEL (llama-server :$(PORT), API $(API))"; \
+	echo "Supervising $$LLAMA_SERVER on $$MODEL (clients: http://$(LISTEN), API $(API))"; \
 	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
-	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --binary "$$LLAMA_SERVER" \
-	  --model "$$MODEL" --port $(PORT) \
+	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --listen $(LISTEN) \
+	  --binary "$$LLAMA_SERVER" --model "$$MODEL" \
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
 test: setup-test

@@ -134,7 +134,7 @@ async def test_stop_first_apply_drains_stops_starts_then_stores() -> None:
         record = await settled(rig, rig.controller.submit(change(model="b.gguf")))
         new = rig.active
         assert (record.outcome, record.restarted) == (Outcome.APPLIED, True)
-        assert record.config == config("b.gguf")
+        assert record.config == config("b.gguf") and record.strategy == "stop-first"
         assert rig.front.calls[1:] == [("hold",), ("drain", old.pid), ("route", new.pid)]
         assert old.signals == ["TERM", "KILL"] and new.pid != old.pid
         stored = await rig.store.load("default")

@@ -34,13 +34,16 @@ class ChangeRecord:
     config: LlamaConfig | None = None
     restarted: bool = False
     source: str = "api"  # "api", or "fleet" for a config another supervisor stored
+    strategy: str | None = None  # how its batch swapped servers (stop-first, start-first)
 
     def finish(self, outcome: Outcome, config: LlamaConfig | None, error: str | None = None,
-               log_tail: list[str] | None = None, restarted: bool = False) -> None:
+               log_tail: list[str] | None = None, restarted: bool = False,
+               strategy: str | None = None) -> None:
         if self.done.done():
             return  # an outcome is final
         self.outcome, self.config = outcome, config
         self.error, self.log, self.restarted = error, log_tail or [], restarted
+        self.strategy = strategy
         self.done.set_result(None)
 
 

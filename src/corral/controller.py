@@ -36,6 +36,7 @@ from corral.core.decide import Action, Event, State, decide, is_serving, start_f
 from corral.core.fit import SwapMode, choose_strategy
 from corral.core.steps import Plan, Slot, Strategy, desired_config, plan_batch
 from corral.errors import PreflightFailed, StartFailed
+from corral.liveness import Liveness
 from corral.plan_runner import PlanRunner
 from corral.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
 from corral.settings import Settings, Startup
@@ -78,10 +79,8 @@ class Controller:
         self._records: OrderedDict[str, ChangeRecord] = OrderedDict()
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
-        self._liveness_misses = 0
-        self._next_liveness: float | None = None
-        # A probe runs beside the loop: a hung server must not delay applies or revivals.
-        self._probe: asyncio.Future[bool] | None = None
+        self.liveness = Liveness(launcher, self.clock, settings.liveness_interval_s,
+                                 settings.liveness_failures)
         self._batch: list[ChangeRecord] = []  # the batch being applied
         self._plan: Plan | None = None
         self._prior = State.STOPPED  # the state the batch found
@@ -167,10 +166,13 @@ class Controller:
             return Event.RETRY_DUE
         if self._debouncer.is_due(now):
             return await self._take_batch(now)
-        if self._probe is not None and self._probe.done():
-            return self._on_probe(self._probe.result())
-        if self._next_liveness is not None and now >= self._next_liveness:
-            self._start_probe()
+        if self.liveness.probe is not None and self.liveness.probe.done():
+            hung = self.liveness.take_result() and self.slots.live(Slot.ACTIVE) is not None
+            return Event.HUNG if hung else None
+        if self.liveness.due is not None and now >= self.liveness.due:
+            active = self.slots.live(Slot.ACTIVE)
+            if active is not None and self.state is State.RUNNING:
+                self.liveness.start(active)
         return None
 
     async def _wait_for_work(self) -> None:
@@ -178,10 +180,10 @@ class Controller:
         waits: set[asyncio.Future[Any]] = {wake}
         if (active := self.slots[Slot.ACTIVE]) is not None:
             waits.add(active.exited)
-        if self._probe is not None:
-            waits.add(self._probe)
+        if self.liveness.probe is not None:
+            waits.add(self.liveness.probe)
         deadlines = [d for d in (self._debouncer.deadline(), self.retry_at,
-                                 self._next_liveness) if d is not None]
+                                 self.liveness.due) if d is not None]
         timer = None
         if deadlines:
             delay = max(0.0, min(deadlines) - self.clock.monotonic())
@@ -196,7 +198,7 @@ class Controller:
         self._wake.clear()
 
     def _on_exit(self, server: Server, code: int, ran_s: float) -> None:
-        self._cancel_probe()
+        self.liveness.cancel()
         self.ready_since = None
         tail = " | ".join(server.output.tail(5))
         self.last_error = (f"llama-server exited with code {code} after {ran_s:.1f} s"
@@ -233,33 +235,6 @@ class Controller:
         log.info("--swap auto chose %s: %s", strategy.value, verdict.reason)
         return strategy
 
-    # ---- liveness ------------------------------------------------------------------------
-
-    def _start_probe(self) -> None:
-        self._next_liveness = None
-        active = self.slots.live(Slot.ACTIVE)
-        if active is not None and self.state is State.RUNNING:
-            self._probe = asyncio.ensure_future(self._launcher.probe(active))
-
-    def _on_probe(self, healthy: bool) -> Event | None:
-        self._probe = None
-        self._schedule_liveness()
-        if healthy or self.slots.live(Slot.ACTIVE) is None:
-            self._liveness_misses = 0
-            return None
-        self._liveness_misses += 1
-        return Event.HUNG if self._liveness_misses >= self.settings.liveness_failures else None
-
-    def _cancel_probe(self) -> None:
-        self._next_liveness = None
-        if self._probe is not None:
-            self._probe.cancel()
-            self._probe = None
-
-    def _schedule_liveness(self) -> None:
-        interval = self.settings.liveness_interval_s
-        self._next_liveness = self.clock.monotonic() + interval if interval > 0 else None
-
     # ---- starting ------------------------------------------------------------------------
 
     async def start_in(self, slot: Slot, config: LlamaConfig) -> Server:
@@ -291,9 +266,7 @@ class Controller:
 
     def became_active(self) -> None:
         self.ready_since = self.clock.monotonic()
-        self._liveness_misses = 0
-        self._cancel_probe()
-        self._schedule_liveness()
+        self.liveness.restart()
 
     async def _start_config(self, config: LlamaConfig) -> None:
         await self.check(config)
@@ -360,7 +333,7 @@ class Controller:
         active = self.slots.live(Slot.ACTIVE)
         if active is not None:
             log.error("llama-server (pid %d) failed %d health checks in a row: restarting it",
-                      active.pid, self._liveness_misses)
+                      active.pid, self.liveness.misses)
             await active.kill()  # the loop sees the exit and revives it
 
     async def _hold(self) -> None:
@@ -385,7 +358,7 @@ class Controller:
         await self.front.close(self.settings.drain_timeout_s)
 
     async def _stop_all(self) -> Event:
-        self._cancel_probe()
+        self.liveness.cancel()
         self.ready_since = None
         await self.slots.stop_all(self.settings.stop_timeout_s)
         return Event.STOPPED

@@ -125,7 +125,7 @@ class PlanRunner:
         v, c = self.verdict, self.c
         for record in batch:
             record.finish(v.outcome, c.last_good, v.error, v.log,
-                          restarted=v.outcome is Outcome.APPLIED)
+                          restarted=v.outcome is Outcome.APPLIED, strategy=c.last_strategy)
         self.verdict = Verdict()
 
     async def persist_quietly(self, config: LlamaConfig) -> None:

@@ -65,16 +65,16 @@ def config_view(config: LlamaConfig) -> ConfigView:
 
 def change_result(outcome: Outcome, change_id: str | None, config: LlamaConfig | None,
                   error: str | None = None, log: list[str] | None = None,
-                  restarted: bool = False) -> JSONResponse:
+                  restarted: bool = False, strategy: str | None = None) -> JSONResponse:
     body = ChangeResult(status=BODY_STATUS[outcome], change_id=change_id, error=error,
-                        log=log or [], restarted=restarted,
+                        log=log or [], restarted=restarted, strategy=strategy,
                         config=config_view(config) if config else None)
     return JSONResponse(body.model_dump(), HTTP_STATUS[outcome])
 
 
 def record_result(record: ChangeRecord) -> JSONResponse:
     return change_result(record.outcome, record.id, record.config, record.error, record.log,
-                         record.restarted)
+                         record.restarted, record.strategy)
 
 
 def create_app(controller: Controller, token: str | None = None,

@@ -40,6 +40,8 @@ class ChangeResult(BaseModel):
     error: str | None = None
     log: list[str] = []
     restarted: bool = False
+    strategy: str | None = Field(None, description="how servers were swapped: stop-first or "
+                                 "start-first (none when nothing restarted)")
     config: ConfigView | None = None
 
 
