@@ -93,14 +93,15 @@ def test_no_request_lost_across_applies_crash_and_shutdown(
     other_model = model_alias("other-name")
     bad_model = corrupt_gguf(tmp_path, real_model)
     durations: dict[str, float] = {}
+    t_begin = time.monotonic()
     with supervisor(tmp_path, real_binary, real_model, LLAMA_ARGS,
                     extra_cli=front_cli(listen, "--swap", strategy)) as sup, \
             httpx.Client(base_url=front, timeout=APPLY) as http:
         sup.wait_running(READY)
-        load = LoadGen(front, clients=4, n_predict=4).start()
+        load = LoadGen(front, clients=4, n_predict=2).start()
         try:
             t_load = time.monotonic()
-            wait_for(lambda: load.ok_since(t_load) >= 4, READY, "the load flowing")
+            wait_for(lambda: load.ok_since(t_load) >= 2, READY, "the load flowing")
 
             # A flag change.
             r, durations["flag"] = apply(sup, {"-np": 2})
@@ -126,9 +127,6 @@ def test_no_request_lost_across_applies_crash_and_shutdown(
                 assert after["pid"] == before["pid"], (before, after)
                 assert after["restarts"] == before["restarts"]
                 assert watch.probes > 0 and not watch.failures, watch.failures
-            t_applied = time.monotonic()
-            wait_for(lambda: load.ok_since(t_applied) >= 4, READY, "the load flowing on")
-
             # SIGKILL of the active llama-server.
             pid = sup.llama_pid()
             t_kill = time.monotonic()
@@ -138,13 +136,13 @@ def test_no_request_lost_across_applies_crash_and_shutdown(
             revived = wait_for(lambda: (s := sup.status())["state"] == "RUNNING"
                                and s["pid"] not in (None, pid) and s, READY, "the revival")
             assert revived["restarts"] == after["restarts"] + 1
-            t_revived = time.monotonic()
-            wait_for(lambda: load.ok_since(t_revived) >= 4, READY, "the load flowing again")
+            # ... so every load request started since the kill (held or not) must succeed.
+            wait_for(lambda: load.ok_since(t_kill) >= 2, READY, "the load flowing again")
             front_view = front_status(sup)
 
             # SIGTERM of the supervisor, with a stream in flight and the load running.
             with http.stream("POST", "/completion",
-                             json={"prompt": "Once upon a time", "n_predict": 24,
+                             json={"prompt": "Once upon a time", "n_predict": 8,
                                    "ignore_eos": True, "stream": True}) as stream:
                 assert stream.status_code == 200
                 lines = stream.iter_lines()
@@ -171,7 +169,10 @@ def test_no_request_lost_across_applies_crash_and_shutdown(
           f"failed {front_view['failed']}; "
           f"in flight at the kill {sum(o.in_flight_at(t_kill) for o in outcomes)}, "
           f"at the SIGTERM {sum(o.in_flight_at(t_term) for o in outcomes)}; "
-          f"exit {t_exit - t_term:.1f} s after the SIGTERM")
+          f"exit {t_exit - t_term:.1f} s after the SIGTERM, run {t_exit - t_begin:.0f} s; "
+          f"failed since "
+          f"{SIGTERM_GRACE} s before it: "
+          f"{sum(not o.ok for o in outcomes if o.start >= t_term - SIGTERM_GRACE)}")
 
     # Zero failed requests across the three applies (and before them).
     assert not failures(outcomes, lambda o: o.start < t_kill and not o.in_flight_at(t_kill))

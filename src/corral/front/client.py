@@ -191,7 +191,8 @@ class ClientConn(asyncio.Protocol):
     # ---- called by the door -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        if not self.transport.is_closing():   # uvloop raises on a closed transport
+            self.transport.write(data)
 
     def is_idle(self) -> bool:
         return not self.queue and self.parsing is None

@@ -13,6 +13,14 @@ class Upstream:
     host: str
     port: int
     generation: int
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # It keys the in-flight counts and the pool: hashed a few times per request.
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.generation)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 An ``UpstreamConn`` carries one exchange at a time. Response bytes are written to the client
 as they arrive, unchanged; a response parser runs over the same bytes only to learn the
 status, whether the connection may be kept, and where the response ends (Content-Length,
-chunked, or the end of the connection). A parser is made per response: HEAD answers have
-a head saying how long a body they do not have, so their end is known from the request.
+chunked, or the end of the connection). HEAD answers have a head saying how long a body they
+do not have, so their end is known from the request, and the parser is replaced after one.
 """
 
 from __future__ import annotations
@@ -49,15 +49,17 @@ class UpstreamConn(asyncio.Protocol):
         self.ex = ex
         ex.conn = self
         ex.sent = 0
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
         self.final = self.complete = self.keep_alive = self.has_length = False
-        self.set_reading(not ex.client.write_paused)
+        if ex.client.write_paused:
+            self.set_reading(False)
 
     def send(self, ex: Exchange) -> None:
         """Write what the exchange has that this connection has not sent yet."""
         buf = ex.buf
         n = len(buf)
-        if ex.sent < n:
+        if ex.sent < n and not self.transport.is_closing():  # else connection_lost follows
             if n - ex.sent == 1:
                 self.transport.write(buf[-1])
             else:
@@ -72,9 +74,11 @@ class UpstreamConn(asyncio.Protocol):
             self.paused_client = False
             if not self.ex.client.transport.is_closing():
                 self.ex.client.transport.resume_reading()
+        if self.ex is not None and self.ex.is_head:
+            self.parser = None  # it still expects the body the head announced
         self.ex = None
-        self.parser = None
-        self.set_reading(True)
+        if not self.reading:
+            self.set_reading(True)
 
     def set_reading(self, on: bool) -> None:
         if on != self.reading and self.transport is not None and not self.transport.is_closing():
@@ -105,7 +109,10 @@ class UpstreamConn(asyncio.Protocol):
                         self.upstream.port, exc)
             self.transport.abort()
             return
-        ex.client.transport.write(data)
+        client = ex.client.transport
+        if client.is_closing():   # the client is leaving: client_lost will abort this one
+            return
+        client.write(data)
         if self.complete:
             self.door.response_done(ex, self)
 
@@ -117,13 +124,17 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.ex is not None and not self.paused_client:
-            self.paused_client = True
-            self.ex.client.transport.pause_reading()
+            client = self.ex.client.transport
+            if not client.is_closing():
+                self.paused_client = True
+                client.pause_reading()
 
     def resume_writing(self) -> None:
         if self.ex is not None and self.paused_client:
             self.paused_client = False
-            self.ex.client.transport.resume_reading()
+            client = self.ex.client.transport
+            if not client.is_closing():
+                client.resume_reading()
 
     # ---- httptools callbacks ------------------------------------------------------------
 
