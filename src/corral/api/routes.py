@@ -143,7 +143,7 @@ def create_app(controller: Controller, token: str | None = None,
     @app.get("/v1/status", response_model=StatusView, responses=_ERRORS)
     async def get_status() -> StatusView:
         """State of the supervised llama-server."""
-        return StatusView.model_validate(controller.status(), from_attributes=True)
+        return controller.status()
 
     @app.get("/health", response_model=HealthView)
     async def health() -> dict[str, Any]:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from corral.status import Status
+
 FlagName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 FlagValue = Annotated[str, StringConstraints(max_length=4096)] | int | float | bool | None
 
@@ -56,36 +58,8 @@ class ErrorBody(BaseModel):
     details: list[Any] | None = None
 
 
-class ServerView(BaseModel):
-    """A llama-server warming up beside the active one (start-first swap)."""
-
-    model_config = ConfigDict(from_attributes=True)
-    pid: int
-    port: int
-    generation: int
-    uptime_s: float
-
-
-class StatusView(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    name: str
-    state: str
-    pid: int | None
-    port: int
-    restarts: int
-    generation: int
-    uptime_s: float | None
-    last_error: str | None
-    pending_changes: int
-    consecutive_failures: int
-    retry_in_s: float | None
-    config: ConfigView
-    store: str
-    store_connected: bool
-    last_strategy: str | None = None
-    candidate: ServerView | None = None
-    fleet: dict[str, Any] | None = None
-    front: dict[str, Any] | None = None
+# /v1/status is corral.status.Status itself (a dataclass FastAPI serialises): one definition.
+StatusView = Status
 
 
 class HealthView(BaseModel):
