@@ -289,26 +289,82 @@ def test_hold_timeout_answers_503(tmp_path: Path, real_model: Path,
         assert sup.stop() == 0   # with llama-server still "loading": nothing left behind
 
 
-# ---- 4: a streaming client that hangs up frees its slot -------------------------------------
+def test_sigterm_answers_held_requests_503_and_exits_0(
+        tmp_path: Path, real_model: Path, gated_binary: tuple[Path, Path, Path]) -> None:
+    binary, _, _ = gated_binary
+    listen = free_port()
+    front = f"http://127.0.0.1:{listen}"
+    answers: list[httpx.Response] = []
+    with supervisor(tmp_path, binary, real_model, LLAMA_ARGS,
+                    extra_cli=front_cli(listen)) as sup:
+        wait_for(lambda: front_status(sup)["mode"] == "holding", 30, "the front door up")
+
+        def send() -> None:
+            with httpx.Client(base_url=front, timeout=60) as c:
+                answers.append(c.post("/completion", json={"prompt": "Hi", "n_predict": 2}))
+
+        held = threading.Thread(target=send, daemon=True)
+        held.start()
+        wait_for(lambda: held_now(sup) == 1, 30, "a request held")
+        assert sup.stop(signal.SIGTERM, timeout=30) == 0, sup.log()[-3000:]
+        held.join(30)
+        assert len(answers) == 1
+        error = assert_unavailable(answers[0])
+        assert "shutting down" in error["message"], error
+
+
+def test_fatal_answers_503_at_once_saying_why(tmp_path: Path, real_binary: Path,
+                                              real_model: Path) -> None:
+    listen = free_port()
+    front = f"http://127.0.0.1:{listen}"
+    bad = corrupt_gguf(tmp_path, real_model)
+    with supervisor(tmp_path, real_binary, bad, LLAMA_ARGS,
+                    extra_cli=front_cli(listen, "--max-start-failures", "1")) as sup, \
+            httpx.Client(base_url=front, timeout=60) as http:
+        sup.wait_state("FATAL", 60)
+        error = assert_unavailable(http.post("/completion", json={"prompt": "Hi"}))
+        assert "FATAL" in error["message"], error
+        assert_unavailable(http.get("/health"))
+        # A good apply clears FATAL, and the front door routes again.
+        r, _ = apply(sup, {"-m": str(real_model)})
+        assert r.status_code == 200, r.text
+        assert http.get("/health").status_code == 200
+
+
+# ---- 4: a transparent proxy: slots freed, headers and big bodies pass ---------------------
+
+API_KEY = "front-door-test-key"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, real_binary: Path,
+          real_model: Path) -> Iterator[tuple[SupervisorProcess, str]]:
+    """One supervisor with the front door, whose llama-server wants ``--api-key``."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    listen = free_port()
+    with supervisor(tmp, real_binary, real_model, [*LLAMA_ARGS, "--api-key", API_KEY],
+                    extra_cli=front_cli(listen)) as sup:
+        sup.wait_running(READY)
+        yield sup, f"http://127.0.0.1:{listen}"
+
 
 def processing_slots(http: httpx.Client) -> int:
-    return sum(1 for s in http.get("/slots").json() if s.get("is_processing"))
+    r = http.get("/slots", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return sum(1 for s in r.json() if s.get("is_processing"))
 
 
 def test_a_disconnecting_streaming_client_frees_its_slot(
-        tmp_path: Path, real_binary: Path, real_model: Path) -> None:
-    listen = free_port()
-    front = f"http://127.0.0.1:{listen}"
-    with supervisor(tmp_path, real_binary, real_model, LLAMA_ARGS,
-                    extra_cli=front_cli(listen)) as sup, \
-            httpx.Client(base_url=front, timeout=60) as http:
-        sup.wait_running(READY)
-        # Long enough (about a minute at this machine's pace) that only a cancel frees the
-        # slot before the deadline below.
+        keyed: tuple[SupervisorProcess, str]) -> None:
+    sup, front = keyed
+    with httpx.Client(base_url=front, timeout=60) as http:
+        # Long enough (minutes at this machine's pace) that only a cancel frees the slot
+        # before the deadline below.
         body = {"prompt": "Once upon a time", "n_predict": 1000, "ignore_eos": True,
                 "stream": True}
         with httpx.Client(base_url=front, timeout=60) as client, \
-                client.stream("POST", "/completion", json=body) as stream:
+                client.stream("POST", "/completion", json=body, headers=AUTH) as stream:
             assert stream.status_code == 200
             first_event(stream.iter_lines())
             assert processing_slots(http) == 1
@@ -316,6 +372,24 @@ def test_a_disconnecting_streaming_client_frees_its_slot(
         wait_for(lambda: processing_slots(http) == 0 and front_status(sup)["in_flight"] == 0,
                  30, "the slot freed")
         assert front_status(sup)["cut"] == 0
+
+
+def test_headers_and_large_bodies_pass_through(keyed: tuple[SupervisorProcess, str]) -> None:
+    """llama-server's own --api-key works through the front door (its 401 passes as it is),
+    and a request body far past 64 KiB arrives whole."""
+    sup, front = keyed
+    with httpx.Client(base_url=front, timeout=60) as http:
+        r = http.post("/completion", json={"prompt": "Hi", "n_predict": 1})
+        assert r.status_code == 401, r.text
+        oai = openai.OpenAI(base_url=f"{front}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        with oai:
+            assert oai.completions.create(model="x", prompt="Hi", max_tokens=1).choices
+        filler = "x" * (4 << 20)   # an unknown field llama-server ignores: 4 MiB of body
+        r = http.post("/completion", headers=AUTH,
+                      json={"prompt": "Hi", "n_predict": 1, "filler": filler})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["stop"] is True
+        assert front_status(sup)["failed"] == {}
 
 
 # ---- 5: --listen is what start-first and a private --port need -----------------------------
@@ -331,16 +405,17 @@ def test_start_first_without_listen_is_a_usage_error(tmp_path: Path, real_binary
     assert "--listen" in done.stderr, done.stderr
 
 
-def test_port_is_private_with_listen(tmp_path: Path, real_binary: Path,
-                                     real_model: Path) -> None:
+def test_port_is_private_with_listen(tmp_path: Path, real_model: Path,
+                                     gated_binary: tuple[Path, Path, Path]) -> None:
+    """The API refuses to move llama-server's port or host: they are Corral's business."""
+    binary, _, _ = gated_binary
     listen = free_port()
-    with supervisor(tmp_path, real_binary, real_model, LLAMA_ARGS,
+    with supervisor(tmp_path, binary, real_model, LLAMA_ARGS,
                     extra_cli=front_cli(listen, "--swap", "start-first")) as sup:
         wait_for(lambda: front_status(sup), 30, "the API up")
-        for args in ({"--port": 9000}, {"--host": "0.0.0.0"}):
+        for args in ({"--port": 9000}, {"--host": "0.0.0.0"}, {"--port": 9000, "-np": 2}):
             r = sup.post(args)
             assert r.status_code == 422, r.text
             assert "--listen" in r.text, r.text
-        running = sup.wait_running(READY)
-        assert running["port"] != 9000
-        assert httpx.get(f"http://127.0.0.1:{listen}/health", timeout=30).status_code == 200
+        assert sup.status()["config"]["args"]["--parallel"] == "1"
+        assert sup.stop() == 0
