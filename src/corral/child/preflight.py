@@ -2,8 +2,9 @@
 
 Everything checked here is rejected with no downtime at all: a missing or non-executable
 binary, a missing/unreadable/non-GGUF model file, a busy port, flags the binary does not
-know. What cannot be checked (a bad value, a corrupt model body) is left to the start and
-its rollback.
+know, a config whose memory estimate does not fit in what would be available (see
+:mod:`corral.core.fit`). What cannot be checked (a bad value, a corrupt model body) is left
+to the start and its rollback; so is a config nothing can estimate.
 """
 
 from __future__ import annotations
@@ -14,12 +15,25 @@ import logging
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.core.args import FlagCatalog, LlamaConfig, host_of, parse_help, port_of
-from corral.core.fit import FitVerdict, fits_beside
+from corral.core.fit import (
+    DEFAULT_MARGIN,
+    MIB,
+    FitVerdict,
+    GpuRoom,
+    Room,
+    gpu_layers_wanted,
+    verdict,
+)
 from corral.errors import PreflightFailed
-from corral.sense.memory import file_size, mem_available
+from corral.sense.estimate import Estimator
+from corral.sense.gpu import gpu_rooms
+from corral.sense.memory import MemorySource
 
 log = logging.getLogger("corral.preflight")
 
@@ -100,10 +114,18 @@ class Preflight:
     3. right before a spawn, only the port: it is free only once the old server stopped.
     """
 
-    def __init__(self, catalogs: CatalogCache | None = None, picks_ports: bool = False) -> None:
+    def __init__(self, catalogs: CatalogCache | None = None, picks_ports: bool = False, *,
+                 fit_margin: float = DEFAULT_MARGIN, estimator: Estimator | None = None,
+                 memory: MemorySource | None = None,
+                 gpus: Callable[[], tuple[GpuRoom, ...]] = gpu_rooms) -> None:
         self.catalogs = catalogs or CatalogCache()
         # With --listen, Corral gives every llama-server a free loopback port of its own.
         self.picks_ports = picks_ports
+        self.fit_margin = fit_margin
+        self.estimator = estimator or Estimator()
+        self.memory = memory or MemorySource()
+        self._gpus = gpus
+        self._gpu_cache: tuple[float, tuple[GpuRoom, ...]] | None = None
 
     async def catalog(self, binary: str) -> FlagCatalog:
         return await self.catalogs.get(binary)
@@ -112,12 +134,72 @@ class Preflight:
         check_static(config, await self.catalog(config.binary))
         if not self.picks_ports and (running is None or not same_address(config, running)):
             check_config_port(config)
+        fit = await self.fit(config, running)
+        if not fit.known:
+            log.warning("memory not checked (%s): the start decides", fit.reason)
+        elif not fit.fits:
+            raise PreflightFailed(f"does not fit in memory: {fit.reason}")
+        for warning in self.warnings(config):
+            log.warning("%s", warning)
+
+    async def fit(self, config: LlamaConfig, running: LlamaConfig | None) -> FitVerdict:
+        """Would ``config`` fit once ``running`` (if any) has stopped and given back its own?"""
+        needs = await self.estimator.estimate(config)
+        freed = await self.estimator.estimate(running) if running is not None else None
+        where = "available after stopping the running server" if running else "available"
+        return verdict(needs, self.room().plus(freed), margin=self.fit_margin, where=where)
+
+    def room(self) -> Room:
+        return Room(self.memory.available(), self.gpu_rooms())
+
+    def gpu_rooms(self, max_age_s: float = 2.0) -> tuple[GpuRoom, ...]:
+        now = time.monotonic()
+        if self._gpu_cache is None or now - self._gpu_cache[0] > max_age_s:
+            self._gpu_cache = (now, self._gpus())
+        return self._gpu_cache[1]
+
+    def warnings(self, config: LlamaConfig) -> list[str]:
+        """What is allowed but probably not meant: more context than trained, GPU layers
+        without a GPU."""
+        out = []
+        meta = self.estimator.meta(config)
+        ctx = config.get("--ctx-size") or config.get("-c")
+        trained = meta.trained_context if meta else None
+        if isinstance(ctx, str) and ctx.isdigit() and trained and int(ctx) > trained:
+            out.append(f"-c {ctx} exceeds the model's trained context ({trained}): "
+                       "quality may suffer past it")
+        layers = config.get("--gpu-layers") or config.get("-ngl")
+        if layers is not None and gpu_layers_wanted(layers) and not self.gpu_rooms():
+            out.append(f"--gpu-layers {layers} asked, but no GPU was found (nvidia-smi): "
+                       "everything runs on the CPU")
+        return out
+
+    def memory_view(self, config: LlamaConfig) -> dict[str, Any]:
+        """For ``/v1/status``: the cached estimate of ``config`` and the memory available."""
+        estimate = self.estimator.cached(config)
+        room = self.room()
+        return {
+            "estimate": None if estimate is None else {
+                "method": estimate.method, "total_mib": round(estimate.total_mib, 1),
+                "devices": [{"device": d.device, "model_mib": d.model_mib,
+                             "context_mib": d.context_mib, "compute_mib": d.compute_mib}
+                            for d in estimate.devices]},
+            "available_mib": None if room.host_bytes is None else round(room.host_bytes / MIB),
+            "gpus": [{"free_mib": g.free_bytes // MIB, "total_mib": g.total_bytes // MIB}
+                     for g in room.gpus],
+            "fit_margin": self.fit_margin,
+        }
 
     async def check_port(self, config: LlamaConfig) -> None:
         check_config_port(config)
 
     def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
-        return fits_beside(file_size(new.get("--model")), mem_available())
+        """Would ``new`` fit now, while ``running`` keeps its memory? Synchronous (the
+        controller asks it before the batch's own check): the cached estimate, else the
+        metadata one (milliseconds)."""
+        needs = self.estimator.estimate_now(new)
+        return verdict(needs, self.room(), margin=self.fit_margin,
+                       where="available beside the running server")
 
 
 @dataclass

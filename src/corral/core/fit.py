@@ -1,21 +1,36 @@
-"""Whether a new llama-server fits beside the running one: the rule ``--swap auto`` uses.
+"""Will a config fit in memory? Estimate against what is available -> a verdict with numbers.
 
-Until llama.cpp's own estimator is wired in (issue "Know before you load"), the rule is
-deliberately conservative: the new server needs its model file's size plus half again
-(context, compute buffers, allocator slack) plus a fixed 256 MiB, all of it out of the
-memory available *now*, while the old server still holds its own.
+Theory of operation
+-------------------
+An :class:`Estimate` is what one llama-server would take, per device (``Host``, ``CUDA0``,
+...), split as llama.cpp itself reports it: model weights, context (KV cache) and compute
+buffers, in MiB. :class:`Room` is what the machine has: host bytes available and each GPU's
+free bytes. :func:`verdict` compares the two with a margin (``--fit-margin``, default 10 %)
+and words the answer with the numbers, so that a rejection says what it would have needed.
+
+Two questions are asked, with different rooms:
+
+- *fits at all* (pre-flight, every change): the room after stopping the running server,
+  i.e. what is available now plus what the running server would give back;
+- *fits beside* (``--swap auto``): the room now, while the old server keeps serving.
+
+No estimate is not a verdict: :func:`verdict` with ``None`` answers ``known=False``; the
+pre-flight passes such a config on (the start decides), ``--swap auto`` picks stop-first.
+This module does no I/O.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from corral.core.steps import Strategy
 
 MIB = 1 << 20
-OVERHEAD = 0.5
-ALLOWANCE = 256 * MIB
+GIB = 1 << 30
+DEFAULT_MARGIN = 0.10
+HOST = "Host"
 
 
 class SwapMode(enum.StrEnum):
@@ -25,20 +40,127 @@ class SwapMode(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class DeviceNeed:
+    """One device's share of an estimate, in MiB."""
+
+    device: str
+    model_mib: float
+    context_mib: float
+    compute_mib: float
+
+    @property
+    def total_mib(self) -> float:
+        return self.model_mib + self.context_mib + self.compute_mib
+
+    @property
+    def is_host(self) -> bool:
+        return self.device == HOST
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a config would take, and how that was found out (``llama-fit-params``, ...)."""
+
+    devices: tuple[DeviceNeed, ...]
+    method: str
+
+    @property
+    def total_mib(self) -> float:
+        return sum(d.total_mib for d in self.devices)
+
+    def host(self) -> DeviceNeed:
+        found = [d for d in self.devices if d.is_host]
+        return found[0] if found else DeviceNeed(HOST, 0, 0, 0)
+
+    def gpus(self) -> list[DeviceNeed]:
+        return [d for d in self.devices if not d.is_host]
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Room:
+    """Memory a new llama-server could use: host bytes (None: unknown) and GPUs."""
+
+    host_bytes: int | None
+    gpus: tuple[GpuRoom, ...] = ()
+
+    def plus(self, freed: Estimate | None) -> Room:
+        """The room once a server of estimate ``freed`` has stopped."""
+        if freed is None:
+            return self
+        host = None if self.host_bytes is None else \
+            self.host_bytes + int(freed.host().total_mib * MIB)
+        gpus = list(self.gpus)
+        for i, need in enumerate(freed.gpus()[:len(gpus)]):
+            g = gpus[i]
+            gpus[i] = GpuRoom(min(g.total_bytes, g.free_bytes + int(need.total_mib * MIB)),
+                              g.total_bytes)
+        return Room(host, tuple(gpus))
+
+
+@dataclass(frozen=True)
 class FitVerdict:
     fits: bool
     reason: str
+    known: bool = True  # False: no estimate (or no figure for the memory): not a verdict
+    needs_mib: float | None = None
+    available_mib: float | None = None
+    method: str | None = None
+    devices: tuple[DeviceNeed, ...] = field(default=())
 
 
-def fits_beside(new_model_bytes: int | None, available_bytes: int | None) -> FitVerdict:
-    """Can a server of ``new_model_bytes`` start while the old one keeps its memory?"""
-    if new_model_bytes is None or available_bytes is None:
-        return FitVerdict(False, "memory or model size unknown")
-    needs = int(new_model_bytes * (1 + OVERHEAD)) + ALLOWANCE
-    words = (f"needs ~{needs / MIB:.0f} MiB (model file {new_model_bytes / MIB:.0f} MiB "
-             f"+ {OVERHEAD:.0%} + {ALLOWANCE // MIB} MiB), {available_bytes / MIB:.0f} MiB "
-             "available beside the running server (conservative rule: file sizes)")
-    return FitVerdict(needs <= available_bytes, words)
+def verdict(estimate: Estimate | None, room: Room, *, margin: float = DEFAULT_MARGIN,
+            where: str = "available") -> FitVerdict:
+    """Does ``estimate`` (plus ``margin``) fit in ``room``? ``where`` ends the sentence:
+    "21.3 GiB available after stopping the running server"."""
+    if estimate is None:
+        return FitVerdict(False, "no memory estimate for this config", known=False)
+    checks = [(need, room.host_bytes, "") for need in [estimate.host()]]
+    for i, need in enumerate(estimate.gpus()):
+        free = room.gpus[i].free_bytes if i < len(room.gpus) else None
+        checks.append((need, free, f"GPU {i} ({need.device}) "))
+    lines = []
+    for need, free, label in checks:
+        if need.total_mib == 0 and label == "":
+            continue
+        line = _device_line(need, free, margin, where, label)
+        if free is None:
+            return FitVerdict(False, f"{line} (memory available unknown)", known=False,
+                              needs_mib=need.total_mib, method=estimate.method,
+                              devices=estimate.devices)
+        if need.total_mib * (1 + margin) > free / MIB:
+            return FitVerdict(False, line, needs_mib=need.total_mib,
+                              available_mib=free / MIB, method=estimate.method,
+                              devices=estimate.devices)
+        lines.append(line)
+    host = room.host_bytes
+    return FitVerdict(True, "; ".join(lines) or "needs nothing", needs_mib=estimate.total_mib,
+                      available_mib=None if host is None else host / MIB,
+                      method=estimate.method, devices=estimate.devices)
+
+
+def _device_line(need: DeviceNeed, free: int | None, margin: float, where: str,
+                 label: str) -> str:
+    have = "unknown" if free is None else f"{free / GIB:.1f} GiB"
+    return (f"{label}needs ~{_gib(need.total_mib)} GiB: model {need.model_mib / 1024:.1f} + "
+            f"context {need.context_mib / 1024:.1f} + compute {need.compute_mib / 1024:.1f} "
+            f"(+{margin:.0%} margin); {have} {where}")
+
+
+def _gib(mib: float) -> str:
+    gib = mib / 1024
+    return f"{gib:.0f}" if gib >= 10 else f"{gib:.1f}"
+
+
+def gpu_layers_wanted(value: object) -> bool:
+    """Does a ``--gpu-layers`` value ask for layers on a GPU? (``0`` does not)."""
+    text = str(value).strip().lower()
+    return text not in ("", "0", "none")
 
 
 def choose_strategy(mode: SwapMode, verdict: FitVerdict | None) -> Strategy:
@@ -46,4 +168,27 @@ def choose_strategy(mode: SwapMode, verdict: FitVerdict | None) -> Strategy:
         return Strategy.START_FIRST
     if mode is SwapMode.STOP_FIRST or verdict is None:
         return Strategy.STOP_FIRST
-    return Strategy.START_FIRST if verdict.fits else Strategy.STOP_FIRST
+    return Strategy.START_FIRST if verdict.fits and verdict.known else Strategy.STOP_FIRST
+
+
+def smaller_than_asked(asked_ctx: int | None, per_slot_ctx: int | None,
+                       slots: int | None) -> str | None:
+    """A start came up with less context than ``-c`` asked for: why, or None if it did not.
+
+    llama-server reports the context per slot; the total is that times the slots
+    (``-c 32768 -np 4`` rightly shows 8192 per slot).
+    """
+    if asked_ctx is None or asked_ctx <= 0 or per_slot_ctx is None:
+        return None
+    total = per_slot_ctx * max(1, slots or 1)
+    if total >= asked_ctx:
+        return None
+    return (f"came up smaller than asked: context {total} ({per_slot_ctx} per slot x "
+            f"{max(1, slots or 1)} slots), asked -c {asked_ctx} (llama.cpp's --fit shrinks "
+            "to free memory; --allow-degraded accepts this)")
+
+
+def memory_flags_key(args: Sequence[tuple[str, object]], wanted: frozenset[str]
+                     ) -> tuple[tuple[str, str], ...]:
+    """The flags that bear on memory, in order, as a cache key."""
+    return tuple((k, str(v)) for k, v in args if k in wanted)

@@ -1,0 +1,210 @@
+"""What a config would take in memory, before it runs: llama.cpp's own estimate, cached.
+
+Theory of operation
+-------------------
+``llama-fit-params`` ships beside ``llama-server``; with ``-fitp on`` it prints one line per
+device, ``Host 222 98319 32787`` (MiB of model, context, compute). It takes 0.7-3 s, so
+results are cached per (binary, model file identity (device, inode, size, mtime), the flags
+that bear on memory). It refuses server-only flags (``--port``, ``--metrics``, even
+``--kv-unified``), so only :data:`MEMORY_FLAGS` are passed. Where it is missing or fails,
+the GGUF metadata gives the estimate (:mod:`corral.sense.gguf_meta`); where that fails too
+(a truncated or fake GGUF), there is no estimate: the caller logs it and lets the start
+decide. The log says which method was used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from corral.core.args import LlamaConfig
+from corral.core.fit import DeviceNeed, Estimate
+from corral.sense import gguf_meta
+
+log = logging.getLogger("corral.sense")
+
+FIT_PARAMS = "llama-fit-params"
+METHOD = "llama-fit-params"
+# Canonical keys (llama-server's first long spelling) and the short ones, for configs
+# read without a flag catalog. Checked one by one against llama-fit-params.
+MEMORY_FLAGS: dict[str, str] = {
+    "--ctx-size": "--ctx-size", "-c": "--ctx-size",
+    "--parallel": "--parallel", "-np": "--parallel",
+    "--cache-type-k": "--cache-type-k", "-ctk": "--cache-type-k",
+    "--cache-type-v": "--cache-type-v", "-ctv": "--cache-type-v",
+    "--flash-attn": "--flash-attn", "-fa": "--flash-attn",
+    "--batch-size": "--batch-size", "-b": "--batch-size",
+    "--ubatch-size": "--ubatch-size", "-ub": "--ubatch-size",
+    "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers", "-ngl": "--gpu-layers",
+    "--swa-full": "--swa-full",
+    "--kv-offload": "--kv-offload", "--no-kv-offload": "--no-kv-offload",
+    "-nkvo": "--no-kv-offload",
+    "--split-mode": "--split-mode", "-sm": "--split-mode",
+    "--tensor-split": "--tensor-split", "-ts": "--tensor-split",
+    "--main-gpu": "--main-gpu", "-mg": "--main-gpu",
+    "--override-tensor": "--override-tensor", "-ot": "--override-tensor",
+    "--cpu-moe": "--cpu-moe", "-cmoe": "--cpu-moe",
+    "--n-cpu-moe": "--n-cpu-moe", "-ncmoe": "--n-cpu-moe",
+    "--device": "--device", "-dev": "--device",
+    "--fit": "--fit", "--fit-target": "--fit-target", "--fit-ctx": "--fit-ctx",
+    "--lora": "--lora",
+}
+_LINE = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$")
+
+Key = tuple[str, tuple[int, int, int, int], tuple[tuple[str, str], ...]]
+
+
+def memory_flags(config: LlamaConfig) -> dict[str, str]:
+    """The flags of ``config`` that bear on memory, under canonical names."""
+    out: dict[str, str] = {}
+    for key, value in config.args:
+        if key in MEMORY_FLAGS:
+            out[MEMORY_FLAGS[key]] = "" if value is True else str(value)
+    return out
+
+
+def file_identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def parse_fit_output(text: str) -> Estimate | None:
+    devices = [DeviceNeed(m[1], float(m[2]), float(m[3]), float(m[4]))
+               for line in text.splitlines() if (m := _LINE.match(line.strip()))]
+    return Estimate(tuple(devices), METHOD) if devices else None
+
+
+@dataclass
+class Estimator:
+    """Estimates per config, cached. ``fit_params``: the program's path, or ``""`` to never
+    use it (the fallback alone); by default the one beside the config's binary."""
+
+    fit_params: str | None = None
+    timeout_s: float = 60.0
+    _cache: dict[Key, Estimate | None] = field(default_factory=dict)
+    _meta: dict[tuple[int, int, int, int], gguf_meta.GgufMeta | None] = field(
+        default_factory=dict)
+    _lock: asyncio.Lock | None = None
+
+    def key(self, config: LlamaConfig) -> Key | None:
+        model = config.get("--model")
+        if not isinstance(model, str):
+            return None
+        try:
+            identity = file_identity(model)
+        except OSError:
+            return None
+        return config.binary, identity, tuple(sorted(memory_flags(config).items()))
+
+    def cached(self, config: LlamaConfig) -> Estimate | None:
+        """The estimate if it was made already (cheap: for the status page)."""
+        key = self.key(config)
+        return self._cache.get(key) if key is not None else None
+
+    def is_cached(self, config: LlamaConfig) -> bool:
+        key = self.key(config)
+        return key is not None and key in self._cache
+
+    async def estimate(self, config: LlamaConfig) -> Estimate | None:
+        """llama-fit-params, else GGUF metadata, else None (logged as a warning)."""
+        key = self.key(config)
+        if key is None:
+            return None
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one estimate at a time: they are CPU-heavy
+            if key not in self._cache:
+                self._cache[key] = await self._estimate(config, key[1])
+        return self._cache[key]
+
+    def estimate_now(self, config: LlamaConfig) -> Estimate | None:
+        """Without waiting: the cached estimate, else the (fast) metadata one."""
+        key = self.key(config)
+        if key is None:
+            return None
+        if key in self._cache:
+            return self._cache[key]
+        return self._from_meta(config, key[1], quiet=True)
+
+    async def _estimate(self, config: LlamaConfig, identity: tuple[int, int, int, int]
+                        ) -> Estimate | None:
+        why = await self._from_fit_params(config)
+        if isinstance(why, Estimate):
+            log.info("memory estimate by llama-fit-params: %s", _describe(why))
+            return why
+        result = await asyncio.to_thread(self._from_meta, config, identity)
+        if result is not None:
+            log.info("memory estimate from GGUF metadata (%s): %s", why, _describe(result))
+        return result
+
+    def _from_meta(self, config: LlamaConfig, identity: tuple[int, int, int, int],
+                   quiet: bool = False) -> Estimate | None:
+        meta = self.meta(config)
+        if meta is None:
+            if not quiet:
+                log.warning("no memory estimate for %s: llama-fit-params and the GGUF "
+                            "metadata both failed; the start decides", config.get("--model"))
+            return None
+        return gguf_meta.estimate(meta, memory_flags(config))
+
+    def meta(self, config: LlamaConfig) -> gguf_meta.GgufMeta | None:
+        """The model's GGUF metadata (cached per file identity), or None."""
+        model = config.get("--model")
+        if not isinstance(model, str):
+            return None
+        try:
+            identity = file_identity(model)
+        except OSError:
+            return None
+        if identity not in self._meta:
+            try:
+                self._meta[identity] = gguf_meta.read_meta(model)
+            except gguf_meta.GgufError as exc:
+                log.warning("%s", exc)
+                self._meta[identity] = None
+        return self._meta[identity]
+
+    def program(self, config: LlamaConfig) -> str | None:
+        if self.fit_params is not None:
+            return self.fit_params or None
+        binary = config.binary if os.sep in config.binary else shutil.which(config.binary)
+        if binary is None:
+            return None
+        path = os.path.join(os.path.dirname(os.path.realpath(binary)), FIT_PARAMS)
+        return path if os.access(path, os.X_OK) else None
+
+    async def _from_fit_params(self, config: LlamaConfig) -> Estimate | str:
+        """The estimate, or why there is none."""
+        program = self.program(config)
+        if program is None:
+            return f"no {FIT_PARAMS} beside {config.binary}"
+        argv = [program, "--model", str(config.get("--model")), "-fitp", "on"]
+        for key, value in memory_flags(config).items():
+            argv += [key] if value == "" else [key, value]
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # else a crash waits for gdb
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env)
+        except OSError as exc:
+            return f"{FIT_PARAMS} cannot run: {exc}"
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return f"{FIT_PARAMS} took over {self.timeout_s:g} s"
+        result = parse_fit_output(out.decode("utf-8", "replace"))
+        if proc.returncode != 0 or result is None:
+            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            return f"{FIT_PARAMS} failed (exit {proc.returncode}: {tail[0][:200]})"
+        return result
+
+
+def _describe(e: Estimate) -> str:
+    return ", ".join(f"{d.device} model {d.model_mib:.0f} + context {d.context_mib:.0f} + "
+                     f"compute {d.compute_mib:.0f} MiB" for d in e.devices)
