@@ -192,6 +192,63 @@ def test_no_request_lost_across_applies_crash_and_shutdown(
     assert front_view["failed"].keys() <= {"bad_gateway"}, front_view
 
 
+# ---- past the drain timeout: cut, so llama-server can stop at once ---------------------------
+
+def long_stream(front: str, result: dict[str, Any]) -> threading.Thread:
+    """A streamed completion that would run for minutes, in a thread: ``result["first"]`` is
+    set at its first event, ``result["error"]`` when it ends (None for a whole stream)."""
+    def run() -> None:
+        body = {"prompt": "Once upon a time", "n_predict": 1000, "ignore_eos": True,
+                "stream": True}
+        try:
+            with httpx.Client(timeout=READY) as c, \
+                    c.stream("POST", f"{front}/completion", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    result.setdefault("first", line.startswith("data: ") or None)
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - a cut stream is the expected end here
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: result.get("first") or "error" in result, READY, "the stream's first event")
+    assert "error" not in result, result
+    return thread
+
+
+@pytest.mark.parametrize("strategy", ["start-first", "stop-first"])
+def test_past_the_drain_timeout_requests_are_cut_not_the_server_killed(
+        strategy: str, tmp_path: Path, real_binary: Path, real_model: Path) -> None:
+    """llama-server ignores SIGTERM while a request is in flight (see issue 10), so a request
+    still running when ``--drain-timeout`` ends must be cut by the front door *before* the
+    server is stopped; otherwise the stop waits ``--stop-timeout`` and ends in SIGKILL."""
+    listen = free_port()
+    front = f"http://127.0.0.1:{listen}"
+    with supervisor(tmp_path, real_binary, real_model, LLAMA_ARGS,
+                    extra_cli=front_cli(listen, "--swap", strategy, "--drain-timeout", "1")
+                    ) as sup:
+        old = sup.wait_running(READY)["pid"]
+        result: dict[str, Any] = {}
+        thread = long_stream(front, result)
+        r, _ = apply(sup, {"-np": 2})
+        assert r.status_code == 200, r.text
+        thread.join(READY)
+        assert result["error"], "the stream should have been cut at the drain timeout"
+        assert front_status(sup)["cut"] == 1
+        # The same at shutdown.
+        new = sup.llama_pid()
+        result = {}
+        thread = long_stream(front, result)
+        assert sup.stop(signal.SIGTERM, timeout=60) == 0
+        thread.join(READY)
+        assert result["error"]
+    log = sup.log()
+    for pid in (old, new):
+        assert f"llama-server (pid {pid}) ignored SIGTERM" not in log, log[-3000:]
+        assert f"llama-server (pid {pid}) stopped (code 0)" in log, log[-3000:]
+
+
 # ---- 3: overflow of the held queue, and the hold timeout -----------------------------------
 
 @pytest.fixture
