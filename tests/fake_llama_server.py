@@ -45,6 +45,7 @@ HELP = """\
 --fake-pidfile PATH                     append own pid (and grandchild pid) to PATH
 --fake-hang-after S                     freeze (SIGSTOP itself) this many seconds after ready
 --fake-log-health                       print a line for each GET /health it answers
+--fake-props-n-ctx N                    report N as the per-slot n_ctx in /props (a degraded start)
 """
 HEALTH_LOGGED = "fake: GET /health"
 
@@ -71,6 +72,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-pidfile")
     p.add_argument("--fake-hang-after", type=float)
     p.add_argument("--fake-log-health", action="store_true")
+    p.add_argument("--fake-props-n-ctx", type=int)
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -119,8 +121,10 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
                 self._json(200 if ready else 503,
                            {"status": "ok"} if ready else {"error": "Loading model"})
             elif self.path == "/props":
+                per_slot = ns.fake_props_n_ctx or ns.ctx_size // max(1, ns.parallel)
                 self._json(200, {"model_path": ns.model, "total_slots": ns.parallel,
-                                 "n_ctx": ns.ctx_size, "pid": os.getpid()})
+                                 "n_ctx": ns.ctx_size, "pid": os.getpid(),
+                                 "default_generation_settings": {"n_ctx": per_slot}})
             else:
                 self._json(404, {"error": "not found"})
 

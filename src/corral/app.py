@@ -227,8 +227,10 @@ async def supervise(opts: Options) -> int:
         startup = await choose_startup(store, name, from_cli)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
-            launcher=ProcessLauncher(opts.settings.echo_output),
-            checks=Preflight(catalogs, picks_ports=door is not None),
+            launcher=ProcessLauncher(opts.settings.echo_output,
+                                     allow_degraded=opts.settings.allow_degraded),
+            checks=Preflight(catalogs, picks_ports=door is not None,
+                             fit_margin=opts.settings.fit_margin),
             front=SteeredFront(door) if door else None,
             place=place_on_loopback if door else None)
         app = create_app(controller, opts.api_token)

@@ -116,6 +116,16 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     f.add_argument("--hold-timeout", type=_positive(float), default=120.0, metavar="S",
                    help="seconds a request may be held before it gets 503 "
                    "(default: %(default)g)")
+    m = p.add_argument_group(
+        "memory (know before loading)",
+        "Every change is estimated (llama.cpp's llama-fit-params beside llama-server, else the "
+        "GGUF metadata) and refused with a 422 before anything is stopped when it cannot fit "
+        "in the memory available (counting what the running server gives back).")
+    m.add_argument("--fit-margin", type=_positive(float), default=10.0, metavar="PCT",
+                   help="headroom on top of the estimate, in percent (default: %(default)g)")
+    m.add_argument("--allow-degraded", action="store_true",
+                   help="accept a start that came up with less context than -c asked "
+                   "(llama.cpp's --fit shrinks to free memory); default: roll it back")
     g = p.add_argument_group("config store (where the last good config survives restarts)")
     g.add_argument("--config-driver", metavar="JSON",
                    help='\'{"type": "file", "path": PATH, "name": NAME}\' or '
@@ -231,7 +241,8 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             max_batch_age_s=ns.max_batch_ms / 1000, liveness_interval_s=ns.monitoring_interval,
             backoff=BackoffPolicy(max_failures=max(1, ns.max_start_failures)),
             echo_output=not ns.quiet_llama, drain_timeout_s=ns.drain_timeout,
-            swap=SwapMode(ns.swap) if ns.listen else SwapMode.STOP_FIRST)
+            swap=SwapMode(ns.swap) if ns.listen else SwapMode.STOP_FIRST,
+            fit_margin=ns.fit_margin / 100, allow_degraded=ns.allow_degraded)
         opts = Options(
             supervisor_addr=ns.supervisor_addr, binary=binary or "llama-server",
             model=ns.model, port=ns.port, extra_args=extra,

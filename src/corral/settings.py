@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from corral.core.args import LlamaConfig
 from corral.core.backoff import BackoffPolicy
-from corral.core.fit import SwapMode
+from corral.core.fit import DEFAULT_MARGIN, SwapMode
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class Settings:
     swap: SwapMode = SwapMode.STOP_FIRST  # AUTO and START_FIRST need the front door
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     echo_output: bool = True
+    fit_margin: float = DEFAULT_MARGIN  # headroom on top of a memory estimate
+    allow_degraded: bool = False  # accept a start that came up smaller than asked
 
 
 @dataclass(frozen=True)

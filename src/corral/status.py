@@ -54,6 +54,7 @@ class Status:
     candidate: ServerStatus | None
     fleet: dict[str, Any] | None
     front: dict[str, Any] | None
+    memory: dict[str, Any] | None = None  # estimate of the running config, memory available
 
 
 def status_of(c: Controller) -> Status:
@@ -78,7 +79,14 @@ def status_of(c: Controller) -> Status:
         candidate=_server_status(c, c.slots.live(Slot.CANDIDATE)),
         fleet=c.fleet,
         front=c.front.view(),
+        memory=_memory(c),
     )
+
+
+def _memory(c: Controller) -> dict[str, Any] | None:
+    """The checks' view of memory, if they have one (the real pre-flight does; cheap)."""
+    view = getattr(c.checks, "memory_view", None)
+    return view(c.last_good) if callable(view) else None
 
 
 def _server_status(c: Controller, server: Server | None) -> ServerStatus | None:

@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.api.dry_run import dry_run
 from corral.api.schemas import (
     ChangeResult,
     ChangeStatus,
     ConfigView,
+    DryRunResult,
     ErrorBody,
     HealthView,
     ParamsRequest,
@@ -95,18 +97,31 @@ def create_app(controller: Controller, token: str | None = None,
         where = ".".join(str(p) for p in first["loc"]) or "body"
         return error(400, f"malformed request: {where}: {first['msg']}", details)
 
-    @app.post("/v1/params", response_model=ChangeResult,
+    @app.post("/v1/params", response_model=ChangeResult | DryRunResult,
               responses={**_ERRORS, 202: {"model": ChangeResult},
-                         422: {"model": ChangeResult, "description": "Change rejected"},
+                         422: {"model": ChangeResult | DryRunResult,
+                               "description": "Change rejected"},
                          500: {"model": ChangeResult}, 503: {"model": ChangeResult}})
     async def post_params(body: ParamsRequest,
-                          wait: bool = Query(True, description="wait for the outcome")
+                          wait: bool = Query(True, description="wait for the outcome"),
+                          dry_run_: bool = Query(False, alias="dry_run",
+                                                 description="only say what would happen")
                           ) -> JSONResponse:
         """Change llama-server's flags, model, port or binary.
 
         Merged with other changes arriving within the debounce window; answered when
         the batch is applied (200), rejected (422) or could not be stored (500/503).
+        With ``dry_run=1``: the merged config, pre-flight and memory verdict with its
+        numbers, and the swap strategy, without changing anything (200, or 422 when the
+        pre-flight would refuse it).
         """
+        if dry_run_:
+            try:
+                change = await _parsed_change(controller, body.args)
+            except CorralError as exc:
+                return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+            result = await dry_run(controller, change)
+            return JSONResponse(result.model_dump(), 422 if result.status == "rejected" else 200)
         if not controller.store_connected:
             return change_result(
                 Outcome.UNAVAILABLE, None, controller.last_good,
@@ -154,6 +169,12 @@ def create_app(controller: Controller, token: str | None = None,
 
 
 async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Change:
+    change = await _parsed_change(controller, raw)
+    await controller.check(apply_change(controller.last_good, change))  # stage 1 (Preflight)
+    return change
+
+
+async def _parsed_change(controller: Controller, raw: dict[str, Any]) -> Change:
     binary = controller.last_good.binary
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
         binary = resolve_binary(raw[BINARY_KEY].strip())
@@ -162,5 +183,4 @@ async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Chan
     for key, _ in change.args:
         if key in controller.pinned:
             raise InvalidArgs(f"{key} cannot be changed through the API: {controller.pinned[key]}")
-    await controller.check(apply_change(controller.last_good, change))  # stage 1 (Preflight)
     return change

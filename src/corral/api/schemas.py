@@ -52,6 +52,40 @@ class ParamsView(BaseModel):
     config: ConfigView
 
 
+class DeviceNeedView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    device: str
+    model_mib: float
+    context_mib: float
+    compute_mib: float
+
+
+class FitView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    fits: bool
+    known: bool = Field(description="false: no estimate (or no memory figure); the start "
+                        "decides")
+    reason: str
+    method: str | None = Field(None, description="llama-fit-params or gguf metadata")
+    needs_mib: float | None = None
+    available_mib: float | None = None
+    devices: list[DeviceNeedView] = []
+
+
+class DryRunResult(BaseModel):
+    """What ``POST /v1/params?dry_run=1`` would do; nothing is changed."""
+
+    status: Literal["would-apply", "no-change", "rejected"]
+    error: str | None = None
+    config: ConfigView = Field(description="the merged config: what runs now + the change")
+    fit: FitView | None = Field(None, description="the merged config against the memory "
+                                "available after stopping the running server")
+    warnings: list[str] = []
+    strategy: str | None = Field(None, description="stop-first or start-first, as --swap "
+                                 "would choose now (none when nothing would restart)")
+    strategy_reason: str | None = None
+
+
 class ErrorBody(BaseModel):
     status: str = "error"
     error: str

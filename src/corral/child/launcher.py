@@ -1,27 +1,54 @@
-"""The real :class:`~corral.seams.Launcher`: llama-server processes, probed over HTTP."""
+"""The real :class:`~corral.seams.Launcher`: llama-server processes, probed over HTTP.
+
+A start counts as ready once ``/health`` answers 200 and it stayed up; then ``/props`` is
+compared with what was asked *explicitly*: llama.cpp's ``--fit`` (on by default) shrinks
+arguments that were not given to fit free memory, so only a given ``-c`` is held against
+the context it came up with (per-slot ``n_ctx`` x slots). Smaller is a failed start
+(rolled back) unless ``--allow-degraded``.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
 from corral.child.process import Child, spawn
 from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
+from corral.core.fit import smaller_than_asked
 from corral.errors import StartFailed
 from corral.seams import Server
 
+log = logging.getLogger("corral")
 
-def health_url(config: LlamaConfig) -> str:
+
+def health_url(config: LlamaConfig, path: str = "/health") -> str:
     host = host_of(config)
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port_of(config)}/health"
+    return f"http://{host}:{port_of(config)}{path}"
+
+
+def asked_context(config: LlamaConfig) -> int | None:
+    value = config.get("--ctx-size") or config.get("-c")
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def props_context(props: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(per-slot n_ctx, slots) from llama-server's ``/props``."""
+    settings = props.get("default_generation_settings")
+    per_slot = settings.get("n_ctx") if isinstance(settings, dict) else None
+    slots = props.get("total_slots")
+    return (per_slot if isinstance(per_slot, int) else None,
+            slots if isinstance(slots, int) else None)
 
 
 class ProcessLauncher:
-    def __init__(self, echo_output: bool = True) -> None:
+    def __init__(self, echo_output: bool = True, allow_degraded: bool = False) -> None:
         self._echo = echo_output
+        self.allow_degraded = allow_degraded
         self._http = httpx.AsyncClient()
 
     async def spawn(self, config: LlamaConfig, generation: int) -> Child:
@@ -32,8 +59,30 @@ class ProcessLauncher:
 
     async def wait_ready(self, server: Server, timeout_s: float, min_healthy_s: float,
                          on_healthy: Callable[[], None] | None = None) -> float:
-        return await wait_ready(server, health_url(server.config), self._http, timeout_s,
+        took = await wait_ready(server, health_url(server.config), self._http, timeout_s,
                                 min_healthy_s, on_healthy)
+        await self.check_not_degraded(server)
+        return took
+
+    async def check_not_degraded(self, server: Server) -> None:
+        """StartFailed if it came up with less context than ``-c`` asked."""
+        asked = asked_context(server.config)
+        if asked is None:
+            return
+        try:
+            reply = await self._http.get(health_url(server.config, "/props"), timeout=5.0)
+            per_slot, slots = props_context(reply.json())
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.warning("cannot read /props of pid %d (%s): context not compared",
+                        server.pid, exc)
+            return
+        why = smaller_than_asked(asked, per_slot, slots)
+        if why is None:
+            return
+        if self.allow_degraded:
+            log.warning("llama-server (pid %d) %s; kept (--allow-degraded)", server.pid, why)
+            return
+        raise StartFailed(why, server.output.tail())
 
     async def probe(self, server: Server) -> bool:
         return await probe_health(self._http, health_url(server.config))
