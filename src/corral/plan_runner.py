@@ -90,7 +90,7 @@ class PlanRunner:
                     left = await c.front.drain(server, c.settings.drain_timeout_s)
                     if left:
                         log.warning("%d request(s) still in flight on pid %d after %.0f s of "
-                                    "draining; stopping it anyway", left, server.pid,
+                                    "draining: cut, and the server stopped", left, server.pid,
                                     c.settings.drain_timeout_s)
             case Stop(slot):
                 if slot is Slot.ACTIVE:

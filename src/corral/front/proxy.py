@@ -113,7 +113,8 @@ class FrontDoor:
             task.cancel()
         for client in list(self._clients):
             if client.queue:
-                client.transport.abort()   # still waiting for an answer: it is cut
+                self.client_lost(client)   # still waiting for an answer: it is cut
+                client.transport.abort()
             else:
                 client.transport.close()   # flushes what was written (a 503 ...)
         self._pool.close_idle()
@@ -144,6 +145,21 @@ class FrontDoor:
         self._draining.add(upstream)
         self._pool.close_idle(upstream)
         return await self._wait_idle(upstream, timeout_s)
+
+    def cut(self, upstream: Upstream) -> int:
+        """Cut every request still in flight on ``upstream`` (its drain timed out), so its
+        llama-server can stop at once: it does not exit on SIGTERM while a request runs."""
+        clients = [c for c in self._clients
+                   if any(ex.conn is not None and ex.conn.upstream == upstream
+                          for ex in c.queue)]
+        for client in clients:
+            self._cut += 1
+            self.client_lost(client)
+            client.transport.abort()
+        if clients:
+            log.warning("front door: cut %d request(s) still running on port %d after the "
+                        "drain timeout", len(clients), upstream.port)
+        return len(clients)
 
     def in_flight(self, upstream: Upstream | None = None) -> int:
         return self._router.in_flight(upstream)

@@ -33,7 +33,13 @@ class SteeredFront:
         self.door.refuse(reason)
 
     async def drain(self, server: Server, timeout_s: float) -> int:
-        return await self.door.drain(upstream_of(server), timeout_s)
+        """Let in-flight requests finish; cut what is left at the timeout (llama-server would
+        otherwise ignore the SIGTERM that follows, until the stop timeout's SIGKILL)."""
+        upstream = upstream_of(server)
+        left = await self.door.drain(upstream, timeout_s)
+        if left:
+            self.door.cut(upstream)
+        return left
 
     async def close(self, drain_timeout_s: float) -> None:
         await self.door.close(drain_timeout_s)
