@@ -1,4 +1,4 @@
-"""Helpers for tests/test_reliability.py: reading the supervisor's log, finding fake
+"""Helpers for tests/test_reliability.py: counting starts in the supervisor's log, finding fake
 llama-servers and their grandchildren, and watching the supervisor from outside.
 
 Everything that waits has a deadline; nothing sleeps a fixed time to let things settle.
@@ -15,14 +15,9 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.harness import FAKE, SupervisorProcess, pid_alive, stamped_lines, wait_for
+from tests.harness import FAKE, SupervisorProcess, pid_alive, wait_for
 
 STARTED = "started llama-server"
-
-
-def log_times(sup: SupervisorProcess, marker: str) -> list[float]:
-    """Wall-clock times (epoch seconds) of the supervisor's log lines containing ``marker``."""
-    return [t for t, line in stamped_lines(sup.log()) if marker in line]
 
 
 def starts(sup: SupervisorProcess) -> int:

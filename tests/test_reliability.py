@@ -2,10 +2,10 @@
 
 Numbers below are the items of RELIABILITY.md. Items 1, 8, 10, 11, 16 and 17 are not in this
 file (they belong to test_supervise_fake.py, test_real_llama.py, test_store_faults.py, the
-etcd suite and test_api.py). What cannot apply here:
-- 2's "injected clock" cannot apply to a supervisor running as a real process: the schedule
-  itself is pure (core/backoff.py); here the delays are measured on the wall clock with
-  generous tolerance (2-core machine), from the supervisor's own log timestamps.
+etcd suite and test_api.py). What is proven elsewhere, and what cannot apply here:
+- 2's "injected clock": the exact backoff delays and the ready deadline are pinned
+  in-process, on a fake clock (test_controller.py); here the real process shows the same
+  outcomes (how many starts, FATAL, what clears it), without reading times from its log.
 - 13's "the log buffer stays bounded" is not observable from outside the process: the
   supervisor's RSS stands in for it (and for 15's "memory bounded").
 
@@ -45,7 +45,6 @@ from tests.reliability_helpers import (
     grandchildren,
     health_code,
     kill_all,
-    log_times,
     one_fake_server,
     pidfile_lines,
     rss_mb,
@@ -93,20 +92,14 @@ def watch_states(sup: SupervisorProcess, until: str, timeout: float) -> list[dic
 
 
 @pytest.mark.slow
-def test_exit_at_once_backs_off_on_schedule_and_stays_fatal(tmp_path: Path, model: Path) -> None:
-    """Failed starts wait 0.5, 1, 2 s; FATAL then holds, nothing scheduled, until a good apply."""
+def test_exit_at_once_backs_off_to_fatal_and_stays_there(tmp_path: Path, model: Path) -> None:
+    """N failed starts end FATAL; it holds, nothing scheduled, until a good apply clears it."""
     with supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "1"],
                     extra_cli=["--max-start-failures", "4"]) as sup:
         fatal = sup.wait_state("FATAL", 30)
         assert fatal["consecutive_failures"] == 4 and fatal["pid"] is None
         assert fatal["retry_in_s"] is None
-        # Delays 0.5, 1, 2 s: the gap between starts is the delay plus one failed start.
-        assert re.findall(r"retrying in ([\d.]+) s", sup.log()) == ["0.5", "1.0", "2.0"]
-        times = log_times(sup, STARTED)
-        assert len(times) == 4, times
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        for gap, delay in zip(gaps, [0.5, 1.0, 2.0], strict=True):
-            assert delay - 0.01 <= gap <= delay + 1.5, gaps
+        assert starts(sup) == 4  # the delays between them: test_controller.py
 
         # FATAL means no more starts: it must hold, with nothing scheduled, for > 3 s.
         seen: list[dict[str, Any]] = []
@@ -192,8 +185,6 @@ def test_never_ready_at_boot_is_killed_at_the_deadline(tmp_path: Path, model: Pa
         assert backoff["consecutive_failures"] == 1, backoff
         assert "did not become ready within 1 s" in backoff["last_error"]
         wait_gone([first], 1, "the never-ready server")
-        started, failed = log_times(sup, STARTED)[0], log_times(sup, "start failed (1 in")[0]
-        assert 0.95 <= failed - started <= 3.5
 
         fatal = sup.wait_state("FATAL", 20)
         assert fatal["consecutive_failures"] == 2 and starts(sup) == 2
@@ -563,19 +554,15 @@ def test_hang_detection_restarts_a_frozen_server(tmp_path: Path, model: Path) ->
         assert revived["config"]["args"]["--fake-hang-after"] == "0.5"
 
 
-@pytest.mark.parametrize(("cli", "probed"), [
-    ([], False), (["--monitoring-interval", "0.3"], True),
-], ids=["default", "monitoring"])
-def test_hang_detection_is_opt_in(tmp_path: Path, model: Path, cli: list[str],
-                                  probed: bool) -> None:
-    """Once RUNNING, /health is probed again only with --monitoring-interval."""
-    with supervisor(tmp_path, FAKE, model, ["--fake-log-health"], extra_cli=cli) as sup:
+def test_no_hang_detection_by_default(tmp_path: Path, model: Path) -> None:
+    """With the default flags nothing probes /health once the server is RUNNING."""
+    with supervisor(tmp_path, FAKE, model, ["--fake-log-health"]) as sup:
         pid = sup.wait_running()["pid"]
         # the readiness probes all came >= --min-healthy (0.3 s) before RUNNING
         before = sup.log().count(HEALTH_LOGGED)
+        assert before >= 1, "the fake logs the probes it answers"
         since = time.monotonic()
-        # 2 s: a 0.3 s interval probes 6 times; the default must not probe once
+        # 2 s: a detector at even a 1.9 s interval would have probed by then
         wait_for(lambda: time.monotonic() - since > 2, 5, "2 s of RUNNING", interval=0.1)
-        later = sup.log().count(HEALTH_LOGGED) - before
-        assert (later >= 3 if probed else later == 0), later
+        assert sup.log().count(HEALTH_LOGGED) == before
         assert sup.llama_pid() == pid
