@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, apply, coalesce, footprint, profile_respawn, respawn
+from bench import api, apply, coalesce, fit, footprint, profile_respawn, respawn
 from bench.report import RESULTS, loadavg, log, machine, print_rows, write_json
 from bench.supervisors import BASE_ARGS
 
@@ -42,6 +42,7 @@ def main() -> int:
         ("coalesce", "3. coalescing a flood of changes", lambda: coalesce.run(), coalesce.rows),
         ("api", f"4. API throughput ({api_s:g} s each)", lambda: api.run(api_s), api.rows),
         ("footprint", "5. footprint", lambda: footprint.run(flood=False), footprint.rows),
+        ("fit", "6. memory estimates vs llama-server's logged buffers (MiB)", fit.run, fit.rows),
         ("respawn_profile", "Corral's crash path, step by step (in-process diagnostic)",
          lambda: profile_respawn.run(10 if not ns.quick else 3), profile_respawn.rows),
     ]

@@ -7,16 +7,19 @@ reader over ``mmap`` and the ``gguf`` package's own tables (value types, quant b
 sizes): ``gguf.GGUFReader`` parses every array (262,144 tokenizer strings on the test
 model) into numpy objects and took 26 s here, against milliseconds for this reader.
 
-The figures follow llama.cpp's own arithmetic (checked against ``llama-fit-params`` on the
-test model):
+The figures follow what llama-server allocates (checked against the buffer sizes it logs
+at load, ``bench/fit.py``):
 
 - model: the tensors' bytes;
 - context (KV cache): per layer, cells x KV heads x (key length x K type size + value
   length x V type size). Full-attention layers hold ``-c`` cells (padded to 256);
   sliding-window layers hold, per slot, ``min(c / slots, window + ubatch)``;
-- compute: the larger of the logits (vocab x ubatch x 4) and the attention masks (cells x
-  ubatch x 2; the allocator reuses one's memory for the other) + activations (embedding x
-  ubatch x 4 x 6); without flash attention also the scores (heads x cells x ubatch x 4).
+- compute: the attention masks of one slot (its cells x ubatch x 2, full and window), the
+  output rows (slots x vocab x 4) and the activations of one ubatch (ubatch x 4 x (2 x
+  feed-forward + 4 x embedding + 2 x heads x key length)); without flash attention also the
+  scores (heads x cells x ubatch x 4). ``llama-fit-params`` counts logits for a whole
+  ubatch instead (vocab x ubatch x 4: 512 MiB on the test model), which llama-server does
+  not allocate; so this estimate runs below it by about that much, closer to the truth.
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def estimate(meta: GgufMeta, flags: Mapping[str, str]) -> Estimate:
     for il in range(layers):
         cells = ctx if swa_cells is None or _is_global(meta, il) else swa_cells
         kv_bytes += cells * _kv_per_cell(meta, il, flags)
-    compute = _compute_bytes(meta, flags, ctx, ubatch, swa_cells)
+    compute = _compute_bytes(meta, flags, ctx // slots, ubatch, slots,
+                             None if swa_cells is None else swa_cells // slots)
     need = DeviceNeed(HOST, meta.tensor_bytes / MIB, kv_bytes / MIB, compute / MIB)
     return Estimate((need,), METHOD)
 
@@ -202,17 +206,23 @@ def _kv_per_cell(meta: GgufMeta, il: int, flags: Mapping[str, str]) -> float:
     return int(kv_heads) * (k_len * k_type + v_len * v_type)
 
 
-def _compute_bytes(meta: GgufMeta, flags: Mapping[str, str], ctx: int, ubatch: int,
-                   swa_cells: int | None) -> float:
+def _compute_bytes(meta: GgufMeta, flags: Mapping[str, str], cells: int, ubatch: int,
+                   slots: int, swa_cells: int | None) -> float:
+    """``cells``/``swa_cells``: one slot's (llama-server gives each slot a stream)."""
     embd = int(meta.arch_value("embedding_length", 0))
-    heads = meta.arch_value("attention.head_count", 1)
-    heads = max(heads) if isinstance(heads, list) else int(heads)
-    logits = (meta.vocab or 0) * ubatch * 4
-    masks = (ctx + (swa_cells or 0)) * ubatch * 2
-    activations = embd * ubatch * 4 * 6
+    heads = _largest(meta.arch_value("attention.head_count", 1))
+    ff = _largest(meta.arch_value("feed_forward_length", 4 * embd))
+    k_len = int(meta.arch_value("attention.key_length", embd // max(1, heads)))
+    outputs = slots * (meta.vocab or 0) * 4
+    masks = (cells + (swa_cells or 0)) * ubatch * 2
+    activations = ubatch * 4 * (2 * ff + 4 * embd + 2 * heads * k_len)
     scores = 0 if flags.get("--flash-attn", "auto") in ("on", "auto", "1", "true") \
-        else heads * ctx * ubatch * 4
-    return max(logits, masks) + activations + scores  # the graph reuses one for the other
+        else heads * cells * ubatch * 4
+    return outputs + masks + activations + scores
+
+
+def _largest(value: Any) -> int:
+    return int(max(value)) if isinstance(value, list) else int(value)
 
 
 def _int(value: str | None, default: int) -> int:
