@@ -45,7 +45,9 @@ HELP = """\
 --fake-pidfile PATH                     append own pid (and grandchild pid) to PATH
 --fake-hang-after S                     freeze (SIGSTOP itself) this many seconds after ready
 --fake-log-health                       print a line for each GET /health it answers
+-ngl,  --gpu-layers, --n-gpu-layers N   layers to offload to the GPU
 --fake-props-n-ctx N                    report N as the per-slot n_ctx in /props (a degraded start)
+--fake-offloaded K/M                    log "offloaded K/M layers to GPU" at load
 """
 HEALTH_LOGGED = "fake: GET /health"
 
@@ -73,6 +75,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-hang-after", type=float)
     p.add_argument("--fake-log-health", action="store_true")
     p.add_argument("--fake-props-n-ctx", type=int)
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers")
+    p.add_argument("--fake-offloaded")
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -89,6 +93,8 @@ def main() -> None:
     if ns.fake_exit_at_start is not None:
         print(f"exiting with {ns.fake_exit_at_start} as asked", flush=True)
         sys.exit(ns.fake_exit_at_start)
+    if ns.fake_offloaded:
+        print(f"load_tensors: offloaded {ns.fake_offloaded} layers to GPU", flush=True)
     if ns.model and not os.path.isfile(ns.model):
         print(f"error: failed to load model '{ns.model}'", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -14,6 +14,7 @@ from corral.core.fit import (
     Room,
     SwapMode,
     choose_strategy,
+    fewer_layers_than_asked,
     smaller_than_asked,
     verdict,
 )
@@ -109,3 +110,19 @@ def test_a_start_is_degraded_when_the_total_context_is_below_the_asked(
     assert (why is not None) is degraded
     if why:
         assert why.startswith("came up smaller than asked")
+
+
+@pytest.mark.parametrize(("asked", "line", "degraded"), [
+    ("99", "load_tensors: offloaded 19/19 layers to GPU", False),  # all there are
+    ("10", "load_tensors: offloaded 10/19 layers to GPU", False),
+    ("10", "load_tensors: offloaded 4/19 layers to GPU", True),
+    ("99", "load_tensors: offloaded 0/19 layers to GPU", True),
+    ("auto", "load_tensors: offloaded 4/19 layers to GPU", False),  # --fit may choose
+    (None, "load_tensors: offloaded 4/19 layers to GPU", False),
+    ("10", "nothing about layers", False),  # not logged: not compared
+])
+def test_a_start_is_degraded_when_fewer_layers_were_offloaded_than_asked(
+        asked: str | None, line: str, degraded: bool) -> None:
+    """An explicit -ngl N against llama-server's 'offloaded K/M layers to GPU' line."""
+    why = fewer_layers_than_asked(asked, ["x", line, "y"])
+    assert (why is not None) is degraded

@@ -68,3 +68,13 @@ def test_allow_degraded_keeps_a_smaller_start(tmp_path: Path, model: Path) -> No
         assert r.status_code == 200, r.text
         assert "kept (--allow-degraded)" in sup.log()
         assert sup.status()["memory"]["fit_margin"] == 0.2
+
+
+def test_fewer_gpu_layers_than_asked_is_rolled_back(tmp_path: Path, model: Path) -> None:
+    """-ngl 10 and a log saying 4/19 layers were offloaded: a failed start, rolled back."""
+    with supervisor(tmp_path, FAKE, model, ["-c", "4096"]) as sup:
+        sup.wait_running()
+        r = sup.post({"-ngl": 10, "--fake-offloaded": "4/19"})
+        assert r.status_code == 422, r.text
+        assert "4/19 layers on the GPU, asked -ngl 10" in r.json()["error"]
+        assert "--gpu-layers" not in sup.wait_running()["config"]["args"]

@@ -18,7 +18,7 @@ import httpx
 from corral.child.process import Child, spawn
 from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
-from corral.core.fit import smaller_than_asked
+from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
 from corral.errors import StartFailed
 from corral.seams import Server
 
@@ -65,24 +65,30 @@ class ProcessLauncher:
         return took
 
     async def check_not_degraded(self, server: Server) -> None:
-        """StartFailed if it came up with less context than ``-c`` asked."""
-        asked = asked_context(server.config)
-        if asked is None:
-            return
-        try:
-            reply = await self._http.get(health_url(server.config, "/props"), timeout=5.0)
-            per_slot, slots = props_context(reply.json())
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            log.warning("cannot read /props of pid %d (%s): context not compared",
-                        server.pid, exc)
-            return
-        why = smaller_than_asked(asked, per_slot, slots)
+        """StartFailed if it came up with less context than ``-c`` asked, or fewer GPU
+        layers than ``-ngl`` asked."""
+        ngl = server.config.get("--gpu-layers") or server.config.get("-ngl")
+        why = fewer_layers_than_asked(ngl, server.output.tail(400))
+        why = why or await self._smaller_context(server)
         if why is None:
             return
         if self.allow_degraded:
             log.warning("llama-server (pid %d) %s; kept (--allow-degraded)", server.pid, why)
             return
         raise StartFailed(why, server.output.tail())
+
+    async def _smaller_context(self, server: Server) -> str | None:
+        asked = asked_context(server.config)
+        if asked is None:
+            return None
+        try:
+            reply = await self._http.get(health_url(server.config, "/props"), timeout=5.0)
+            per_slot, slots = props_context(reply.json())
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.warning("cannot read /props of pid %d (%s): context not compared",
+                        server.pid, exc)
+            return None
+        return smaller_than_asked(asked, per_slot, slots)
 
     async def probe(self, server: Server) -> bool:
         return await probe_health(self._http, health_url(server.config))

@@ -22,6 +22,7 @@ This module does no I/O.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -186,6 +187,26 @@ def smaller_than_asked(asked_ctx: int | None, per_slot_ctx: int | None,
     return (f"came up smaller than asked: context {total} ({per_slot_ctx} per slot x "
             f"{max(1, slots or 1)} slots), asked -c {asked_ctx} (llama.cpp's --fit shrinks "
             "to free memory; --allow-degraded accepts this)")
+
+
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+def fewer_layers_than_asked(asked: object, log_lines: Sequence[str]) -> str | None:
+    """A given ``-ngl N`` against the "offloaded K/M layers to GPU" line llama-server logs:
+    why it came up smaller, or None (not asked as a number, not logged, or enough)."""
+    if not isinstance(asked, str) or not asked.isdigit():
+        return None  # auto, all, or not given: --fit may choose
+    for line in reversed(log_lines):
+        if m := _OFFLOADED.search(line):
+            done, total = int(m[1]), int(m[2])
+            wanted = min(int(asked), total)
+            if done >= wanted:
+                return None
+            return (f"came up smaller than asked: {done}/{total} layers on the GPU, asked "
+                    f"-ngl {asked} (llama.cpp's --fit shrinks to free memory; "
+                    "--allow-degraded accepts this)")
+    return None
 
 
 def memory_flags_key(args: Sequence[tuple[str, object]], wanted: frozenset[str]
