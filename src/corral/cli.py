@@ -231,9 +231,6 @@ def _run_supervise(ns: argparse.Namespace) -> int:
         log.error("--swap start-first needs --listen: without the front door the new server "
                   "cannot take the old one's port while it still serves")
         return 2
-    if ns.listen and ns.port is not None:
-        log.warning("--port %d ignored: with --listen, llama-server gets a loopback port of "
-                    "its own; clients use %s", ns.port, ns.listen)
     try:
         settings = Settings(
             ready_timeout_s=ns.ready_timeout, stop_timeout_s=ns.stop_timeout,

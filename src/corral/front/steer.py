@@ -4,6 +4,7 @@ upstreams out."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 from typing import Any
 
@@ -13,6 +14,7 @@ from corral.front.proxy import FrontDoor
 from corral.seams import Server
 
 LOOPBACK = "127.0.0.1"
+log = logging.getLogger("corral")
 
 
 def upstream_of(server: Server) -> Upstream:
@@ -36,6 +38,9 @@ class SteeredFront:
         """Let in-flight requests finish; cut what is left at the timeout (llama-server would
         otherwise ignore the SIGTERM that follows, until the stop timeout's SIGKILL)."""
         upstream = upstream_of(server)
+        if busy := self.door.in_flight(upstream):
+            log.info("draining %d request(s) from llama-server (pid %d) before it stops "
+                     "(up to %.0f s)", busy, server.pid, timeout_s)
         left = await self.door.drain(upstream, timeout_s)
         if left:
             self.door.cut(upstream)
