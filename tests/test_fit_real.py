@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.fixtures_real import HealthWatch
-from tests.harness import corrupt_gguf, supervisor
+from tests.harness import corrupt_gguf, supervisor, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -22,20 +23,26 @@ def llama_servers(supervisor_pid: int) -> set[int]:
 def test_a_context_that_cannot_fit_is_refused_before_anything_stops(
         tmp_path: Path, real_binary: Path, real_model: Path,
         health_watch: type[HealthWatch]) -> None:
-    """-c 33554432: 422 at once with llama.cpp's numbers; the server never stopped (same
+    """-c 33554432: 422 at once with the numbers; the server never stopped (same
     pid, /health 200 throughout, no new llama-server); a normal change then passes."""
     with supervisor(tmp_path, real_binary, real_model, ["-c", "1024"]) as sup:
         pid = sup.wait_running(120)["pid"]
         assert sup.proc is not None
         with health_watch(sup.port) as watch:
+            wait_for(lambda: watch.probes >= 2, 10, "the health watch probing")
+            t = time.monotonic()
             r = sup.post({"-c": 33554432})
+            took = time.monotonic() - t
             assert llama_servers(sup.proc.pid) == {pid}
+            after = watch.probes
+            wait_for(lambda: watch.probes >= after + 2, 10, "probes after the 422")
         assert r.status_code == 422, r.text
         error = r.json()["error"]
         assert "does not fit in memory: needs ~128 GiB: model 0.2 + context 96.0 + compute " \
                "32.0" in error
         assert "available after stopping the running server" in error
         assert watch.probes > 0 and watch.failures == []
+        assert took < 5, f"the 422 took {took:.1f} s"  # the metadata verdict: no fit-params run
         status = sup.status()
         assert status["pid"] == pid and status["restarts"] == 0
         assert status["memory"]["estimate"]["method"] == "llama-fit-params"

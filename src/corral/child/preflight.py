@@ -143,11 +143,24 @@ class Preflight:
             log.warning("%s", warning)
 
     async def fit(self, config: LlamaConfig, running: LlamaConfig | None) -> FitVerdict:
-        """Would ``config`` fit once ``running`` (if any) has stopped and given back its own?"""
-        needs = await self.estimator.estimate(config)
+        """Would ``config`` fit once ``running`` (if any) has stopped and given back its own?
+
+        The metadata estimate (milliseconds) is asked first: it never runs above
+        llama-fit-params' (bench/fit.py), so a misfit by it is a misfit by both, answered at
+        once instead of after seconds of llama-fit-params.
+        """
         freed = await self.estimator.estimate(running) if running is not None else None
         where = "available after stopping the running server" if running else "available"
-        return verdict(needs, self.room().plus(freed), margin=self.fit_margin, where=where)
+        room = self.room().plus(freed)
+        if not self.estimator.is_cached(config):
+            quick = await asyncio.to_thread(self.estimator.estimate_now, config)
+            early = verdict(quick, room, margin=self.fit_margin, where=where)
+            if early.known and not early.fits:
+                log.info("memory: a misfit by the GGUF metadata estimate already; "
+                         "llama-fit-params not asked")
+                return early
+        needs = await self.estimator.estimate(config)
+        return verdict(needs, room, margin=self.fit_margin, where=where)
 
     def room(self) -> Room:
         return Room(self.memory.available(), self.gpu_rooms())
