@@ -198,7 +198,8 @@ class FakeChecks:
     async def catalog(self, binary: str) -> FlagCatalog:
         return FlagCatalog()
 
-    async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
+    async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
+                    fit: bool = True) -> None:
         self.calls.append("check")
         model = config.get("--model")
         if model in self.bad_models:

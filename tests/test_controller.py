@@ -93,6 +93,7 @@ async def test_crash_revives_at_once_holding_requests_meanwhile() -> None:
                                   "revival")
         assert rig.clock.now == pytest.approx(crashed_at + 1.0 + 0.3)  # load + min-healthy only
         assert rig.front.calls[-2:] == [("hold",), ("route", rig.active.pid)]
+        assert rig.checks.calls.count("check") == 1  # a revival skips pre-flight
         status = rig.controller.status()
         assert status.restarts == 1 and "code -9" in (status.last_error or "")
 

@@ -27,11 +27,12 @@ class MemoryChecks(FakeChecks):
         super().__init__()
         self.preflight = preflight
 
-    async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
+    async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
+                    fit: bool = True) -> None:
         await super().check(config, running)
-        fit = await self.preflight.fit(config, running)
-        if fit.known and not fit.fits:
-            raise PreflightFailed(f"does not fit in memory: {fit.reason}")
+        verdict = await self.preflight.fit(config, running)
+        if fit and verdict.known and not verdict.fits:
+            raise PreflightFailed(f"does not fit in memory: {verdict.reason}")
 
     def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
         return self.preflight.side_by_side(running, new)

@@ -73,7 +73,7 @@ class PlanRunner:
             gives_up = prior is State.FATAL or c.settings.backoff.delay_after(
                 c.history.consecutive_failures) is None
             return apply_failure_event(still_serving, old is not None, gives_up)
-        c.last_good = plan.desired
+        c.last_good = c.proven = plan.desired
         c.last_error = None
         self.verdict = Verdict()
         return Event.APPLIED

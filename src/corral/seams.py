@@ -91,8 +91,10 @@ class Checks(Protocol):
 
     async def catalog(self, binary: str) -> FlagCatalog: ...
 
-    async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
-        """Every check; the port only if it differs from ``running``'s. PreflightFailed."""
+    async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
+                    fit: bool = True) -> None:
+        """Every check; the port only if it differs from ``running``'s; the memory fit
+        unless ``fit`` is False (it can take seconds). Raise PreflightFailed."""
         ...
 
     async def check_port(self, config: LlamaConfig) -> None:

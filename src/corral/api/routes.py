@@ -170,7 +170,9 @@ def create_app(controller: Controller, token: str | None = None,
 
 async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Change:
     change = await _parsed_change(controller, raw)
-    await controller.check(apply_change(controller.last_good, change))  # stage 1 (Preflight)
+    # Stage 1 (see Preflight). The memory fit waits for the merged batch (stage 2): it can take
+    # seconds, which would spread a burst of POSTs over several debounce windows.
+    await controller.check(apply_change(controller.last_good, change), fit=False)
     return change
 
 

@@ -130,15 +130,18 @@ class Preflight:
     async def catalog(self, binary: str) -> FlagCatalog:
         return await self.catalogs.get(binary)
 
-    async def check(self, config: LlamaConfig, running: LlamaConfig | None) -> None:
+    async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
+                    fit: bool = True) -> None:
         check_static(config, await self.catalog(config.binary))
         if not self.picks_ports and (running is None or not same_address(config, running)):
             check_config_port(config)
-        fit = await self.fit(config, running)
-        if not fit.known:
-            log.warning("memory not checked (%s): the start decides", fit.reason)
-        elif not fit.fits:
-            raise PreflightFailed(f"does not fit in memory: {fit.reason}")
+        if not fit:
+            return
+        fit_ok = await self.fit(config, running)
+        if not fit_ok.known:
+            log.warning("memory not checked (%s): the start decides", fit_ok.reason)
+        elif not fit_ok.fits:
+            raise PreflightFailed(f"does not fit in memory: {fit_ok.reason}")
         for warning in self.warnings(config):
             log.warning("%s", warning)
 
