@@ -18,6 +18,7 @@ and a bare TCP splice (the floor for any Python proxy). When ``corral supervise 
 exists, ``CorralFront.argv`` is the one line to change.
 
     .venv/bin/python -m bench.front_door [--rounds 3] [--seconds 3] [--alternatives]
+        [--no-streams] [--budget-s 900]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import shutil
 import statistics
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.report import cli, loadavg, log
+from bench.report import RESULTS, cli, loadavg, log, write_json
 from bench.supervisors import BareServer, temp_dir
 from tests.harness import free_port
 
@@ -55,6 +57,7 @@ class Contender:
     def __init__(self, upstream: int) -> None:
         self.upstream = upstream
         self.port = upstream
+        self.pid: int | None = None
 
     def argv(self, tmp: Path) -> list[str] | None:
         """The command that serves ``self.port`` (None: nothing to start)."""
@@ -71,6 +74,7 @@ class Contender:
         with open(tmp / f"{self.name}.log", "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err)
+        self.pid = proc.pid
         try:
             _wait_200(self.port, proc, 30)
             yield self
@@ -168,17 +172,32 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk_health(port: int, conc: int, seconds: float) -> dict[str, float]:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of ``pid`` so far (0 for None)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_health(port: int, conc: int, seconds: float, pid: int | None) -> dict[str, float]:
+    """wrk on /health; with the proxy's ``pid``, also its CPU time per request."""
     threads = 1 if conc == 1 else 2
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{conc}", f"-d{seconds:g}s", "--latency",
                           f"http://127.0.0.1:{port}/health"],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    cpu = cpu_seconds(pid) - cpu0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:(.*)", out)
-    return {"p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "bad": float(int(non2xx.group(1)) if non2xx else 0) + (1.0 if errors else 0.0)}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    result = {"p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
+              "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+              "bad": float(int(non2xx.group(1)) if non2xx else 0) + (1.0 if errors else 0.0)}
+    if pid is not None and requests:
+        result["cpu_us_per_req"] = cpu / requests * 1e6
+    return result
 
 
 def stream_once(port: int) -> tuple[float, float]:
@@ -234,12 +253,12 @@ def streams(port: int, conc: int, per_client: int) -> dict[str, float]:
             "tok_s": statistics.median(r[1] for r in results)}
 
 
-def one_round(c: Contender, seconds: float) -> dict[str, float]:
+def one_round(c: Contender, seconds: float, with_streams: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     for conc in (1, 16):
-        for k, v in wrk_health(c.port, conc, seconds).items():
+        for k, v in wrk_health(c.port, conc, seconds, c.pid).items():
             out[f"health_c{conc}_{k}"] = v
-    for conc, per_client in ((1, 3), (4, 2)):
+    for conc, per_client in ((1, 2), (4, 1)) if with_streams else ():
         for k, v in streams(c.port, conc, per_client).items():
             out[f"stream_c{conc}_{k}"] = v
     return out
@@ -247,15 +266,20 @@ def one_round(c: Contender, seconds: float) -> dict[str, float]:
 
 # ---- the run ------------------------------------------------------------------------------
 
-def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False) -> dict[str, Any]:
+def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
+        streams: bool = True, budget_s: float = 900.0) -> dict[str, Any]:
+    """``rounds`` interleaved rounds, fewer if ``budget_s`` runs out (at least one). The
+    figures so far are written to bench/results/front_door.json after every round."""
     kinds: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
     if alternatives:
         kinds += [CorralFrontUvloop, AiohttpPair, Splice]
     if shutil.which("haproxy") is None:
         log("front_door: haproxy is not installed; measuring without it")
         kinds.remove(HAProxy)
-    la = loadavg()
-    per: dict[str, list[dict[str, float]]] = {}
+    result: dict[str, Any] = {"rounds": 0, "seconds": seconds, "llama_server_args": LLAMA_ARGS,
+                              "n_predict": N_PREDICT, "loadavg_before": loadavg()}
+    per: dict[str, list[dict[str, Any]]] = {}
+    started = time.monotonic()
     with temp_dir("front") as tmp:
         port = free_port()
         server = BareServer([*_model_args(), *LLAMA_ARGS], port)
@@ -265,29 +289,55 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False) -> di
             with contextlib.ExitStack() as stack:
                 contenders = [stack.enter_context(k(port).running(tmp)) for k in kinds]
                 for r in range(rounds):
+                    if r and time.monotonic() - started > budget_s:
+                        log(f"front_door: {budget_s:g} s spent; stopping after {r} rounds")
+                        break
                     for c in contenders:
                         log(f"front_door: round {r + 1}/{rounds}: {c.name}")
-                        per.setdefault(c.name, []).append(one_round(c, seconds))
+                        per.setdefault(c.name, []).append(_measure(c, seconds, streams))
+                    result.update(rounds=r + 1, summary=summarize(per), runs=per,
+                                  loadavg_after=loadavg())
+                    write_json(RESULTS / "front_door.json", result)
         finally:
             server.stop()
-    summary = {name: {k: round(statistics.median(x[k] for x in runs), 3) for k in runs[0]}
-               for name, runs in per.items()}
+    return result
+
+
+def _measure(c: Contender, seconds: float, with_streams: bool) -> dict[str, Any]:
+    try:
+        return one_round(c, seconds, with_streams)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+        log(f"front_door: {c.name} failed this round: {exc!r}")
+        return {"error": repr(exc)}
+
+
+def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """Medians over rounds; "added" and "vs direct" pair each round with direct's same round
+    (rounds where either lacks the figure are left out)."""
+    def median(values: list[float], digits: int) -> float | None:
+        return round(statistics.median(values), digits) if values else None
+
     direct = per["direct"]
+    keys = sorted({k for runs in per.values() for r in runs for k in r if k != "error"})
+    out: dict[str, dict[str, float | None]] = {}
     for name, runs in per.items():
+        s = out[name] = {k: median([r[k] for r in runs if k in r], 3) for k in keys}
+
+        def paired(key: str, op: Callable[[float, float], float], digits: int,
+                   runs: list[dict[str, Any]] = runs) -> float | None:
+            return median([op(r[key], d[key]) for r, d in zip(runs, direct, strict=True)
+                           if key in r and key in d], digits)
+
         for conc in (1, 16):
-            key = f"health_c{conc}_p50_ms"
-            added = [x[key] - d[key] for x, d in zip(runs, direct, strict=True)]
-            summary[name][f"health_c{conc}_added_p50_ms"] = round(statistics.median(added), 3)
+            s[f"health_c{conc}_added_p50_ms"] = paired(
+                f"health_c{conc}_p50_ms", lambda a, b: a - b, 3)
         for conc in (1, 4):
-            key = f"stream_c{conc}_tok_s"
-            ratio = [x[key] / d[key] for x, d in zip(runs, direct, strict=True)]
-            summary[name][f"stream_c{conc}_tok_s_vs_direct"] = round(statistics.median(ratio), 4)
-            key = f"stream_c{conc}_ttft_ms"
-            added = [x[key] - d[key] for x, d in zip(runs, direct, strict=True)]
-            summary[name][f"stream_c{conc}_ttft_added_ms"] = round(statistics.median(added), 2)
-    return {"rounds": rounds, "seconds": seconds, "llama_server_args": LLAMA_ARGS,
-            "n_predict": N_PREDICT, "summary": summary, "runs": per,
-            "loadavg_before": la, "loadavg_after": loadavg()}
+            s[f"stream_c{conc}_tok_s_vs_direct"] = paired(
+                f"stream_c{conc}_tok_s", lambda a, b: a / b, 4)
+            s[f"stream_c{conc}_ttft_added_ms"] = paired(
+                f"stream_c{conc}_ttft_ms", lambda a, b: a - b, 2)
+        s["failed_rounds"] = sum(1 for r in runs if "error" in r)
+    return out
 
 
 def _model_args() -> list[str]:
@@ -301,7 +351,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     out = [("", "  ".join(f"{n:>14}" for n in s))]
 
     def line(label: str, key: str, fmt: str) -> None:
-        out.append((label, "  ".join(f"{format(s[n][key], fmt):>14}" for n in s)))
+        cells = (s[n].get(key) for n in s)
+        out.append((label, "  ".join(f"{'-' if v is None else format(v, fmt):>14}"
+                                     for v in cells)))
 
     line("/health c=1 p50 ms", "health_c1_p50_ms", ".3f")
     line("/health c=1 added p50 ms", "health_c1_added_p50_ms", "+.3f")
@@ -311,18 +363,22 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     line("/health c=16 added p50 ms", "health_c16_added_p50_ms", "+.3f")
     line("/health c=16 p99 ms", "health_c16_p99_ms", ".3f")
     line("/health c=16 req/s", "health_c16_rps", ".0f")
+    line("/health c=16 proxy CPU us/request", "health_c16_cpu_us_per_req", ".1f")
     for conc in (1, 4):
+        if all(v.get(f"stream_c{conc}_tok_s") is None for v in s.values()):
+            continue
         line(f"stream c={conc} first token ms", f"stream_c{conc}_ttft_ms", ".1f")
         line(f"stream c={conc} first token added ms", f"stream_c{conc}_ttft_added_ms", "+.2f")
         line(f"stream c={conc} tokens/s", f"stream_c{conc}_tok_s", ".1f")
         line(f"stream c={conc} tokens/s vs direct", f"stream_c{conc}_tok_s_vs_direct", ".1%")
+    line("failed rounds", "failed_rounds", "d")
     return out
 
 
 def main() -> int:
     return cli(__doc__, run, rows, lambda r: f"Front door cost (medians of {r['rounds']} "
                f"interleaved rounds, {r['seconds']:g} s of wrk each)",
-               rounds=3, seconds=3.0, alternatives=False)
+               rounds=3, seconds=3.0, alternatives=False, streams=True, budget_s=900.0)
 
 
 if __name__ == "__main__":
