@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, apply, coalesce, fit, footprint, profile_respawn, respawn
+from bench import api, apply, coalesce, fit, footprint, front_door, profile_respawn, respawn
 from bench.report import RESULTS, loadavg, log, machine, print_rows, write_json
 from bench.supervisors import BASE_ARGS
 
@@ -45,6 +45,9 @@ def main() -> int:
         ("fit", "6. memory estimates vs llama-server's logged buffers (MiB)", fit.run, fit.rows),
         ("respawn_profile", "Corral's crash path, step by step (in-process diagnostic)",
          lambda: profile_respawn.run(10 if not ns.quick else 3), profile_respawn.rows),
+        ("front_door", "7. the front door: direct vs Corral vs HAProxy (medians of rounds)",
+         lambda: front_door.run(rounds=1 if ns.quick else 3, seconds=2.0 if ns.quick else 3.0),
+         front_door.rows),
     ]
     failed = []
     for key, _, fn, _ in sections:
