@@ -210,20 +210,23 @@ class Controller:
         batch = self._debouncer.take(now)
         persist = any(r.source != "fleet" for r in batch)  # a fleet config is stored already
         changes = [r.change for r in batch]
-        strategy = self._strategy(desired_config(self.last_good, changes))
-        plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
-        if plan.is_noop:
+        desired = desired_config(self.last_good, changes)
+        if desired is self.last_good and is_serving(self.state):
             log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
             for r in batch:
                 r.finish(Outcome.APPLIED, self.last_good)
             return None
         try:
-            await self.check(plan.desired)  # stage 2: the merged batch (see Preflight)
+            # Stage 2: the merged batch (see Preflight); it also caches the memory estimate
+            # that --swap auto then weighs.
+            await self.check(desired)
         except PreflightFailed as exc:
             log.warning("batch of %d change(s) rejected before any restart: %s", len(batch), exc)
             for r in batch:
                 r.finish(Outcome.REJECTED, self.last_good, str(exc))
             return None
+        strategy = self._strategy(desired)
+        plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
         self._batch, self._plan, self._prior = batch, plan, self.state
         return Event.BATCH
 
