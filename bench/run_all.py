@@ -17,7 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, apply, coalesce, fit, footprint, front_door, profile_respawn, respawn
+from bench import (
+    api,
+    apply,
+    coalesce,
+    fit,
+    footprint,
+    front_applies,
+    front_door,
+    profile_respawn,
+    respawn,
+)
 from bench.report import RESULTS, loadavg, log, machine, print_rows, write_json
 from bench.supervisors import BASE_ARGS
 
@@ -48,6 +58,11 @@ def main() -> int:
         ("front_door", "7. the front door: direct vs Corral vs HAProxy (medians of rounds)",
          lambda: front_door.run(rounds=1 if ns.quick else 3, seconds=2.0 if ns.quick else 3.0),
          front_door.rows),
+        ("front_applies", f"8. applies under load through the front door ({3 if ns.quick else 10} "
+         "per strategy, 4 clients)",
+         lambda: front_applies.run(applies=3 if ns.quick else 10, seconds=300.0 if ns.quick
+                                   else 900.0, quiet_s=2.0 if ns.quick else 3.0),
+         front_applies.rows),
     ]
     failed = []
     for key, _, fn, _ in sections:
