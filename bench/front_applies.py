@@ -29,9 +29,11 @@ Per strategy:
   old server is gone and the new one not yet routed to). It is what a client waiting in the
   queue sees: Corral's own probe interval (10 ms) and its probe's latency, the release, the
   forward, llama-server's answer (a /health is ~1 ms; a completion tens of ms), the client
-  reading it. It is an upper bound on "after Corral sees /health 200", which no log line
-  marks (Corral logs "ready" only after min-healthy, 0.3 s later). The flip to 200 happened
-  between the previous probe and this one: ``probe_gap`` is that uncertainty.
+  reading it. The flip to 200 happened between the previous probe and this one
+  (``probe_gap``, 1-8 ms when the machine is busy): the delay from the flip is the figure
+  plus 0..probe_gap. Against "after Corral sees /health 200" (no log line marks that
+  instant; Corral logs "ready" only after min-healthy, 0.3 s later) the figure is high by
+  Corral's own probe wait (0-10 ms) and low by at most probe_gap.
 
 Each apply also keeps its steps from Corral's log (``log_ms``: applying, draining, stopped,
 started, ready, in ms after the POST) and its three slowest requests; the whole log is
