@@ -26,7 +26,7 @@ from bench.supervisors import temp_dir
 from corral.core.args import LlamaConfig
 from corral.core.fit import Estimate
 from corral.sense.estimate import Estimator
-from tests.harness import free_port, wait_for
+from tests.harness import end_process, free_port, wait_for
 
 CONTEXTS = (2048, 8192, 32768)
 SLOTS = (1, 4)
@@ -92,8 +92,7 @@ def _measure(binary: Path, model: Path, ctx: int, np_: int, tmp: Path) -> dict[s
         httpx.post(f"{url}/completion", json={"prompt": "Hi", "n_predict": 4}, timeout=60)
         rss = _rss(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        end_process(proc, 30)
     return {"logged": _logged_buffers(out.read_text(errors="replace")), "rss": rss}
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from bench.report import RESULTS, cli, loadavg, log, write_json
 from bench.supervisors import BareServer, temp_dir
-from tests.harness import free_port
+from tests.harness import end_process, free_port
 
 LLAMA_ARGS = ["-c", "4096", "-np", "4"]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -79,12 +79,7 @@ class Contender:
             _wait_200(self.port, proc, 30)
             yield self
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            end_process(proc, 10)
 
 
 class Direct(Contender):

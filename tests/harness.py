@@ -37,6 +37,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def end_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM ``proc``, SIGKILL it after ``timeout``; always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def wait_for(condition: Callable[[], T], timeout: float, what: str,
              interval: float = 0.02) -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from corral.front import FrontDoor, FrontSettings, Upstream
-from tests.harness import free_port
+from tests.harness import end_process, free_port
 
 pytestmark = pytest.mark.real
 DEADLINE = 60.0
@@ -34,15 +34,10 @@ def llama(real_binary: Path, real_model: Path) -> Iterator[Upstream]:
         while not _healthy(port):
             assert proc.poll() is None, f"llama-server exited with {proc.returncode}"
             assert time.monotonic() < deadline, "llama-server not ready within 120 s"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling a condition with a deadline, not a settle sleep
         yield Upstream("127.0.0.1", port, 1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        end_process(proc)
 
 
 def _healthy(port: int) -> bool:

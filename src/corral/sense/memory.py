@@ -7,7 +7,6 @@ cgroup v2 (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +28,6 @@ class MemorySource:
         limit = cgroup_room(self.cgroup_root, self.self_cgroup)
         known = [v for v in (host, limit) if v is not None]
         return min(known) if known else None
-
-
-def mem_available(proc: Path = Path("/proc/meminfo"), cgroup: Path = CGROUP) -> int | None:
-    return MemorySource(proc, cgroup).available()
 
 
 def meminfo_available(path: Path) -> int | None:
@@ -72,11 +67,4 @@ def _room(group: Path, limit_file: str, usage_file: str) -> int | None:
             return None
         return max(0, int(limit) - int((group / usage_file).read_text()))
     except (OSError, ValueError):
-        return None
-
-
-def file_size(path: object) -> int | None:
-    try:
-        return os.stat(str(path)).st_size if isinstance(path, str) else None
-    except OSError:
         return None
