@@ -208,6 +208,15 @@ class FakeChecks:
     async def check_port(self, config: LlamaConfig) -> None:
         self.calls.append("port")
 
+    async def fit(self, config: LlamaConfig, running: LlamaConfig | None) -> FitVerdict:
+        return FitVerdict(True, "fake memory check", known=False)
+
+    def warnings(self, config: LlamaConfig) -> list[str]:
+        return []
+
+    def memory_view(self, config: LlamaConfig) -> dict[str, Any] | None:
+        return None
+
     def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
         return FitVerdict(self.fits, "fake memory check")
 

@@ -225,19 +225,22 @@ class Controller:
             for r in batch:
                 r.finish(Outcome.REJECTED, self.last_good, str(exc))
             return None
-        strategy = self._strategy(desired)
+        strategy, why = self.strategy_for(desired)
+        if self.settings.swap is SwapMode.AUTO:
+            log.info("--swap auto chose %s: %s", strategy.value, why)
         plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
         self._batch, self._plan, self._prior = batch, plan, self.state
         return Event.BATCH
 
-    def _strategy(self, desired: LlamaConfig) -> Strategy:
+    def strategy_for(self, desired: LlamaConfig) -> tuple[Strategy, str]:
+        """How an apply of ``desired`` would swap servers now, and why."""
         mode, active = self.settings.swap, self.slots.live(Slot.ACTIVE)
-        if mode is not SwapMode.AUTO or active is None or desired == self.last_good:
-            return choose_strategy(mode, None)
+        if mode is not SwapMode.AUTO:
+            return choose_strategy(mode, None), f"--swap {mode.value}"
+        if active is None or desired == self.last_good:
+            return choose_strategy(mode, None), "no server is running"
         verdict = self.checks.side_by_side(active.config, desired)
-        strategy = choose_strategy(mode, verdict)
-        log.info("--swap auto chose %s: %s", strategy.value, verdict.reason)
-        return strategy
+        return choose_strategy(mode, verdict), f"--swap auto: {verdict.reason}"
 
     # ---- starting ------------------------------------------------------------------------
 

@@ -101,6 +101,19 @@ class Checks(Protocol):
         """The port alone: it is free only once the server that held it has stopped."""
         ...
 
+    async def fit(self, config: LlamaConfig, running: LlamaConfig | None) -> FitVerdict:
+        """Would ``config`` fit once ``running`` (if any) has stopped? A verdict with numbers,
+        or ``known=False`` when nothing could estimate it."""
+        ...
+
+    def warnings(self, config: LlamaConfig) -> list[str]:
+        """What is allowed but probably not meant (more context than trained, ...)."""
+        ...
+
+    def memory_view(self, config: LlamaConfig) -> dict[str, Any] | None:
+        """For ``/v1/status``: the cached estimate of ``config`` and what is available."""
+        ...
+
     def side_by_side(self, running: LlamaConfig, new: LlamaConfig) -> FitVerdict:
         """Would ``new`` fit in memory while ``running`` keeps serving?"""
         ...

@@ -84,9 +84,8 @@ def status_of(c: Controller) -> Status:
 
 
 def _memory(c: Controller) -> dict[str, Any] | None:
-    """The checks' view of memory, if they have one (the real pre-flight does; cheap)."""
-    view = getattr(c.checks, "memory_view", None)
-    return view(c.last_good) if callable(view) else None
+    """The checks' view of memory for the running config (cached: cheap)."""
+    return c.checks.memory_view(c.last_good)
 
 
 def _server_status(c: Controller, server: Server | None) -> ServerStatus | None:
