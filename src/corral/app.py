@@ -218,12 +218,17 @@ async def supervise(opts: Options) -> int:
     log.info("config store: %s, name %r", opened.description, name)
     store, pinned = local_view(opened, from_cli, opts.listen)
     lock_path, pid_path = instance_files(opts.state_dir, opened, name, instance_key(opts, from_cli))
-    lock = InstanceLock(lock_path)
-    lock.acquire()
-    sock = bind_api(host, api_port)
-    listen_sock = bind_listen(opts.listen) if opts.listen else None
-    door = FrontDoor(listen_sock, opts.front) if listen_sock else None
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, whatever fails
+        cleanup.push_async_callback(store.close)
+        lock = InstanceLock(lock_path)
+        lock.acquire()
+        cleanup.callback(lock.release)
+        sock = bind_api(host, api_port)
+        cleanup.callback(sock.close)
+        listen_sock = bind_listen(opts.listen) if opts.listen else None
+        if listen_sock is not None:
+            cleanup.callback(listen_sock.close)
+        door = FrontDoor(listen_sock, opts.front) if listen_sock else None
         startup = await choose_startup(store, name, from_cli)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
@@ -247,12 +252,6 @@ async def supervise(opts: Options) -> int:
 
             fleet = FleetSync(controller, store, opened, name, f"{host}:{api_port}")
         await _run_until_signal(controller, server, sock, fleet, door)
-    finally:
-        sock.close()
-        if listen_sock is not None:
-            listen_sock.close()
-        await store.close()
-        lock.release()
     log.info("supervisor stopped")
     return 0
 
