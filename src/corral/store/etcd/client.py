@@ -37,8 +37,11 @@ __all__ = [
     "JSON",
     "EtcdClient",
     "KeyValue",
+    "Compare",
     "LeaseNotFound",
+    "Op",
     "Range",
+    "TxnResult",
     "WatchEvent",
 ]
 
@@ -70,6 +73,7 @@ class KeyValue:
     value: bytes
     mod_revision: int
     lease: int = 0
+    create_revision: int = 0
 
     @staticmethod
     def from_json(raw: JSON) -> KeyValue:
@@ -78,6 +82,7 @@ class KeyValue:
             _unb64(raw.get("value", "")),
             int(raw.get("mod_revision", 0)),
             int(raw.get("lease", 0)),
+            int(raw.get("create_revision", 0)),
         )
 
 
@@ -92,6 +97,77 @@ class Range:
 class WatchEvent:
     kind: Literal["PUT", "DELETE"]
     kv: KeyValue
+
+
+@dataclass(frozen=True)
+class Compare:
+    """One guard of a transaction: ``key``'s ``target`` (``"MOD"``, ``"CREATE"``, ``"VALUE"``)
+    ``result`` (``"EQUAL"``, ``"LESS"``, ...) ``value``. A missing key has revisions 0."""
+
+    key: str
+    target: Literal["MOD", "CREATE", "VERSION", "VALUE"]
+    value: int | bytes
+    result: Literal["EQUAL", "NOT_EQUAL", "GREATER", "LESS"] = "EQUAL"
+
+    @staticmethod
+    def unchanged(key: str, mod_revision: int) -> Compare:
+        """``key`` is as last read (``mod_revision`` 0: it still does not exist)."""
+        return Compare(key, "MOD", mod_revision)
+
+    @staticmethod
+    def absent(key: str) -> Compare:
+        return Compare(key, "CREATE", 0)
+
+    def to_json(self) -> JSON:
+        field = {"MOD": "mod_revision", "CREATE": "create_revision", "VERSION": "version",
+                 "VALUE": "value"}[self.target]
+        value = _b64(self.value) if isinstance(self.value, bytes) else str(self.value)
+        return {"key": _b64(self.key), "target": self.target, "result": self.result,
+                field: value}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a transaction: a put, a delete, or a read."""
+
+    kind: Literal["put", "delete", "range"]
+    key: str
+    value: bytes = b""
+    lease: int = 0
+    prefix: bool = False
+
+    @staticmethod
+    def put(key: str, value: bytes | str, lease: int = 0) -> Op:
+        return Op("put", key, value.encode() if isinstance(value, str) else value, lease)
+
+    @staticmethod
+    def delete(key: str) -> Op:
+        return Op("delete", key)
+
+    @staticmethod
+    def get(key: str, *, prefix: bool = False) -> Op:
+        return Op("range", key, prefix=prefix)
+
+    def to_json(self) -> JSON:
+        body: JSON = {"key": _b64(self.key)}
+        if self.prefix:
+            body["range_end"] = _b64(_prefix_end(self.key.encode()))
+        if self.kind == "put":
+            body["value"] = _b64(self.value)
+            if self.lease:
+                body["lease"] = str(self.lease)
+        name = {"put": "request_put", "delete": "request_delete_range",
+                "range": "request_range"}[self.kind]
+        return {name: body}
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    """The store's revision after the transaction (that of its writes, if it wrote)."""
+    ranges: tuple[Range, ...]
+    """What the transaction's reads returned, in order."""
 
 
 class EtcdClient:
@@ -151,6 +227,14 @@ class EtcdClient:
             body["range_end"] = _b64(_prefix_end(key.encode()))
         return await self._call("/v3/kv/deleterange", body, lambda d: int(d.get("deleted", 0)))
 
+    async def txn(self, compare: list[Compare], success: list[Op],
+                  failure: list[Op] | None = None) -> TxnResult:
+        """If every ``compare`` holds, do ``success``, else ``failure``: atomically."""
+        body: JSON = {"compare": [c.to_json() for c in compare],
+                      "success": [op.to_json() for op in success],
+                      "failure": [op.to_json() for op in failure or []]}
+        return await self._call("/v3/kv/txn", body, _parse_txn)
+
     async def lease_grant(self, ttl: int) -> int:
         return await self._call("/v3/lease/grant", {"TTL": str(ttl)}, lambda d: int(d["ID"]))
 
@@ -168,11 +252,16 @@ class EtcdClient:
     async def lease_revoke(self, lease: int) -> None:
         await self._call("/v3/lease/revoke", {"ID": str(lease)}, lambda d: None)
 
-    async def watch(self, key: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
-        """Events on ``key`` from ``start_revision`` on, until it fails: it only ever ends by
-        raising StoreUnavailable (connection lost, probe failed, or canceled by etcd)."""
+    async def watch(self, key: str, start_revision: int, *,
+                    prefix: bool = False) -> AsyncGenerator[WatchEvent, None]:
+        """Events on ``key`` (or every key under it) from ``start_revision`` on, until it
+        fails: it only ever ends by raising StoreUnavailable (connection lost, probe failed,
+        or canceled by etcd)."""
         url = self._urls[self._current]
-        body = {"create_request": {"key": _b64(key), "start_revision": str(start_revision)}}
+        request: JSON = {"key": _b64(key), "start_revision": str(start_revision)}
+        if prefix:
+            request["range_end"] = _b64(_prefix_end(key.encode()))
+        body = {"create_request": request}
         try:
             async with contextlib.AsyncExitStack() as stack:
                 async with asyncio.timeout(self._timeout):
@@ -315,6 +404,12 @@ def _parse_endpoints(addr: str) -> list[str]:
 def _parse_range(data: JSON) -> Range:
     kvs = tuple(KeyValue.from_json(kv) for kv in data.get("kvs", []))
     return Range(kvs, _revision(data))
+
+
+def _parse_txn(data: JSON) -> TxnResult:
+    ranges = tuple(_parse_range(r["response_range"]) for r in data.get("responses", [])
+                   if "response_range" in r)
+    return TxnResult(bool(data.get("succeeded", False)), _revision(data), ranges)
 
 
 def _revision(data: JSON) -> int:
