@@ -19,13 +19,23 @@ The driver has four parts, each with the details in its own docstring:
 
 from __future__ import annotations
 
-from corral.store.etcd.client import EtcdClient, KeyValue, LeaseNotFound, Range, WatchEvent
+from corral.store.etcd.client import (
+    AuthFailed,
+    EtcdClient,
+    EtcdTLS,
+    KeyValue,
+    LeaseNotFound,
+    Range,
+    WatchEvent,
+)
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.etcd.registration import Registration
 from corral.store.etcd.store import EtcdStore
 
 __all__ = [
+    "AuthFailed",
     "EtcdClient",
+    "EtcdTLS",
     "EtcdStore",
     "KeyValue",
     "LeaseNotFound",

@@ -28,6 +28,7 @@ from corral.store.etcd.client import (
     DEFAULT_TIMEOUT,
     JSON,
     EtcdClient,
+    EtcdTLS,
     KeyValue,
 )
 from corral.store.etcd.codec import _escape, _unescape, decode_config, encode_config
@@ -50,8 +51,14 @@ class EtcdStore:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        tls: EtcdTLS | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
-        self._client = EtcdClient(addr, timeout=timeout, probe_interval=probe_interval)
+        """``tls``, ``user`` and ``password`` go to :class:`EtcdClient` (TLS and etcd auth;
+        without ``password`` a ``user``'s comes from ``$CORRAL_ETCD_PASSWORD``)."""
+        self._client = EtcdClient(addr, timeout=timeout, probe_interval=probe_interval,
+                                  tls=tls, user=user, password=password)
         self._prefix = prefix.rstrip("/")
         self._seen: dict[str, int] = {}  # name -> revision as of which we know its value
 
