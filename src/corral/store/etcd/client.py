@@ -260,7 +260,8 @@ class EtcdClient:
             raise UsageError(f"etcd TLS options given but {endpoints!r} names an http:// "
                              "endpoint: use https:// or no scheme")
         self._tls = tls
-        verify: ssl.SSLContext | bool = tls.context() if tls else True
+        self._ssl: ssl.SSLContext | None = tls.context() if tls else None
+        verify: ssl.SSLContext | bool = self._ssl or True
         if user is not None and password is None:
             password = os.environ.get(PASSWORD_ENV)
             if password is None:
@@ -399,6 +400,8 @@ class EtcdClient:
                                        f"{exc}") from exc
             except (_Unreachable, httpx.HTTPError, TimeoutError, ValueError, KeyError) as exc:
                 reason = _describe(exc, self._tls)
+                if isinstance(exc, httpx.HTTPError):
+                    reason = str(await self._classify(url, exc))
                 self._failed(f"{url}: {reason}")
                 self._rotate()
                 raise StoreUnavailable(f"watch on {key} at etcd {url} broke: {reason}") from exc
@@ -526,11 +529,45 @@ class EtcdClient:
         except TimeoutError as exc:
             raise _Unreachable(f"no answer within {self._timeout:g} s") from exc
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, self._tls) from exc
+            raise await self._classify(url, exc) from exc
         data = _json_or_none(response.content)
         if isinstance(data, dict) and response.status_code == 200 and "error" not in data:
             return data
         _raise_for_answer(url, path, response.status_code, data, response.text, self._user)
+
+    async def _classify(self, url: str, exc: httpx.HTTPError) -> _Unreachable:
+        """What a transport error means, looking closer at https connections that broke."""
+        error = _transport_error(exc, self._tls)
+        if (isinstance(error, _TLSFailed) or not url.startswith("https://")
+                or not isinstance(exc, httpx.ReadError | httpx.WriteError
+                                  | httpx.RemoteProtocolError)):
+            return error
+        # A server that refuses our client certificate (or its absence) alerts after the
+        # TLS 1.3 handshake, and the request's write often fails first with a bare broken
+        # pipe: open a bare TLS connection and read what the server says.
+        diagnosis = await self._tls_alert(url)
+        if diagnosis is None:
+            return error
+        return _transport_error(httpx.ConnectError(str(diagnosis)), self._tls, diagnosis)
+
+    async def _tls_alert(self, url: str) -> ssl.SSLError | None:
+        """The TLS alert ``url`` sends right after a handshake, if any."""
+        target = httpx.URL(url)
+        host, port = target.host, target.port or 443
+        try:
+            async with asyncio.timeout(min(self._timeout, 1.0)):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=self._ssl or ssl.create_default_context(),
+                    server_hostname=host)
+                try:
+                    await reader.read(1)
+                finally:
+                    writer.close()
+        except ssl.SSLError as alert:
+            return alert
+        except (OSError, TimeoutError):
+            pass
+        return None
 
     def _succeeded(self) -> None:
         if not self._connected:
@@ -590,9 +627,10 @@ def _raise_for_answer(url: str, path: str, status: int, data: Any, text: str,
     raise StoreUnavailable(f"etcd at {url} refused {path}: {message}")
 
 
-def _transport_error(exc: httpx.HTTPError, tls: EtcdTLS | None) -> _Unreachable:
+def _transport_error(exc: httpx.HTTPError, tls: EtcdTLS | None,
+                     cause: BaseException | None = None) -> _Unreachable:
     """The failure of one request, telling TLS handshake failures from the network."""
-    cause: BaseException | None = exc
+    cause = cause or exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
