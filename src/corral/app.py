@@ -28,8 +28,10 @@ from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.controller import Controller
 from corral.core.args import LlamaConfig, parse_argv
-from corral.defaults import TOKEN_ENV
+from corral.defaults import TOKEN_ENV, instance_id
 from corral.errors import PreflightFailed, StoreUnavailable, UsageError
+from corral.fleet.rollout import RolloutSettings
+from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
 from corral.front.steer import SteeredFront, place_on_loopback
 from corral.settings import Settings, Startup
@@ -58,26 +60,33 @@ class Options:
     cli_flags: list[str] = field(default_factory=list)
     listen: str | None = None  # the front door's address
     front: FrontSettings = field(default_factory=FrontSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    local_port: bool = False  # --port/--host are this instance's own, even in a fleet
 
 
 PRIVATE_WITH_LISTEN = ("--port", "--host")
 
 
-def local_view(opened: ConfigStore, from_cli: LlamaConfig,
-               listen: str | None) -> tuple[ConfigStore, dict[str, str]]:
+def local_view(opened: ConfigStore, from_cli: LlamaConfig, listen: str | None,
+               local_port: bool = False) -> tuple[ConfigStore, dict[str, str]]:
     """The store as this instance sees it, and the flags the API may not change.
 
-    In a fleet the config is shared, but --port/--host stay this instance's own; with
-    --listen they are Corral's (a loopback port per start) and never stored.
+    In a fleet the config is shared, port included (the stored config wins, as with the
+    file driver), and the command line's port fills in for configs stored without one.
+    With --local-port, --port/--host stay this instance's own; with --listen they are
+    Corral's (a loopback port per start). Either way they are then never stored.
     """
+    why = ""
     if listen:
         why = (f"with --listen Corral picks llama-server's port and host itself; clients "
                f"use {listen}")
         overrides = LocalOverrides((), frozenset(PRIVATE_WITH_LISTEN))
-    elif isinstance(opened, EtcdStore):
-        why = ("it is set per instance in a fleet; restart this supervisor with another "
-               "--port/--host to change it")
+    elif isinstance(opened, PublishingStore | EtcdStore) and local_port:
+        why = ("it is this instance's own (--local-port); restart this supervisor with "
+               "another --port/--host to change it")
         overrides = LocalOverrides.from_config(from_cli)
+    elif isinstance(opened, PublishingStore | EtcdStore):
+        overrides = LocalOverrides.shared_port(from_cli)
     else:
         return opened, {}
     store = LocalStore(opened, overrides)
@@ -160,8 +169,13 @@ async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     return LlamaConfig(binary, tuple(args.items()))
 
 
-async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig) -> Startup:
-    """The stored config of ``name`` wins; the command line is the fallback."""
+async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig,
+                         fleet: bool = False) -> Startup:
+    """The stored config of ``name`` wins; the command line is the fallback.
+
+    In a fleet nothing is stored from here: the rollout agent stores what runs if the key
+    is still empty once this instance runs (so two first starts cannot both write).
+    """
     try:
         stored = await store.load(name)
     except StoreUnavailable as exc:
@@ -170,7 +184,7 @@ async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig) -
     if stored is None:
         log.info("nothing stored under %r yet: running the command-line config, stored once "
                  "ready", name)
-        return Startup(from_cli, None, persist_when_ready=True)
+        return Startup(from_cli, None, persist_when_ready=not fleet)
     if stored.config != from_cli:
         log.warning("the stored config %r (applied %s) wins over the command line; it differs "
                     "in: %s", name, stored.applied_at or "at an unknown time",
@@ -213,10 +227,14 @@ async def supervise(opts: Options) -> int:
     check_api_exposure(host, opts.api_token)
     catalogs = CatalogCache()
     from_cli = await cli_config(opts, catalogs)
-    opened = open_store(opts.driver)
+    opened: ConfigStore = open_store(opts.driver)
     name = opts.driver.name
+    me = instance_id()
+    etcd = opened if isinstance(opened, EtcdStore) else None
+    if etcd is not None:
+        opened = PublishingStore(etcd, name, me, opts.rollout)
     log.info("config store: %s, name %r", opened.description, name)
-    store, pinned = local_view(opened, from_cli, opts.listen)
+    store, pinned = local_view(opened, from_cli, opts.listen, opts.local_port)
     lock_path, pid_path = instance_files(opts.state_dir, opened, name, instance_key(opts, from_cli))
     async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, whatever fails
         cleanup.push_async_callback(store.close)
@@ -229,7 +247,7 @@ async def supervise(opts: Options) -> int:
         if listen_sock is not None:
             cleanup.callback(listen_sock.close)
         door = FrontDoor(listen_sock, opts.front) if listen_sock else None
-        startup = await choose_startup(store, name, from_cli)
+        startup = await choose_startup(store, name, from_cli, fleet=etcd is not None)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
             launcher=ProcessLauncher(opts.settings.echo_output,
@@ -238,7 +256,13 @@ async def supervise(opts: Options) -> int:
                              fit_margin=opts.settings.fit_margin),
             front=SteeredFront(door) if door else None,
             place=place_on_loopback if door else None)
-        app = create_app(controller, opts.api_token)
+        fleet = None
+        if isinstance(store, LocalStore) and etcd is not None:
+            from corral.fleet import FleetSync
+
+            fleet = FleetSync(controller, store, etcd, name, f"{host}:{api_port}",
+                              opts.rollout, me)
+        app = create_app(controller, opts.api_token, fleet=fleet)
         if door is not None:
             log.info("front door on http://%s: clients connect here; llama-server gets a "
                      "loopback port of its own", opts.listen)
@@ -246,11 +270,6 @@ async def supervise(opts: Options) -> int:
                                                 access_log=False))
         log.info("management API on http://%s:%d (token %s)", host, api_port,
                  "required" if opts.api_token else "not required: loopback only")
-        fleet = None
-        if isinstance(store, LocalStore) and isinstance(opened, EtcdStore):
-            from corral.fleet import FleetSync
-
-            fleet = FleetSync(controller, store, opened, name, f"{host}:{api_port}")
         await _run_until_signal(controller, server, sock, fleet, door)
     log.info("supervisor stopped")
     return 0

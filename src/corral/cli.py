@@ -62,7 +62,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def _run_fleet(ns: argparse.Namespace) -> int:
     from corral import client
     from corral.errors import CorralError
-    from corral.fleet_view import render_table
+    from corral.fleet.view import render_table
 
     try:
         report = client.fleet(ns.etcd, ns.name)
@@ -136,6 +136,24 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     g.add_argument("--name", help="name of the config in the store (default: default)")
     g.add_argument("--state-dir", type=Path, help="where lock and pid files go "
                    "(default: the user state dir)")
+    r = p.add_argument_group(
+        "fleet (with the etcd driver)",
+        "Supervisors that share a config name are a fleet. A new fleet config reaches them "
+        "as a rollout: at most --max-unavailable apply at once, the first (the canary) "
+        "alone until it has run for --canary-seconds; if the canary fails, the config is "
+        "reverted and nobody else tries it. Every supervisor of a fleet must use the same "
+        "values.")
+    r.add_argument("--max-unavailable", default="1", metavar="N|P%",
+                   help="how many instances may apply a new config at once: a count, or a "
+                   "percentage of the live instances rounded down, at least 1 "
+                   "(default: %(default)s)")
+    r.add_argument("--canary-seconds", type=float, default=10.0, metavar="S",
+                   help="how long the canary must run the new config before the others "
+                   "follow; 0 = no canary (default: %(default)g)")
+    r.add_argument("--local-port", action="store_true",
+                   help="this instance's --port/--host are its own (several instances on "
+                   "one machine): not stored, not taken from the store, not changeable "
+                   "through the API. Default: the port is part of the fleet config")
     t = p.add_argument_group("timing")
     t.add_argument("--debounce-ms", type=_positive(float), default=200.0,
                    help="a batch of changes closes this long after its last request "
@@ -227,6 +245,15 @@ def _run_supervise(ns: argparse.Namespace) -> int:
         binary, extra = ns.args[0], [*ns.args[1:], *extra]
     import platformdirs
 
+    from corral.core.rollout import MaxUnavailable
+    from corral.fleet.rollout import RolloutSettings
+
+    try:
+        rollout = RolloutSettings(MaxUnavailable.parse(ns.max_unavailable),
+                                  max(0.0, ns.canary_seconds))
+    except ValueError as exc:
+        log.error("--max-unavailable: %s", exc)
+        return 2
     if ns.swap == "start-first" and not ns.listen:
         log.error("--swap start-first needs --listen: without the front door the new server "
                   "cannot take the old one's port while it still serves")
@@ -247,7 +274,8 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             settings=settings,
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
             api_token=token_from_env(ns.api_token), listen=ns.listen,
-            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout))
+            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout),
+            rollout=rollout, local_port=ns.local_port)
         return asyncio.run(supervise(opts))
     except CorralError as exc:
         log.error("%s", exc)

@@ -19,7 +19,7 @@ import httpx
 from corral.core.args import parse_argv
 from corral.defaults import SUPERVISOR_ADDR
 from corral.errors import CorralError, InvalidArgs, UsageError
-from corral.fleet_view import fleet_report
+from corral.fleet.view import fleet_report
 
 __all__ = ["Reply", "SupervisorClient", "change_body", "fleet"]
 

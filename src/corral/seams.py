@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from corral.core.args import FlagCatalog, LlamaConfig
+from corral.changes import ChangeRecord
+from corral.core.args import Change, FlagCatalog, LlamaConfig
 from corral.core.fit import FitVerdict
 
 
@@ -159,3 +160,18 @@ class NoFront:
 
     def view(self) -> dict[str, Any] | None:
         return None
+
+
+class RolloutEnd(Protocol):
+    outcome: str  # "done", "failed", "timeout"
+    view: dict[str, Any] | None
+
+
+class FleetGate(Protocol):
+    """How the API submits a change in a fleet (corral.fleet.FleetSync): a slot first."""
+
+    async def begin(self, change: Change) -> ChangeRecord: ...
+
+    def rollout_of(self, record: ChangeRecord) -> dict[str, Any] | None: ...
+
+    async def wait_rollout(self, record: ChangeRecord, timeout: float) -> RolloutEnd: ...

@@ -8,7 +8,8 @@ submits it and waits for the outcome of the batch it joined.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,8 +35,10 @@ from corral.child.preflight import resolve_binary
 from corral.controller import Controller
 from corral.core.args import BINARY_KEY, Change, LlamaConfig, apply_change, parse_change
 from corral.errors import CorralError, InvalidArgs
+from corral.seams import FleetGate
 
 MAX_BODY_BYTES = 64 * 1024
+WaitFor = Literal["true", "false", "1", "0", "rollout"]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed body"},
@@ -74,13 +77,23 @@ def change_result(outcome: Outcome, change_id: str | None, config: LlamaConfig |
     return JSONResponse(body.model_dump(), HTTP_STATUS[outcome])
 
 
-def record_result(record: ChangeRecord) -> JSONResponse:
-    return change_result(record.outcome, record.id, record.config, record.error, record.log,
-                         record.restarted, record.strategy)
+def record_result(record: ChangeRecord, rollout: dict[str, Any] | None = None,
+                  status: int | None = None) -> JSONResponse:
+    response = change_result(record.outcome, record.id, record.config, record.error,
+                             record.log, record.restarted, record.strategy)
+    if rollout is None and status is None:
+        return response
+    body = json.loads(bytes(response.body))
+    body["rollout"] = rollout
+    return JSONResponse(body, status or response.status_code)
+
+
+# How ?wait=rollout ends, in HTTP's words.
+ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
 
 def create_app(controller: Controller, token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+               max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None) -> Any:
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
                   docs_url="/docs", redoc_url=None)
@@ -103,7 +116,13 @@ def create_app(controller: Controller, token: str | None = None,
                                "description": "Change rejected"},
                          500: {"model": ChangeResult}, 503: {"model": ChangeResult}})
     async def post_params(body: ParamsRequest,
-                          wait: bool = Query(True, description="wait for the outcome"),
+                          wait: Annotated[WaitFor, Query(description=(
+                              "wait for this supervisor's outcome (true), answer 202 at once "
+                              "(false), or in a fleet wait for the whole rollout (rollout)"))
+                          ] = "true",
+                          timeout: float = Query(600.0, gt=0, description=(
+                              "with wait=rollout: answer 504 with the progress after this "
+                              "many seconds")),
                           dry_run_: bool = Query(False, alias="dry_run",
                                                  description="only say what would happen")
                           ) -> JSONResponse:
@@ -131,13 +150,18 @@ def create_app(controller: Controller, token: str | None = None,
             change = await _validated_change(controller, body.args)
         except CorralError as exc:
             return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
-        record = controller.submit(change)
-        if not wait:
+        record = await fleet.begin(change) if fleet else controller.submit(change)
+        if wait in ("false", "0"):
             response = record_result(record)
             response.headers["location"] = f"/v1/changes/{record.id}"
             return response
         await asyncio.shield(record.done)  # a client hanging up must not cancel the batch
-        return record_result(record)
+        if fleet is None:
+            return record_result(record)
+        if wait != "rollout" or record.outcome is not Outcome.APPLIED:
+            return record_result(record, fleet.rollout_of(record))
+        ended = await fleet.wait_rollout(record, timeout)
+        return record_result(record, ended.view, ROLLOUT_STATUS[ended.outcome])
 
     @app.get("/v1/params", response_model=ParamsView, responses=_ERRORS)
     async def get_params() -> dict[str, Any]:

@@ -45,6 +45,9 @@ class ChangeResult(BaseModel):
     strategy: str | None = Field(None, description="how servers were swapped: stop-first or "
                                  "start-first (none when nothing restarted)")
     config: ConfigView | None = None
+    rollout: dict[str, Any] | None = Field(
+        default=None, description="in a fleet: the rollout this change started (revision, phase, "
+        "canary, per-instance progress); with ?wait=rollout, how it ended")
 
 
 class ParamsView(BaseModel):

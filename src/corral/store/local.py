@@ -28,10 +28,18 @@ class LocalOverrides:
 
     args: tuple[tuple[str, ArgValue], ...] = ()
     private: frozenset[str] = frozenset()
+    fallback: tuple[tuple[str, ArgValue], ...] = ()
+    """Used only where the stored config does not say (configs stored without a port by
+    earlier versions keep running on the command line's port)."""
 
     @staticmethod
     def from_config(config: LlamaConfig) -> LocalOverrides:
         return LocalOverrides(tuple((k, v) for k, v in config.args if k in LOCAL_KEYS))
+
+    @staticmethod
+    def shared_port(config: LlamaConfig) -> LocalOverrides:
+        """The port is the fleet's; the command line's only fills a gap."""
+        return LocalOverrides(fallback=tuple((k, v) for k, v in config.args if k in LOCAL_KEYS))
 
     def keys(self) -> frozenset[str]:
         return frozenset(k for k, _ in self.args) | self.private
@@ -39,6 +47,8 @@ class LocalOverrides:
     def apply(self, shared: LlamaConfig) -> LlamaConfig:
         """The shared config as this host runs it."""
         args = {k: v for k, v in shared.args if k not in self.keys()}
+        for key, value in self.fallback:
+            args.setdefault(key, value)
         args.update(self.args)
         return LlamaConfig(shared.binary, tuple(args.items()))
 

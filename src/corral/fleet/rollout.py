@@ -1,0 +1,353 @@
+"""Takes part in the fleet's rollouts: watches etcd, asks the core what to do, does it.
+
+Theory of operation
+-------------------
+:class:`RolloutAgent` keeps a copy of every key under the fleet prefix, filled by one range
+read and then one prefix watch (re-read after any break, so nothing written while this
+host was cut off is missed). Whenever the facts change it builds a
+:class:`~corral.core.rollout.View` and carries out the one step
+:func:`~corral.core.rollout.next_step` names: a compare-and-swap on the rollout record, a
+slot key put or deleted, an apply through the controller, or a wait. A write is followed by
+waiting for its own echo on the watch, so the next decision sees it; a lost race (the CAS
+failed) is just decided again on the newer facts.
+
+Two guards keep a host that lost etcd from acting on stale facts: an apply starts only
+after a fresh read shows this host still holds its slot (which also proves its lease is
+alive), and every record write is a CAS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from corral.changes import ChangeRecord, Outcome
+from corral.controller import Controller
+from corral.core.args import Change, LlamaConfig
+from corral.core.decide import State
+from corral.core.rollout import (
+    Do,
+    MaxUnavailable,
+    Phase,
+    Rollout,
+    Step,
+    Target,
+    View,
+    next_step,
+    record_failure,
+)
+from corral.errors import StoreCorrupt, StoreUnavailable
+from corral.fleet.keys import FleetKeys, digest_of, same_config
+from corral.store.base import StoredConfig
+from corral.store.etcd import EtcdClient, EtcdStore, KeyValue
+from corral.store.etcd.client import Compare, Op
+from corral.store.etcd.codec import decode_config, encode_config
+from corral.store.local import LocalStore
+
+__all__ = ["RolloutAgent", "RolloutSettings"]
+
+log = logging.getLogger("corral.fleet")
+
+_RETRY_S = 0.5  # after etcd failed a step: decide again on fresh facts
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    max_unavailable: MaxUnavailable = MaxUnavailable()
+    canary_seconds: float = 10.0
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class RolloutAgent:
+    def __init__(self, controller: Controller, store: LocalStore, etcd: EtcdStore,
+                 keys: FleetKeys, me: str, settings: RolloutSettings,
+                 lease: Callable[[], int | None]) -> None:
+        self.controller = controller
+        self.store = store
+        self.client: EtcdClient = etcd.client
+        self.keys = keys
+        self.me = me
+        self.settings = settings
+        self._lease = lease  # this instance's registration lease, once it has one
+        self.kvs: dict[str, KeyValue] = {}
+        self.synced = False  # kvs reflect etcd as of the last watch event
+        self.apply_lock = asyncio.Lock()  # one apply at a time: ours or an API change's
+        self.version = 0  # bumped at every change of the facts
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.on_change: Callable[[], None] = lambda: None
+
+    # ---- the facts ----------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Keep ``kvs`` equal to etcd: read everything, then watch; again after any break."""
+        delay = 0.1
+        while True:
+            try:
+                found = await self.client.range(self.keys.watched, prefix=True)
+                self.kvs = {kv.key: kv for kv in found.kvs}
+                self.synced = True
+                self._touch()
+                delay = 0.1
+                events = self.client.watch(self.keys.watched, found.revision + 1, prefix=True)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if event.kind == "PUT":
+                            self.kvs[event.kv.key] = event.kv
+                        else:
+                            self.kvs.pop(event.kv.key, None)
+                        self._touch()
+            except StoreUnavailable as exc:
+                self.synced = False
+                log.info("fleet watch interrupted (%s); reading again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _touch(self) -> None:
+        self.version += 1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.on_change()
+
+    async def changed_since(self, seen: int, timeout: float | None) -> None:
+        """Return once the facts changed after version ``seen``, or after ``timeout``."""
+        if self.version != seen or timeout == 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    def record(self) -> tuple[Rollout | None, int]:
+        """The rollout record and its mod_revision (0: none)."""
+        kv = self.kvs.get(self.keys.rollout)
+        if kv is None:
+            return None, 0
+        try:
+            return Rollout.from_json(json.loads(kv.value)), kv.mod_revision
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring %s: not a rollout record", kv.key)
+            return None, kv.mod_revision
+
+    def target(self) -> tuple[Target, LlamaConfig] | None:
+        kv = self.kvs.get(self.keys.config)
+        if kv is None:
+            return None
+        try:
+            stored = decode_config(kv.value, kv.key)
+        except StoreCorrupt as exc:
+            log.warning("ignoring the fleet config: %s", exc)
+            return None
+        target = Target(kv.mod_revision, digest_of(stored.config), kv.value.decode())
+        return target, stored.config
+
+    def live(self) -> frozenset[str]:
+        members = (self.keys.member(k, self.keys.instances) for k in self.kvs)
+        return frozenset(m for m in members if m is not None)
+
+    def holders(self, kvs: dict[str, KeyValue] | None = None) -> tuple[str, ...]:
+        kvs = self.kvs if kvs is None else kvs
+        slots = sorted((kv.create_revision, self.keys.member(k, self.keys.slots))
+                       for k, kv in kvs.items() if self.keys.member(k, self.keys.slots))
+        return tuple(m for _, m in slots if m is not None)
+
+    def view(self) -> tuple[View, str | None]:
+        c = self.controller
+        found = self.target()
+        in_sync = found is not None and same_config(self.store.overrides.apply(found[1]),
+                                                    c.last_good)
+        running = c.state is State.RUNNING and c.ready_since is not None
+        mine = None
+        if running:
+            mine = encode_config(StoredConfig.now(self.store.shared(c.last_good))).decode()
+        record, _ = self.record()
+        view = View(
+            me=self.me, target=found[0] if found else None, record=record,
+            holders=self.holders(), live=self.live(), in_sync=in_sync,
+            max_unavailable=self.settings.max_unavailable,
+            canary_seconds=self.settings.canary_seconds,
+            running_for=(c.clock.monotonic() - c.ready_since)
+            if running and c.ready_since is not None else None)
+        return view, mine
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.follow(), name="fleet watch")
+            tg.create_task(self.reconcile(), name="fleet rollout")
+
+    async def reconcile(self) -> None:
+        while True:
+            wait_for: float | None = None
+            seen = self.version
+            if self.synced and not self.apply_lock.locked():
+                view, mine = self.view()
+                step = next_step(view, mine, now_iso())
+                if step.do is not Do.NOTHING:
+                    log.debug("rollout step: %s", step.do.value)
+                try:
+                    wait_for = await self._carry_out(step, view)
+                except StoreUnavailable as exc:
+                    log.warning("fleet rollout step %s failed: %s", step.do.value, exc)
+                    wait_for = _RETRY_S
+            await self.changed_since(seen, wait_for)
+
+    async def _carry_out(self, step: Step, view: View) -> float | None:
+        """Do ``step``; returns how long to wait for a change before deciding again
+        (None: until something changes, 0: decide at once)."""
+        k = self.keys
+        _, record_mod = self.record()
+        match step.do:
+            case Do.NOTHING:
+                return None
+            case Do.WAIT:
+                return step.after
+            case Do.SEED:
+                _, mine = self.view()
+                assert mine is not None
+                config = self.store.shared(self.controller.last_good)
+                seed = Rollout(0, digest_of(config), mine, Phase.DONE,
+                               progress={self.me: "done"}, started_at=now_iso(),
+                               ended_at=now_iso())
+                done = await self.client.txn(
+                    [Compare.absent(k.config)],
+                    [Op.put(k.config, mine), Op.put(k.rollout, _dump(seed))])
+                if done.succeeded:
+                    log.info("nothing was stored for fleet %r: stored what runs here", k.name)
+            case Do.ENQUEUE:
+                lease = self._lease()
+                if lease is None:
+                    return _RETRY_S  # not registered yet
+                await self.client.txn([Compare.absent(k.slot(self.me))],
+                                      [Op.put(k.slot(self.me), self.me, lease)])
+            case Do.RELEASE:
+                await self.client.delete(k.slot(self.me))
+            case Do.APPLY:
+                return await self._apply(view)
+            case Do.REVERT:
+                record, _ = self.record()
+                assert record is not None and record.good is not None and view.target
+                done = await self.client.txn(
+                    [Compare.unchanged(k.config, view.target.revision)],
+                    [Op.put(k.config, record.good)])
+                if done.succeeded:
+                    log.error("fleet %r: rollout of revision %d failed (%s); the config is "
+                              "back to revision %s", k.name, record.revision, record.reason,
+                              record.good_revision or "before it")
+            case _:  # a compare-and-swap of the record
+                assert step.record is not None
+                ok = await self.cas_record(step.record, record_mod)
+                if ok and step.do in (Do.PROMOTE, Do.FINISH, Do.START, Do.CLAIM_CANARY,
+                                      Do.CLEAR_CANARY):
+                    _log_step(step, k.name, self.me)
+        return None
+
+    async def cas_record(self, record: Rollout, mod_revision: int) -> bool:
+        done = await self.client.txn([Compare.unchanged(self.keys.rollout, mod_revision)],
+                                     [Op.put(self.keys.rollout, _dump(record))])
+        return done.succeeded
+
+    async def holds_slot(self) -> bool:
+        """A fresh read: does this instance hold a slot right now (its lease alive)?"""
+        found = await self.client.txn([], [Op.get(self.keys.slots, prefix=True),
+                                           Op.get(self.keys.instances, prefix=True)])
+        kvs = {kv.key: kv for r in found.ranges for kv in r.kvs}
+        live = sum(1 for key in kvs if self.keys.member(key, self.keys.instances))
+        limit = self.settings.max_unavailable.slots(live)
+        return self.me in self.holders(kvs)[:limit]
+
+    async def acquire(self) -> None:
+        """Queue for a slot and wait until this instance holds one (for an API change)."""
+        while True:
+            seen = self.version
+            if self.synced and self.me not in self.holders():
+                lease = self._lease()
+                if lease is not None:
+                    await self.client.txn([Compare.absent(self.keys.slot(self.me))],
+                                          [Op.put(self.keys.slot(self.me), self.me, lease)])
+            if self.synced and await self.holds_slot():
+                return
+            await self.changed_since(seen, _RETRY_S)
+
+    async def release(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.client.delete(self.keys.slot(self.me))
+
+    async def _apply(self, view: View) -> float | None:
+        found = self.target()
+        assert found is not None and view.target is not None
+        target, config = found
+        async with self.apply_lock:
+            if not await self.holds_slot():
+                return _RETRY_S  # our facts were stale: decide again on fresh ones
+            wanted = self.store.overrides.apply(config)
+            log.info("fleet %r: applying revision %d here", self.keys.name, target.revision)
+            record = self.controller.submit(Change.whole(wanted), source="fleet")
+            await asyncio.shield(record.done)
+        await self._after_apply(record, target)
+        return 0
+
+    async def _after_apply(self, change: ChangeRecord, target: Target) -> None:
+        if change.outcome is Outcome.APPLIED:
+            return  # the next decision marks it done
+        if change.outcome is Outcome.UNAVAILABLE:
+            return  # shutting down, or etcd away: nothing to report
+        reason = change.error or change.outcome.value
+        log.error("fleet %r: revision %d failed here: %s", self.keys.name, target.revision,
+                  reason)
+        for _ in range(10):  # CAS against other progress writes; each retry reads afresh
+            current = await self.client.get(self.keys.rollout)
+            if current is None:
+                break
+            record = Rollout.from_json(json.loads(current.value))
+            if not record.matches(target):
+                break
+            if await self.cas_record(record_failure(record, self.me, reason, now_iso()),
+                                     current.mod_revision):
+                break
+        await self.release()
+
+    def rollout_view(self) -> dict[str, Any] | None:
+        record, _ = self.record()
+        if record is None:
+            return None
+        found = self.target()
+        return {**{k: v for k, v in record.to_json().items() if k not in ("config", "good")},
+                "current": found is not None and record.matches(found[0]),
+                "slots": list(self.holders()), "live": sorted(self.live())}
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate`` holds (re-checked at every change of the facts)."""
+        while not predicate():
+            await self.changed_since(self.version, None)
+
+
+def _dump(record: Rollout) -> str:
+    return json.dumps(record.to_json(), indent=1)
+
+
+def _log_step(step: Step, name: str, me: str) -> None:
+    r = step.record
+    assert r is not None
+    words = {Do.START: f"rollout of revision {r.revision} started",
+             Do.CLAIM_CANARY: f"{me} is the canary of revision {r.revision}",
+             Do.CLEAR_CANARY: f"the canary of revision {r.revision} is gone; another takes over",
+             Do.PROMOTE: f"canary {r.canary} proved revision {r.revision}: rolling on",
+             Do.FINISH: f"rollout of revision {r.revision} done"}
+    log.info("fleet %r: %s", name, words[step.do])
+

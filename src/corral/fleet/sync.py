@@ -1,0 +1,252 @@
+"""Fleets: supervisors that share a config name through etcd, changed by rollouts.
+
+Every supervisor of a name registers itself at ``/corral/instances/<name>/<id>`` under a
+lease and takes part in rollouts (:mod:`corral.fleet.rollout`): a config written to
+``/corral/configs/<name>`` (by ``etcdctl put``, say) reaches the fleet one slot at a time,
+canary first. A change posted to one supervisor's API is tried there first, holding a slot,
+and written to the key only once it runs (:class:`PublishingStore`): that supervisor is its
+canary, and the rest of the fleet follows.
+
+At start-up, while a rollout is under way, the last config that succeeded is started rather
+than the one still being proved (:func:`load_for_start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Any
+
+from corral.changes import ChangeRecord, Outcome, config_json
+from corral.controller import Controller
+from corral.core.args import Change
+from corral.core.rollout import Phase, Rollout, Target
+from corral.defaults import instance_id
+from corral.errors import StoreCorrupt
+from corral.fleet.keys import FleetKeys, digest_of, same_config
+from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
+from corral.store.base import StoredConfig
+from corral.store.etcd import EtcdStore
+from corral.store.etcd.client import Op
+from corral.store.etcd.codec import decode_config, encode_config
+from corral.store.local import LocalStore
+
+__all__ = ["FleetSync", "PublishingStore", "RolloutResult", "load_for_start"]
+
+log = logging.getLogger("corral.fleet")
+
+REGISTRATION_REFRESH_S = 0.5
+
+
+class PublishingStore:
+    """The etcd store as the controller sees it in a fleet: a save (an API change that now
+    runs here) writes the config and a rollout record naming this instance its canary, in
+    one transaction."""
+
+    def __init__(self, etcd: EtcdStore, name: str, me: str, settings: RolloutSettings) -> None:
+        self.etcd = etcd
+        self.keys = FleetKeys.of(etcd, name)
+        self.me = me
+        self.settings = settings
+        self.last_published: int | None = None
+
+    @property
+    def description(self) -> str:
+        return self.etcd.description
+
+    @property
+    def is_connected(self) -> bool:
+        return self.etcd.is_connected
+
+    async def load(self, name: str) -> StoredConfig | None:
+        return await load_for_start(self.etcd, name)
+
+    async def save(self, name: str, stored: StoredConfig) -> None:
+        k, client = self.keys, self.etcd.client
+        value = encode_config(stored).decode()
+        found = await client.txn([], [Op.get(k.config), Op.get(k.rollout)])
+        config_kv = found.ranges[0].kvs[0] if found.ranges[0].kvs else None
+        record_kv = found.ranges[1].kvs[0] if found.ranges[1].kvs else None
+        previous = _record_or_none(record_kv.value if record_kv else None)
+        if previous is not None:
+            good, good_revision = previous.last_success()
+        else:
+            good = config_kv.value.decode() if config_kv else None
+            good_revision = config_kv.mod_revision if config_kv else None
+        canary = self.settings.canary_seconds > 0
+        record = Rollout(0, digest_of(stored.config), value,
+                         Phase.CANARY if canary else Phase.ROLLING,
+                         canary=self.me if canary else None, progress={self.me: "done"},
+                         good=good, good_revision=good_revision, started_at=now_iso())
+        done = await client.txn([], [Op.put(k.config, value),
+                                     Op.put(k.rollout, json.dumps(record.to_json(), indent=1))])
+        self.last_published = done.revision
+        log.info("fleet %r: revision %d written; this instance is its canary", name,
+                 done.revision)
+
+    async def close(self) -> None:
+        await self.etcd.close()
+
+
+def _record_or_none(raw: bytes | None) -> Rollout | None:
+    if raw is None:
+        return None
+    try:
+        return Rollout.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def load_for_start(etcd: EtcdStore, name: str) -> StoredConfig | None:
+    """The config to start with: the fleet config, unless it is still being rolled out,
+    then the last one that succeeded (a late joiner does not become an untried canary)."""
+    keys = FleetKeys.of(etcd, name)
+    found = await etcd.client.txn([], [Op.get(keys.config), Op.get(keys.rollout)])
+    if not found.ranges[0].kvs:
+        return None
+    config_kv = found.ranges[0].kvs[0]
+    stored = decode_config(config_kv.value, config_kv.key)
+    record = _record_or_none(found.ranges[1].kvs[0].value if found.ranges[1].kvs else None)
+    target = Target(config_kv.mod_revision, digest_of(stored.config))
+    if (record is not None and record.matches(target)
+            and record.phase in (Phase.CANARY, Phase.ROLLING) and record.good):
+        try:
+            good = decode_config(record.good.encode(), keys.rollout)
+        except StoreCorrupt:
+            return stored
+        log.info("fleet %r: revision %d is still rolling out; starting the last config that "
+                 "succeeded, then taking part", name, config_kv.mod_revision)
+        return good
+    return stored
+
+
+class RolloutResult:
+    """How ``?wait=rollout`` ends: done, failed (with the canary's reason), or timed out."""
+
+    def __init__(self, outcome: str, view: dict[str, Any] | None) -> None:
+        self.outcome = outcome  # "done", "failed", "timeout"
+        self.view = view
+
+
+class FleetSync:
+    def __init__(self, controller: Controller, store: LocalStore, etcd: EtcdStore, name: str,
+                 api_addr: str, settings: RolloutSettings | None = None,
+                 me: str | None = None) -> None:
+        self.controller = controller
+        self.store = store
+        self.etcd = etcd
+        self.name = name
+        self.api_addr = api_addr
+        self.instance_id = me or instance_id()
+        self.settings = settings or RolloutSettings()
+        self.registration = etcd.register(name, self.info(), instance_id=self.instance_id)
+        self.agent = RolloutAgent(controller, store, etcd, FleetKeys.of(etcd, name),
+                                  self.instance_id, self.settings,
+                                  lambda: self.registration.lease)
+        self.agent.on_change = self._publish
+        self._pending: set[asyncio.Task[None]] = set()  # API changes still applying
+        self._publish()
+
+    async def run(self) -> None:
+        try:
+            async with self.registration, asyncio.TaskGroup() as tg:
+                tg.create_task(self.agent.run(), name="fleet rollouts")
+                tg.create_task(self._refresh(), name="fleet registration")
+        finally:
+            for task in self._pending:
+                task.cancel()
+
+    # ---- API changes --------------------------------------------------------------------
+
+    async def begin(self, change: Change) -> ChangeRecord:
+        """An API change: take a slot, then apply it here (its Persist step publishes it,
+        naming this instance the canary). Returns once it is submitted."""
+        await self.agent.apply_lock.acquire()
+        try:
+            await self.agent.acquire()
+            record = self.controller.submit(change, source="api")
+        except BaseException:
+            self.agent.apply_lock.release()
+            raise
+        task = asyncio.create_task(self._finish(record), name=f"fleet change {record.id}")
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return record
+
+    async def _finish(self, record: ChangeRecord) -> None:
+        try:
+            await asyncio.shield(record.done)
+        finally:
+            self.agent.apply_lock.release()
+        if record.outcome is not Outcome.APPLIED or not record.restarted:
+            await self.agent.release()  # nothing was published: the slot is not needed
+
+    def rollout_of(self, record: ChangeRecord) -> dict[str, Any] | None:
+        """The rollout ``record`` started, if it published one."""
+        if record.outcome is not Outcome.APPLIED or not record.restarted:
+            return None
+        return self.agent.rollout_view()
+
+    async def wait_rollout(self, record: ChangeRecord, timeout: float) -> RolloutResult:
+        """Until the rollout of what ``record`` published ends, or ``timeout`` seconds."""
+        digest = digest_of(self.store.shared(record.config)) if record.config else None
+
+        def ended() -> bool:
+            current, _ = self.agent.record()
+            return (current is not None and current.digest == digest
+                    and current.phase in (Phase.DONE, Phase.FAILED))
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self.agent.wait_for(ended)
+        except TimeoutError:
+            return RolloutResult("timeout", self.agent.rollout_view())
+        current, _ = self.agent.record()
+        assert current is not None
+        return RolloutResult(current.phase.value, self.agent.rollout_view())
+
+    # ---- what others see ----------------------------------------------------------------
+
+    def in_sync(self) -> bool:
+        found = self.agent.target()
+        return found is None or same_config(self.store.overrides.apply(found[1]),
+                                                   self.controller.last_good)
+
+    def _publish(self) -> None:
+        found = self.agent.target()
+        record, _ = self.agent.record()
+        mine = record.reasons.get(self.instance_id) if record else None
+        self.controller.fleet = {
+            "instance_id": self.instance_id,
+            "in_sync": self.in_sync(),
+            "divergence": f"fleet config not applied here: {mine}" if mine else None,
+            "fleet_config": config_json(found[1]) if found else None,
+            "revision": found[0].revision if found else None,
+            "etcd_connected": self.etcd.is_connected,
+            "max_unavailable": str(self.settings.max_unavailable),
+            "canary_seconds": self.settings.canary_seconds,
+            "rollout": self.agent.rollout_view(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        status = self.controller.status()
+        fleet = self.controller.fleet or {}
+        return {
+            "host": socket.gethostname(), "supervisor": self.api_addr, "port": status.port,
+            "state": status.state, "pid": status.pid, "in_sync": fleet.get("in_sync", True),
+            "divergence": fleet.get("divergence"),
+            "config": config_json(self.store.shared(self.controller.last_good)),
+        }
+
+    async def _refresh(self) -> None:
+        last = self.registration.info
+        while True:
+            await asyncio.sleep(REGISTRATION_REFRESH_S)
+            self._publish()
+            current = self.info()
+            if current != last:
+                self.registration.update(**current)
+                last = current
+
