@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,15 +104,18 @@ class SupervisorProcess:
                  llama_args: list[str] | None = None, *, port: int | None = None,
                  api_port: int | None = None, store_args: list[str] | None = None,
                  extra_cli: list[str] | None = None, env: dict[str, str] | None = None,
-                 state_dir: Path | None = None, token: str | None = None) -> None:
+                 state_dir: Path | None = None, token: str | None = None,
+                 api_host: str = "127.0.0.1", exec_prefix: Sequence[str] = ()) -> None:
+        # api_host/exec_prefix: tests/netns.py runs the supervisor inside a network
+        # namespace (prefix ``ip netns exec <ns>``) with its API on the host's address.
         self.tmp = tmp
         self.api_port = api_port or free_port()
         self.port = port or free_port()
         self.token = token
         self.log_path = tmp / f"supervisor-{self.api_port}.log"
         self.config_file = tmp / "config.toml"
-        cmd = [sys.executable, "-m", "corral", "supervise",
-               "--supervisor-addr", f"127.0.0.1:{self.api_port}",
+        cmd = [*exec_prefix, sys.executable, "-m", "corral", "supervise",
+               "--supervisor-addr", f"{api_host}:{self.api_port}",
                "--binary", str(binary), "--port", str(self.port),
                "--state-dir", str(state_dir or tmp / "state")]
         if model is not None:
@@ -126,7 +129,7 @@ class SupervisorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=60,
+        self.http = httpx.Client(base_url=f"http://{api_host}:{self.api_port}", timeout=60,
                                  headers=headers)
 
     # lifecycle
