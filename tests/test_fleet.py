@@ -27,8 +27,11 @@ from tests.harness import (
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 
-def etcd_args(etcd: EtcdServer, name: str = "fleet") -> list[str]:
-    return ["--config-driver", json.dumps({"type": "etcd", "addr": etcd.addr, "name": name})]
+def etcd_args(etcd: EtcdServer, name: str = "fleet", *, local_port: bool = True,
+              canary_s: float = 0.2) -> list[str]:
+    """Several supervisors on one machine: each keeps its own port (--local-port)."""
+    return ["--config-driver", json.dumps({"type": "etcd", "addr": etcd.addr, "name": name}),
+            "--canary-seconds", str(canary_s), *(["--local-port"] if local_port else [])]
 
 
 def stored(etcd: EtcdServer, name: str = "fleet") -> dict | None:
@@ -43,8 +46,41 @@ def fleet_json(etcd: EtcdServer, name: str = "fleet") -> dict:
     return json.loads(out.stdout)
 
 
-def test_apply_is_stored_in_etcd_and_resumed(tmp_path: Path, etcd_server: EtcdServer) -> None:
-    """An apply is stored in etcd without the per-instance port and wins at the next start."""
+def test_the_stored_config_wins_port_included(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """As with the file driver, the stored config wins at start, port included: a restart
+    with another --port comes back on the stored one."""
+    model = make_fake_model(tmp_path / "a.gguf")
+    shared = etcd_args(etcd_server, local_port=False)
+    with supervisor(tmp_path, FAKE, model, store_args=shared) as sup:
+        sup.wait_running()
+        value = wait_for(lambda: stored(etcd_server), 10, "the boot config in etcd")
+        assert dict(value["args"])["--port"] == str(sup.port), "the port is the fleet's"
+        assert sup.post({"-np": 3}).status_code == 200
+        port = sup.port
+        sup.stop()
+    with supervisor(tmp_path, FAKE, model, ["-np", "1"], store_args=shared) as sup:
+        assert sup.port != port
+        status = sup.wait_running()
+        assert status["config"]["args"]["--parallel"] == "3"
+        assert status["port"] == port and props(port)["total_slots"] == 3
+        assert "wins over the command line" in sup.log()
+
+
+def test_a_config_stored_without_a_port_runs_on_the_command_lines(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """Configs stored by earlier versions have no port: the command line's is used, so an
+    upgrade moves nobody."""
+    model = make_fake_model(tmp_path / "a.gguf")
+    config = {"binary": str(FAKE), "args": [["--model", str(model)], ["--parallel", "2"]]}
+    etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(config))
+    with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server,
+                                                                local_port=False)) as sup:
+        assert sup.wait_running()["port"] == sup.port
+        assert props(sup.port)["total_slots"] == 2
+
+
+def test_local_port_keeps_this_instances_port(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """With --local-port an apply is stored without the port, and the API may not change it."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         sup.wait_running()
@@ -52,6 +88,8 @@ def test_apply_is_stored_in_etcd_and_resumed(tmp_path: Path, etcd_server: EtcdSe
         assert "--port" not in dict(value["args"]), "the port is per instance"
         assert sup.post({"-np": 3}).status_code == 200
         assert dict(stored(etcd_server)["args"])["--parallel"] == "3"
+        refused = sup.post({"--port": sup.port + 1})
+        assert refused.status_code == 422 and "--local-port" in refused.json()["error"]
         port = sup.port
         sup.stop()
     with supervisor(tmp_path, FAKE, model, ["-np", "1"], port=port,
@@ -107,19 +145,22 @@ def test_kill_9_of_a_supervisor_drops_its_registration(tmp_path: Path,
 
 def test_a_host_where_the_fleet_config_fails_keeps_its_last_good(
         tmp_path: Path, etcd_server: EtcdServer) -> None:
-    """A fleet config that fails here is reported as divergence; the last good one keeps running."""
+    """A fleet config that fails here (the canary) fails the rollout: the key goes back to
+    the last good config, and the last good one keeps running."""
     model = make_fake_model(tmp_path / "a.gguf")
     with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server)) as sup:
         sup.wait_running()
         bad = {"binary": str(FAKE), "args": [["--model", str(model)],
                                              ["--fake-exit-at-start", "2"]]}
         etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(bad))
-        status = wait_for(lambda: (s := sup.status())["fleet"]["divergence"] and s, 30,
-                          "divergence reported")
-        assert status["fleet"]["in_sync"] is False
-        assert "exited with code 2" in status["fleet"]["divergence"]
+        status = wait_for(lambda: (s := sup.status())["fleet"]["rollout"]["phase"] == "failed"
+                          and s, 30, "the rollout failed")
+        assert "exited with code 2" in status["fleet"]["rollout"]["reason"]
         assert sup.wait_running()["config"]["args"].get("--fake-exit-at-start") is None
         assert props(sup.port)["model_path"] == str(model)
+        wait_for(lambda: "--fake-exit-at-start" not in dict(stored(etcd_server)["args"]), 10,
+                 "the key reverted")
+        assert sup.status()["fleet"]["in_sync"] is True  # with the reverted key
 
 
 def test_etcd_outages(tmp_path: Path, etcd_server: EtcdServer, health_watch) -> None:  # type: ignore[no-untyped-def]

@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corral import __version__
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
+
+if TYPE_CHECKING:
+    from corral.store.factory import DriverSpec
 
 EPILOG_SUPERVISE = f"""\
 examples:
@@ -56,16 +60,33 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     f.add_argument("--etcd", required=True, metavar="ADDR", help="host:port[,host:port]")
     f.add_argument("--name", default="default", help="config name (default: %(default)s)")
     f.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_etcd_security(f)
     f.set_defaults(func=_run_fleet)
+
+
+def _add_etcd_security(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--etcd-cacert", metavar="PEM", help="CA that signed etcd's certificate "
+                   "(turns on https)")
+    p.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd")
+    p.add_argument("--etcd-key", metavar="PEM", help="key of --etcd-cert")
+    p.add_argument("--etcd-user", metavar="NAME", help="etcd user (auth enabled); the "
+                   "password comes from $CORRAL_ETCD_PASSWORD")
+
+
+def _etcd_spec(ns: argparse.Namespace, spec: DriverSpec) -> DriverSpec:
+    return spec.with_tls(cacert=ns.etcd_cacert, cert=ns.etcd_cert, key=ns.etcd_key,
+                         user=ns.etcd_user)
 
 
 def _run_fleet(ns: argparse.Namespace) -> int:
     from corral import client
     from corral.errors import CorralError
     from corral.fleet.view import render_table
+    from corral.store.factory import driver_spec
 
     try:
-        report = client.fleet(ns.etcd, ns.name)
+        spec = _etcd_spec(ns, driver_spec(None, None, ns.etcd, ns.name))
+        report = client.fleet(spec, ns.name)
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 1
@@ -134,6 +155,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     g.add_argument("--config-file", metavar="PATH", help="shorthand for the file driver")
     g.add_argument("--etcd", metavar="ADDR", help="shorthand for the etcd driver")
     g.add_argument("--name", help="name of the config in the store (default: default)")
+    _add_etcd_security(g)
     g.add_argument("--state-dir", type=Path, help="where lock and pid files go "
                    "(default: the user state dir)")
     r = p.add_argument_group(
@@ -270,7 +292,8 @@ def _run_supervise(ns: argparse.Namespace) -> int:
         opts = Options(
             supervisor_addr=ns.supervisor_addr, binary=binary or "llama-server",
             model=ns.model, port=ns.port, extra_args=extra,
-            driver=driver_spec(ns.config_driver, ns.config_file, ns.etcd, ns.name),
+            driver=_etcd_spec(ns, driver_spec(ns.config_driver, ns.config_file, ns.etcd,
+                                              ns.name)),
             settings=settings,
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
             api_token=token_from_env(ns.api_token), listen=ns.listen,

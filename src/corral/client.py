@@ -20,6 +20,7 @@ from corral.core.args import parse_argv
 from corral.defaults import SUPERVISOR_ADDR
 from corral.errors import CorralError, InvalidArgs, UsageError
 from corral.fleet.view import fleet_report
+from corral.store.factory import DriverSpec
 
 __all__ = ["Reply", "SupervisorClient", "change_body", "fleet"]
 
@@ -92,6 +93,6 @@ def change_body(raw_json: str | None, flags: list[str]) -> Any:
         raise UsageError(f"flags after '--': {exc}") from exc
 
 
-def fleet(etcd: str, name: str) -> dict[str, Any]:
-    """The fleet report of ``name``, read from etcd at ``etcd`` (``host:port[,...]``)."""
-    return asyncio.run(fleet_report(etcd, name))
+def fleet(spec: DriverSpec, name: str) -> dict[str, Any]:
+    """The fleet report of ``name``, read from the etcd ``spec`` names."""
+    return asyncio.run(fleet_report(spec, name))

@@ -217,7 +217,9 @@ class FleetSync:
     def _publish(self) -> None:
         found = self.agent.target()
         record, _ = self.agent.record()
-        mine = record.reasons.get(self.instance_id) if record else None
+        current = record is not None and found is not None and record.matches(found[0])
+        # A revision this host failed, while it is still the fleet's (not reverted).
+        mine = record.reasons.get(self.instance_id) if record and current else None
         self.controller.fleet = {
             "instance_id": self.instance_id,
             "in_sync": self.in_sync(),

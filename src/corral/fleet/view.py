@@ -1,21 +1,42 @@
-"""``corral fleet``: the fleet config of a name and who runs it, read from etcd."""
+"""``corral fleet``: the fleet config of a name, its rollout, and who runs what, from etcd."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from corral.changes import config_json
+from corral.core.rollout import Rollout
+from corral.fleet.keys import FleetKeys, digest_of
 from corral.store.etcd import EtcdStore
+from corral.store.etcd.client import Op
+from corral.store.etcd.codec import decode_config
+from corral.store.factory import DriverSpec
+
+__all__ = ["fleet_report", "render_table"]
 
 
-async def fleet_report(addr: str, name: str) -> dict[str, Any]:
-    store = EtcdStore(addr)
+async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
+    assert spec.addr, "an etcd spec names an address"
+    store = EtcdStore(spec.addr, **spec.etcd_options())
+    keys = FleetKeys.of(store, name)
     try:
-        stored = await store.load(name)
+        found = await store.client.txn([], [Op.get(keys.config), Op.get(keys.rollout),
+                                            Op.get(keys.slots, prefix=True)])
         instances = await store.list_instances(name)
     finally:
         await store.close()
+    config_kv = found.ranges[0].kvs[0] if found.ranges[0].kvs else None
+    stored = decode_config(config_kv.value, config_kv.key) if config_kv else None
     fleet = config_json(stored.config) if stored else None
+    digest = digest_of(stored.config) if stored else None
+    rollout = None
+    if found.ranges[1].kvs:
+        record = Rollout.from_json(json.loads(found.ranges[1].kvs[0].value))
+        rollout = {k: v for k, v in record.to_json().items() if k not in ("config", "good")}
+        rollout["current"] = record.digest == digest
+        rollout["slots"] = [kv.value.decode() for kv in sorted(
+            found.ranges[2].kvs, key=lambda kv: kv.create_revision)]
     rows = []
     for instance_id, info in sorted(instances.items()):
         runs = info.get("config")
@@ -24,15 +45,37 @@ async def fleet_report(addr: str, name: str) -> dict[str, Any]:
             "runs_fleet_config": fleet is not None and isinstance(runs, dict)
             and runs.get("binary") == fleet["binary"] and runs.get("args") == fleet["args"]})
     return {"name": name, "fleet_config": fleet,
+            "revision": config_kv.mod_revision if config_kv else None,
             "applied_at": stored.applied_at if stored else None,
-            "applied_by": stored.applied_by if stored else None, "instances": rows}
+            "applied_by": stored.applied_by if stored else None,
+            "rollout": rollout, "instances": rows}
+
+
+def _rollout_line(report: dict[str, Any]) -> str:
+    r = report.get("rollout")
+    if not r:
+        return "  rollout: none recorded"
+    live = len(report["instances"])
+    done = sum(1 for p in r["progress"].values() if p == "done")
+    line = (f"  rollout of revision {r['revision']}: {r['phase'].upper()}, {done} of {live} "
+            f"done, canary {r['canary'] or '-'}")
+    if r["phase"] == "failed":
+        line += f"\n  failed: {r['reason']}; the config went back to revision " \
+                f"{r['good_revision'] or '(the one before)'}"
+    failures = {i: why for i, why in r["reasons"].items() if r["phase"] != "failed"}
+    for instance, why in failures.items():
+        line += f"\n  {instance} failed: {why}"
+    if r.get("slots"):
+        line += f"\n  applying now (holding a slot): {', '.join(r['slots'])}"
+    return line
 
 
 def render_table(report: dict[str, Any]) -> str:
     fleet = report["fleet_config"]
     lines = [f"fleet {report['name']!r}: "
              + (" ".join(fleet["argv"]) if fleet else "(no config stored)"),
-             f"  applied {report['applied_at'] or '-'} by {report['applied_by'] or '-'}", ""]
+             f"  revision {report['revision'] or '-'}, applied {report['applied_at'] or '-'} "
+             f"by {report['applied_by'] or '-'}", _rollout_line(report), ""]
     header = ("INSTANCE", "SUPERVISOR", "PORT", "STATE", "PID", "FLEET CONFIG")
     rows = [header] + [(r["instance"], str(r["supervisor"]), str(r["port"]), str(r["state"]),
                         str(r["pid"]), "yes" if r["runs_fleet_config"] else
