@@ -439,8 +439,12 @@ class EtcdClient:
         """
         failures: list[str] = []
         only_tls = True
-        for _ in self._urls:
-            url = self._urls[self._current]
+        start = self._current
+        # Each endpoint once, in order from the current one; concurrent calls and watches
+        # move ``_current`` too, so this loop keeps its own position.
+        for offset in range(len(self._urls)):
+            index = (start + offset) % len(self._urls)
+            url = self._urls[index]
             try:
                 data = await self._post_authenticated(url, path, body)
                 try:
@@ -450,14 +454,17 @@ class EtcdClient:
             except _Unreachable as exc:
                 failures.append(f"{url}: {_describe(exc, self._tls)}")
                 only_tls = only_tls and isinstance(exc, _TLSFailed)
-                self._rotate()
+                if self._current == index:
+                    self._rotate()
                 continue
             except AuthFailed as exc:
                 self._failed(str(exc))
                 raise
             except StoreUnavailable:
+                self._current = index
                 self._succeeded()  # etcd answered, with a refusal
                 raise
+            self._current = index
             self._succeeded()
             return result
         reason = "; ".join(failures)
