@@ -50,7 +50,7 @@ from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.local import LocalStore
 
-__all__ = ["RolloutAgent", "RolloutSettings"]
+__all__ = ["RolloutAgent", "RolloutSettings", "split_slots"]
 
 log = logging.getLogger("corral.fleet")
 
@@ -329,12 +329,20 @@ class RolloutAgent:
         found = self.target()
         return {**{k: v for k, v in record.to_json().items() if k not in ("config", "good")},
                 "current": found is not None and record.matches(found[0]),
-                "slots": list(self.holders()), "live": sorted(self.live())}
+                **split_slots(list(self.holders()), self.settings.max_unavailable,
+                              len(self.live())),
+                "live": sorted(self.live())}
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Until ``predicate`` holds (re-checked at every change of the facts)."""
         while not predicate():
             await self.changed_since(self.version, None)
+
+
+def split_slots(holders: list[str], limit: MaxUnavailable, live: int) -> dict[str, list[str]]:
+    """Slot keys in order: the first ``limit`` may apply now, the rest wait their turn."""
+    n = limit.slots(live)
+    return {"applying": holders[:n], "queued": holders[n:]}
 
 
 def _dump(record: Rollout) -> str:

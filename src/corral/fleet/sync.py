@@ -238,6 +238,7 @@ class FleetSync:
         return {
             "host": socket.gethostname(), "supervisor": self.api_addr, "port": status.port,
             "state": status.state, "pid": status.pid, "in_sync": fleet.get("in_sync", True),
+            "max_unavailable": str(self.settings.max_unavailable),
             "divergence": fleet.get("divergence"),
             "config": config_json(self.store.shared(self.controller.last_good)),
         }

@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from corral.changes import config_json
-from corral.core.rollout import Rollout
+from corral.core.rollout import MaxUnavailable, Rollout
 from corral.fleet.keys import FleetKeys, digest_of
+from corral.fleet.rollout import split_slots
 from corral.store.etcd import EtcdStore
 from corral.store.etcd.client import Op
 from corral.store.etcd.codec import decode_config
@@ -35,8 +36,14 @@ async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
         record = Rollout.from_json(json.loads(found.ranges[1].kvs[0].value))
         rollout = {k: v for k, v in record.to_json().items() if k not in ("config", "good")}
         rollout["current"] = record.digest == digest
-        rollout["slots"] = [kv.value.decode() for kv in sorted(
-            found.ranges[2].kvs, key=lambda kv: kv.create_revision)]
+        holders = [kv.value.decode() for kv in sorted(found.ranges[2].kvs,
+                                                      key=lambda kv: kv.create_revision)]
+        limits = {str(i.get("max_unavailable")) for i in instances.values()} - {"None"}
+        limit = MaxUnavailable.parse(sorted(limits)[0]) if limits else MaxUnavailable()
+        rollout.update(split_slots(holders, limit, len(instances)))
+        if len(limits) > 1:
+            rollout["warning"] = (f"instances disagree on --max-unavailable "
+                                  f"({', '.join(sorted(limits))}): a fleet runs with one value")
     rows = []
     for instance_id, info in sorted(instances.items()):
         runs = info.get("config")
@@ -57,16 +64,20 @@ def _rollout_line(report: dict[str, Any]) -> str:
         return "  rollout: none recorded"
     live = len(report["instances"])
     done = sum(1 for p in r["progress"].values() if p == "done")
-    line = (f"  rollout of revision {r['revision']}: {r['phase'].upper()}, {done} of {live} "
-            f"done, canary {r['canary'] or '-'}")
+    line = (f"  rollout of revision {r['revision']}: {r['phase'].upper()}, {done} done "
+            f"({live} live), canary {r['canary'] or '-'}")
     if r["phase"] == "failed":
         line += f"\n  failed: {r['reason']}; the config went back to revision " \
                 f"{r['good_revision'] or '(the one before)'}"
     failures = {i: why for i, why in r["reasons"].items() if r["phase"] != "failed"}
     for instance, why in failures.items():
         line += f"\n  {instance} failed: {why}"
-    if r.get("slots"):
-        line += f"\n  applying now (holding a slot): {', '.join(r['slots'])}"
+    if r.get("applying"):
+        line += f"\n  applying now (holding a slot): {', '.join(r['applying'])}"
+    if r.get("queued"):
+        line += f"\n  waiting for a slot: {', '.join(r['queued'])}"
+    if r.get("warning"):
+        line += f"\n  WARNING: {r['warning']}"
     return line
 
 
@@ -74,8 +85,10 @@ def render_table(report: dict[str, Any]) -> str:
     fleet = report["fleet_config"]
     lines = [f"fleet {report['name']!r}: "
              + (" ".join(fleet["argv"]) if fleet else "(no config stored)"),
-             f"  revision {report['revision'] or '-'}, applied {report['applied_at'] or '-'} "
-             f"by {report['applied_by'] or '-'}", _rollout_line(report), ""]
+             f"  revision {report['revision'] or '-'}, " + (
+                 f"applied {report['applied_at'] or '-'} by {report['applied_by']}"
+                 if report["applied_by"] else "written directly (etcdctl)"),
+             _rollout_line(report), ""]
     header = ("INSTANCE", "SUPERVISOR", "PORT", "STATE", "PID", "FLEET CONFIG")
     rows = [header] + [(r["instance"], str(r["supervisor"]), str(r["port"]), str(r["state"]),
                         str(r["pid"]), "yes" if r["runs_fleet_config"] else
