@@ -254,12 +254,14 @@ def _canary_phase(v: View, r: Rollout, now: str) -> Step:
         if v.in_sync:
             if all(r.done_by(i) for i in v.live):
                 return Step(Do.FINISH, replace(r, phase=Phase.DONE, ended_at=now))
-            return NOTHING
+            return _release(v)  # a slot held here would block whoever must apply
         if v.holding:
             return Step(Do.CLAIM_CANARY, replace(r, canary=v.me))
         return NOTHING if v.queued else Step(Do.ENQUEUE)
     if r.canary != v.me:
-        return NOTHING
+        # Wait without a slot: with a percentage, a death can shrink the slots so that
+        # the canary is no longer among the holders, and it must get one back.
+        return _release(v)
     if not v.in_sync:
         return _take_part(v)
     proven = v.running_for or 0.0
