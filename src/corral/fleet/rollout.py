@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,7 +70,9 @@ def now_iso() -> str:
 class RolloutAgent:
     def __init__(self, controller: Controller, store: LocalStore, etcd: EtcdStore,
                  keys: FleetKeys, me: str, settings: RolloutSettings,
-                 lease: Callable[[], int | None]) -> None:
+                 lease: Callable[[], int | None],
+                 probe: Callable[[str], Awaitable[None]] | None = None,
+                 probe_interval: float | None = None) -> None:
         self.controller = controller
         self.store = store
         self.client: EtcdClient = etcd.client
@@ -78,6 +80,7 @@ class RolloutAgent:
         self.me = me
         self.settings = settings
         self._lease = lease  # this instance's registration lease, once it has one
+        self._probe, self._probe_interval = probe, probe_interval  # see EtcdClient.watch
         self.kvs: dict[str, KeyValue] = {}
         self.synced = False  # kvs reflect etcd as of the last watch event
         self.apply_lock = asyncio.Lock()  # one apply at a time: ours or an API change's
@@ -97,7 +100,9 @@ class RolloutAgent:
                 self.synced = True
                 self._touch()
                 delay = 0.1
-                events = self.client.watch(self.keys.watched, found.revision + 1, prefix=True)
+                events = self.client.watch(self.keys.watched, found.revision + 1, prefix=True,
+                                           probe=self._probe,
+                                           probe_interval=self._probe_interval)
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if event.kind == "PUT":

@@ -142,9 +142,13 @@ class FleetSync:
         self.instance_id = me or instance_id()
         self.settings = settings or RolloutSettings()
         self.registration = etcd.register(name, self.info(), instance_id=self.instance_id)
+        # The watch's quiet-stream probe renews the registration's lease: an idle
+        # supervisor costs etcd one request per TTL/3.
         self.agent = RolloutAgent(controller, store, etcd, FleetKeys.of(etcd, name),
                                   self.instance_id, self.settings,
-                                  lambda: self.registration.lease)
+                                  lambda: self.registration.lease,
+                                  probe=self.registration.probe,
+                                  probe_interval=self.registration.ttl / 3)
         self.agent.on_change = self._publish
         self._pending: set[asyncio.Task[None]] = set()  # API changes still applying
         self._publish()

@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
@@ -332,8 +332,12 @@ class EtcdClient:
     async def lease_grant(self, ttl: int) -> int:
         return await self._call("/v3/lease/grant", {"TTL": str(ttl)}, lambda d: int(d["ID"]))
 
-    async def lease_keepalive(self, lease: int) -> int:
-        """Renew ``lease`` once; returns its TTL. LeaseNotFound if it has expired."""
+    async def lease_keepalive(self, lease: int, *, url: str | None = None) -> int:
+        """Renew ``lease`` once; returns its TTL. LeaseNotFound if it has expired.
+
+        With ``url``, at that endpoint only (a watch's probe: it must reach the member the
+        watch streams from, or a frozen member would go unnoticed).
+        """
 
         def parse(data: JSON) -> int:
             ttl = int(data.get("result", {}).get("TTL", 0))
@@ -341,16 +345,36 @@ class EtcdClient:
                 raise LeaseNotFound(f"etcd lease {lease:x} has expired")
             return ttl
 
-        return await self._call("/v3/lease/keepalive", {"ID": str(lease)}, parse)
+        body = {"ID": str(lease)}
+        if url is None:
+            return await self._call("/v3/lease/keepalive", body, parse)
+        try:
+            return parse(await self._post_authenticated(url, "/v3/lease/keepalive", body))
+        except _Unreachable as exc:
+            raise StoreUnavailable(f"etcd at {url}: {_describe(exc, self._tls)}") from exc
+
+    async def ping(self, url: str, key: str = "/") -> None:
+        """One cheap call to ``url`` (a count-only range): StoreUnavailable if it fails."""
+        try:
+            await self._post_authenticated(url, "/v3/kv/range",
+                                           {"key": _b64(key), "count_only": True})
+        except _Unreachable as exc:
+            raise StoreUnavailable(f"etcd at {url}: {_describe(exc, self._tls)}") from exc
 
     async def lease_revoke(self, lease: int) -> None:
         await self._call("/v3/lease/revoke", {"ID": str(lease)}, lambda d: None)
 
-    async def watch(self, key: str, start_revision: int, *,
-                    prefix: bool = False) -> AsyncGenerator[WatchEvent, None]:
+    async def watch(self, key: str, start_revision: int, *, prefix: bool = False,
+                    probe: Callable[[str], Awaitable[object]] | None = None,
+                    probe_interval: float | None = None) -> AsyncGenerator[WatchEvent, None]:
         """Events on ``key`` (or every key under it) from ``start_revision`` on, until it
         fails: it only ever ends by raising StoreUnavailable (connection lost, probe failed,
-        or canceled by etcd)."""
+        or canceled by etcd).
+
+        When the stream is quiet for ``probe_interval`` (default: the client's), ``probe`` is
+        called with the watch's endpoint (default: a count-only range there); a fleet passes
+        its lease keep-alive, so one request both renews the lease and proves the stream.
+        """
         url = self._urls[self._current]
         next_revision = start_revision
         token: str | None = None
@@ -382,7 +406,7 @@ class EtcdClient:
                     lines = cast(AsyncGenerator[str, None], response.aiter_lines())
                     await stack.enter_async_context(contextlib.aclosing(lines))
                     while True:
-                        line = await self._next_line(url, key, lines)
+                        line = await self._next_line(url, key, lines, probe, probe_interval)
                         for event in _watch_events(line):
                             next_revision = event.kv.mod_revision + 1
                             reauthenticated = False
@@ -412,16 +436,24 @@ class EtcdClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _next_line(self, url: str, key: str, lines: AsyncIterator[str]) -> str:
+    async def _next_line(self, url: str, key: str, lines: AsyncIterator[str],
+                         probe: Callable[[str], Awaitable[object]] | None = None,
+                         interval: float | None = None) -> str:
         """The next line of a watch stream, probing ``url`` whenever the stream is quiet."""
         read = asyncio.ensure_future(_anext_or_none(lines))
         try:
             while True:
-                done, _ = await asyncio.wait({read}, timeout=self._probe_interval)
+                done, _ = await asyncio.wait({read}, timeout=interval or self._probe_interval)
                 if done:
                     break
-                await self._post_authenticated(url, "/v3/kv/range",
-                                               {"key": _b64(key), "count_only": True})
+                if probe is None:
+                    await self._post_authenticated(url, "/v3/kv/range",
+                                                   {"key": _b64(key), "count_only": True})
+                else:
+                    try:
+                        await probe(url)
+                    except StoreUnavailable as exc:
+                        raise _Unreachable(str(exc)) from exc
                 self._succeeded()
             line = read.result()
         finally:

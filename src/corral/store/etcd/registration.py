@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 :class:`Registration` keeps ``<prefix>/instances/<name>/<id>`` under a lease, renewed
-every TTL/3. When the lease is lost (expired while etcd was away, or revoked) it grants a
-new one and puts the value again; after any failed round it re-puts the value too.
+TTL/3 after its last renewal (by this loop, or by a quiet watch's
+:meth:`~Registration.probe`). When the lease is lost (expired while etcd was away, or
+revoked) it grants a new one and puts the value again; after any failed round it re-puts
+the value too.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Registration:
         self._lease: int | None = None
         self._version, self._written = 1, 0
         self._wake = asyncio.Event()
+        self._renewed_at = 0.0  # event-loop time of the last renewal (0: never)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -52,6 +55,10 @@ class Registration:
     @property
     def info(self) -> JSON:
         return dict(self._info)
+
+    @property
+    def ttl(self) -> int:
+        return self._ttl
 
     @property
     def lease(self) -> int | None:
@@ -69,7 +76,8 @@ class Registration:
         self._wake.set()
 
     async def run(self) -> None:
-        """Renew the lease every TTL/3 and write updates, until cancelled."""
+        """Renew the lease TTL/3 after its last renewal and write updates, until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 await self._round()
@@ -79,21 +87,43 @@ class Registration:
             except StoreUnavailable as exc:
                 log.debug("registration %s: %s", self._key, exc)
                 self._written = 0  # re-put once etcd answers again
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._ttl / 3):
-                    await self._wake.wait()
+                self._renewed_at = loop.time()  # retry in TTL/3, not at once
+            # A watch that probes with this lease (see probe) renews it meanwhile: then this
+            # loop sends nothing, and an idle supervisor costs etcd one request per TTL/3.
+            while not self._wake.is_set():
+                delay = self._renewed_at + self._ttl / 3 - loop.time()
+                if delay <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             self._wake.clear()
+
+    async def probe(self, url: str) -> None:
+        """A watch's quiet-stream probe at ``url`` that renews this lease on the way."""
+        lease = self._lease
+        if lease is None or self._written != self._version:
+            await self._client.ping(url)
+            return
+        try:
+            await self._client.lease_keepalive(lease, url=url)
+        except LeaseNotFound:
+            self._wake.set()  # etcd answered: the watch is fine; register again
+            return
+        self._renewed_at = asyncio.get_running_loop().time()
 
     async def _round(self) -> None:
         if self._lease is not None:
             try:
                 await self._client.lease_keepalive(self._lease)
+                self._renewed_at = asyncio.get_running_loop().time()
             except LeaseNotFound:
                 log.info("registration %s: lease lost, registering again", self._key)
                 self._lease = None
         if self._lease is None:
             self._written = 0
             self._lease = await self._client.lease_grant(self._ttl)
+            self._renewed_at = asyncio.get_running_loop().time()
         if self._written != self._version:
             version = self._version
             await self._client.put(self._key, json.dumps(self._info), lease=self._lease)
