@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 :class:`Registration` keeps ``<prefix>/instances/<name>/<id>`` under a lease, renewed
-TTL/3 after its last renewal (by this loop, or by a quiet watch's
-:meth:`~Registration.probe`). When the lease is lost (expired while etcd was away, or
+0.4 TTL after its last renewal by this loop, or earlier by a quiet watch's
+:meth:`~Registration.probe` (every TTL/3). When the lease is lost (expired while etcd was away, or
 revoked) it grants a new one and puts the value again; after any failed round it re-puts
 the value too.
 """
@@ -26,6 +26,9 @@ __all__ = ["DEFAULT_TTL", "Registration"]
 log = logging.getLogger("corral.store.etcd")  # one logger name for the whole driver
 
 DEFAULT_TTL = 5
+# Renew after TTL x this since the last renewal: a little later than a quiet watch's probe
+# (TTL/3), so that when both could renew, the probe does it and this loop stays silent.
+_RENEW_AFTER = 0.4
 
 
 class Registration:
@@ -76,7 +79,8 @@ class Registration:
         self._wake.set()
 
     async def run(self) -> None:
-        """Renew the lease TTL/3 after its last renewal and write updates, until cancelled."""
+        """Renew the lease 0.4 TTL after its last renewal and write updates, until
+        cancelled."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -87,11 +91,11 @@ class Registration:
             except StoreUnavailable as exc:
                 log.debug("registration %s: %s", self._key, exc)
                 self._written = 0  # re-put once etcd answers again
-                self._renewed_at = loop.time()  # retry in TTL/3, not at once
+                self._renewed_at = loop.time()  # retry later, not at once
             # A watch that probes with this lease (see probe) renews it meanwhile: then this
             # loop sends nothing, and an idle supervisor costs etcd one request per TTL/3.
             while not self._wake.is_set():
-                delay = self._renewed_at + self._ttl / 3 - loop.time()
+                delay = self._renewed_at + self._ttl * _RENEW_AFTER - loop.time()
                 if delay <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
