@@ -2,12 +2,17 @@
 
 ``POST /v1/params`` canonicalises the flags, pre-flights the result against what runs now
 (so a change that cannot work is refused with no downtime and never joins a batch), then
-submits it and waits for the outcome of the batch it joined.
+submits it and waits for the outcome of the batch it joined. A posted ``binary`` is checked
+against the allowed ones before anything runs it (reading its flag catalog runs
+``--help``); the least-privilege rules then judge the merged config before any other check.
+Every refused change is logged at WARNING with the reason (never with the token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -28,12 +33,21 @@ from corral.api.schemas import (
     ParamsView,
     StatusView,
 )
-from corral.api.security import BodyLimit, TokenAuth
+from corral.api.security import BodyLimit, TokenAuth, Tokens
 from corral.changes import ChangeRecord, Outcome, config_json
 from corral.child.preflight import resolve_binary
 from corral.controller import Controller
-from corral.core.args import BINARY_KEY, Change, LlamaConfig, apply_change, parse_change
+from corral.core.args import (
+    BINARY_KEY,
+    Change,
+    LlamaConfig,
+    apply_change,
+    parse_change,
+    parse_env,
+)
 from corral.errors import CorralError, InvalidArgs
+
+log = logging.getLogger("corral.api")
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -79,7 +93,7 @@ def record_result(record: ChangeRecord) -> JSONResponse:
                          record.restarted, record.strategy)
 
 
-def create_app(controller: Controller, token: str | None = None,
+def create_app(controller: Controller, token: Tokens | str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> Any:
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
@@ -102,7 +116,7 @@ def create_app(controller: Controller, token: str | None = None,
                          422: {"model": ChangeResult | DryRunResult,
                                "description": "Change rejected"},
                          500: {"model": ChangeResult}, 503: {"model": ChangeResult}})
-    async def post_params(body: ParamsRequest,
+    async def post_params(body: ParamsRequest, request: Request,
                           wait: bool = Query(True, description="wait for the outcome"),
                           dry_run_: bool = Query(False, alias="dry_run",
                                                  description="only say what would happen")
@@ -115,11 +129,12 @@ def create_app(controller: Controller, token: str | None = None,
         numbers, and the swap strategy, without changing anything (200, or 422 when the
         pre-flight would refuse it).
         """
+        client = request.client.host if request.client else "?"
         if dry_run_:
             try:
-                change = await _parsed_change(controller, body.args)
+                change = await _parsed_change(controller, body)
             except CorralError as exc:
-                return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+                return _refused(controller, client, exc)
             result = await dry_run(controller, change)
             return JSONResponse(result.model_dump(), 422 if result.status == "rejected" else 200)
         if not controller.store_connected:
@@ -128,9 +143,9 @@ def create_app(controller: Controller, token: str | None = None,
                 f"the config store is unreachable ({controller.store.description}); the "
                 "change could not be made durable, so nothing was changed")
         try:
-            change = await _validated_change(controller, body.args)
+            change = await _validated_change(controller, body)
         except CorralError as exc:
-            return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+            return _refused(controller, client, exc)
         record = controller.submit(change)
         if not wait:
             response = record_result(record)
@@ -168,21 +183,31 @@ def create_app(controller: Controller, token: str | None = None,
     return TokenAuth(BodyLimit(app, max_body_bytes), token)
 
 
-async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Change:
-    change = await _parsed_change(controller, raw)
+def _refused(controller: Controller, client: str, exc: CorralError) -> JSONResponse:
+    log.warning("change from %s refused: %s", client, exc)
+    return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+
+
+async def _validated_change(controller: Controller, body: ParamsRequest) -> Change:
+    change = await _parsed_change(controller, body)
     # Stage 1 (see Preflight). The memory fit waits for the merged batch (stage 2): it can take
     # seconds, which would spread a burst of POSTs over several debounce windows.
     await controller.check(apply_change(controller.last_good, change), fit=False)
     return change
 
 
-async def _parsed_change(controller: Controller, raw: dict[str, Any]) -> Change:
+async def _parsed_change(controller: Controller, body: ParamsRequest) -> Change:
+    raw: dict[str, Any] = dict(body.args)
     binary = controller.last_good.binary
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
         binary = resolve_binary(raw[BINARY_KEY].strip())
-        raw = {**raw, BINARY_KEY: binary}
+        raw[BINARY_KEY] = binary
+        controller.checks.admit_binary(binary)  # before its --help runs for the catalog
     change = parse_change(raw, await controller.checks.catalog(binary))
+    if body.env:
+        change = dataclasses.replace(change, env=parse_env(body.env))
     for key, _ in change.args:
         if key in controller.pinned:
             raise InvalidArgs(f"{key} cannot be changed through the API: {controller.pinned[key]}")
+    await controller.checks.admit(apply_change(controller.last_good, change))
     return change

@@ -40,12 +40,12 @@ class LocalOverrides:
         """The shared config as this host runs it."""
         args = {k: v for k, v in shared.args if k not in self.keys()}
         args.update(self.args)
-        return LlamaConfig(shared.binary, tuple(args.items()))
+        return dataclasses.replace(shared, args=tuple(args.items()))
 
     def strip(self, config: LlamaConfig) -> LlamaConfig:
         """What this host stores for everyone."""
-        return LlamaConfig(config.binary,
-                           tuple((k, v) for k, v in config.args if k not in self.keys()))
+        return dataclasses.replace(
+            config, args=tuple((k, v) for k, v in config.args if k not in self.keys()))
 
 
 class LocalStore:
