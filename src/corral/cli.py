@@ -200,9 +200,10 @@ def _add_privilege(p: argparse.ArgumentParser) -> None:
                    "Default: not confined. Not llama-server's own --models-dir")
     a.add_argument("--allow-flag", action="append", metavar="NAME",
                    help="let a change set this flag that writes files, opens sockets, "
-                   "downloads or runs tools (--log-file, --slot-save-path, --host, --rpc, "
-                   "-hf, --tools, ...; repeatable). Flags given on this command line stay "
-                   "allowed")
+                   "downloads or runs tools (log-file, slot-save-path, host, rpc, hf-repo, "
+                   "tools, ...: see README; write the name without dashes, or "
+                   "--allow-flag=--log-file; repeatable). Flags given on this command line "
+                   "stay allowed")
     a.add_argument("--allow-env", action="append", metavar="NAME",
                    help="environment variable a config's 'env' may set; '*' ends a prefix "
                    "(repeatable; replaces the default: CUDA_VISIBLE_DEVICES, "

@@ -202,7 +202,8 @@ async def _parsed_change(controller: Controller, body: ParamsRequest) -> Change:
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
         binary = resolve_binary(raw[BINARY_KEY].strip())
         raw[BINARY_KEY] = binary
-        controller.checks.admit_binary(binary)  # before its --help runs for the catalog
+    # Before its --help runs for the catalog: a binary swapped behind an allowed symlink, too.
+    controller.checks.admit_binary(binary)
     change = parse_change(raw, await controller.checks.catalog(binary))
     if body.env:
         change = dataclasses.replace(change, env=parse_env(body.env))
