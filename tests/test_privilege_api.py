@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor, wait_for
+from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor
 
 
 def marker_binary(tmp: Path, name: str = "not-llama") -> tuple[Path, Path]:

@@ -73,8 +73,7 @@ def test_file_values(flag: str, value: str, names: list[str]) -> None:
     assert file_values(flag, value) == names
 
 
-CATALOG = parse_catalog(FAKE_HELP + "\n--log-file FNAME   log\n                (env: LLAMA_ARG_LOG_FILE)\n"
-                        "--lora FNAME   lora\n--slot-save-path PATH   slots\n")
+CATALOG = parse_catalog(FAKE_HELP + "\n--lora FNAME   lora\n")
 
 
 @pytest.fixture
