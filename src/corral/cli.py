@@ -208,8 +208,8 @@ def _add_privilege(p: argparse.ArgumentParser) -> None:
                    help="environment variable a config's 'env' may set; '*' ends a prefix "
                    "(repeatable; replaces the default: CUDA_VISIBLE_DEVICES, "
                    "HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES, GGML_VK_VISIBLE_DEVICES, "
-                   "GPU_DEVICE_ORDINAL, ONEAPI_DEVICE_SELECTOR, LLAMA_ARG_*). LD_*, PATH and "
-                   "the like are never allowed")
+                   "GPU_DEVICE_ORDINAL, ONEAPI_DEVICE_SELECTOR, LLAMA_ARG_*; --allow-env '' allows "
+                   "none). LD_*, PATH and the like are never allowed")
     a.add_argument("--user", metavar="NAME",
                    help="run llama-server as this user (its uid, gid and groups); the "
                    "supervisor must run as root. Pre-flight checks the user can run the "
