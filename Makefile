@@ -30,7 +30,7 @@ run: setup-system
 	echo "Supervising $$LLAMA_SERVER on $$MODEL (clients: http://$(LISTEN), API $(API))"; \
 	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
 	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --listen $(LISTEN) \
-	  --binary "$$LLAMA_SERVER" --model "$$MODEL" \
+	  --binary "$$LLAMA_SERVER" --model "$$MODEL" --allow-model-dir "$$(dirname "$$MODEL")" \
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
 test: setup-test

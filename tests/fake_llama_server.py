@@ -48,6 +48,9 @@ HELP = """\
 -ngl,  --gpu-layers, --n-gpu-layers N   layers to offload to the GPU
 --fake-props-n-ctx N                    report N as the per-slot n_ctx in /props (a degraded start)
 --fake-offloaded K/M                    log "offloaded K/M layers to GPU" at load
+--log-file FNAME                        log to file (the fake writes one line)
+                                        (env: LLAMA_ARG_LOG_FILE)
+--slot-save-path PATH                   path to save slot kv cache (default: disabled)
 """
 HEALTH_LOGGED = "fake: GET /health"
 
@@ -77,6 +80,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-props-n-ctx", type=int)
     p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers")
     p.add_argument("--fake-offloaded")
+    p.add_argument("--log-file")
+    p.add_argument("--slot-save-path")
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -93,6 +98,9 @@ def main() -> None:
     if ns.fake_exit_at_start is not None:
         print(f"exiting with {ns.fake_exit_at_start} as asked", flush=True)
         sys.exit(ns.fake_exit_at_start)
+    if ns.log_file:
+        with open(ns.log_file, "a") as f:
+            f.write("fake llama-server log\n")
     if ns.fake_offloaded:
         print(f"load_tensors: offloaded {ns.fake_offloaded} layers to GPU", flush=True)
     if ns.model and not os.path.isfile(ns.model):

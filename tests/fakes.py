@@ -198,6 +198,12 @@ class FakeChecks:
     async def catalog(self, binary: str) -> FlagCatalog:
         return FlagCatalog()
 
+    def admit_binary(self, binary: str) -> None:
+        pass
+
+    async def admit(self, config: LlamaConfig) -> None:
+        pass
+
     async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
                     fit: bool = True) -> None:
         self.calls.append("check")

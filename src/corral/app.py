@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import os
 import re
 import signal
 import socket
@@ -23,9 +24,11 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from corral.api.routes import create_app
+from corral.api.security import Tokens
 from corral.child.launcher import ProcessLauncher
 from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
+from corral.child.privilege import RunAs, build_policy
 from corral.controller import Controller
 from corral.core.args import LlamaConfig, parse_argv
 from corral.defaults import TOKEN_ENV, instance_id
@@ -34,11 +37,12 @@ from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
 from corral.front.steer import SteeredFront, place_on_loopback
-from corral.settings import Settings, Startup
+from corral.settings import Security, Settings, Startup
 from corral.store.base import ConfigStore
 from corral.store.etcd import EtcdStore
 from corral.store.factory import DriverSpec, open_store
 from corral.store.local import LocalOverrides, LocalStore
+from corral.transport import server_tls, tokens_from, warn_if_clear_text
 
 if TYPE_CHECKING:
     from corral.fleet import FleetSync
@@ -62,6 +66,7 @@ class Options:
     front: FrontSettings = field(default_factory=FrontSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     local_port: bool = False  # --port/--host are this instance's own, even in a fleet
+    security: Security = field(default_factory=Security)
 
 
 PRIVATE_WITH_LISTEN = ("--port", "--host")
@@ -222,11 +227,27 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+def run_as_user(name: str | None) -> RunAs | None:
+    if name is None:
+        return None
+    if os.geteuid() != 0:
+        raise UsageError(f"--user {name} needs the supervisor to run as root")
+    return RunAs.lookup(name)
+
+
 async def supervise(opts: Options) -> int:
     host, api_port = parse_addr(opts.supervisor_addr)
-    check_api_exposure(host, opts.api_token)
+    sec = opts.security
+    tokens = tokens_from(opts.api_token, sec)
+    check_api_exposure(host, opts.api_token or sec.api_token_file)
+    api_tls, front_tls = server_tls(sec, "the API"), server_tls(sec, "the front door")
+    warn_if_clear_text(host, tokens, api_tls is not None)
+    run_as = run_as_user(sec.user)
     catalogs = CatalogCache()
     from_cli = await cli_config(opts, catalogs)
+    judge = build_policy(from_cli, await catalogs.get(from_cli.binary),
+                         allow_binaries=sec.allow_binaries, model_dirs=sec.allow_model_dirs,
+                         allow_flags=sec.allow_flags, allow_env=sec.allow_env)
     opened: ConfigStore = open_store(opts.driver)
     name = opts.driver.name
     me = instance_id()
@@ -246,14 +267,15 @@ async def supervise(opts: Options) -> int:
         listen_sock = bind_listen(opts.listen) if opts.listen else None
         if listen_sock is not None:
             cleanup.callback(listen_sock.close)
-        door = FrontDoor(listen_sock, opts.front) if listen_sock else None
+        door = FrontDoor(listen_sock, opts.front, tls=front_tls) if listen_sock else None
         startup = await choose_startup(store, name, from_cli, fleet=etcd is not None)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
             launcher=ProcessLauncher(opts.settings.echo_output,
-                                     allow_degraded=opts.settings.allow_degraded),
+                                     allow_degraded=opts.settings.allow_degraded,
+                                     user=run_as.identity if run_as else None),
             checks=Preflight(catalogs, picks_ports=door is not None,
-                             fit_margin=opts.settings.fit_margin),
+                             fit_margin=opts.settings.fit_margin, judge=judge, run_as=run_as),
             front=SteeredFront(door) if door else None,
             place=place_on_loopback if door else None)
         fleet = None
@@ -262,22 +284,38 @@ async def supervise(opts: Options) -> int:
 
             fleet = FleetSync(controller, store, etcd, name, f"{host}:{api_port}",
                               opts.rollout, me)
-        app = create_app(controller, opts.api_token, fleet=fleet)
+        app = create_app(controller, tokens, fleet=fleet)
         if door is not None:
             log.info("front door on http://%s: clients connect here; llama-server gets a "
                      "loopback port of its own", opts.listen)
-        server = _EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                                access_log=False))
-        log.info("management API on http://%s:%d (token %s)", host, api_port,
-                 "required" if opts.api_token else "not required: loopback only")
-        await _run_until_signal(controller, server, sock, fleet, door)
+        server = _EmbeddedServer(uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False,
+            ssl_certfile=sec.tls_cert if api_tls else None,
+            ssl_keyfile=sec.tls_key if api_tls else None))
+        log.info("management API on %s://%s:%d (token %s%s)", "https" if api_tls else "http",
+                 host, api_port, "required" if tokens.required else "not required: loopback only",
+                 ", read-only token too" if tokens.read else "")
+        await _run_until_signal(controller, server, sock, fleet, door, tokens)
     log.info("supervisor stopped")
     return 0
 
 
+def _reload_tokens(tokens: Tokens) -> None:
+    """SIGHUP: read the token files again; a file that cannot be read keeps the old tokens."""
+    if not tokens.from_files:
+        log.info("SIGHUP: no token file to re-read")
+        return
+    try:
+        tokens.reload()
+    except UsageError as exc:
+        log.error("SIGHUP: %s; the tokens in force stay", exc)
+        return
+    log.info("SIGHUP: tokens re-read from their files")
+
+
 async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                             sock: socket.socket, fleet: FleetSync | None,
-                            door: FrontDoor | None) -> None:
+                            door: FrontDoor | None, tokens: Tokens | None = None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     kill_now = asyncio.Event()
@@ -299,6 +337,8 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, tokens)
     try:
         async with asyncio.TaskGroup() as tg:
             killer = tg.create_task(kill_on_second_signal(), name="second signal")
@@ -319,5 +359,5 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             if front is not None:
                 front.cancel()  # closed and drained by the controller's shutdown already
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

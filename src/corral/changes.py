@@ -48,4 +48,5 @@ class ChangeRecord:
 
 
 def config_json(config: LlamaConfig) -> dict[str, Any]:
-    return {"binary": config.binary, "args": config.as_dict(), "argv": config.argv()}
+    return {"binary": config.binary, "args": config.as_dict(), "argv": config.argv(),
+            "env": dict(config.env)}

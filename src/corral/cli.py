@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from corral import __version__
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
+from corral.settings import Security
 
 if TYPE_CHECKING:
     from corral.store.factory import DriverSpec
@@ -198,14 +199,61 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    help="hang detection: probe /health this often and restart after 3 "
                    "misses; 0 = off (default: %(default)g). Crashes are detected at once "
                    "regardless")
+    _add_privilege(p)
     s = p.add_argument_group("security and output")
-    s.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' "
-                   f"(default: ${TOKEN_ENV})")
+    s.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' on every route "
+                   f"but /health (default: ${TOKEN_ENV})")
+    s.add_argument("--api-token-file", metavar="PATH",
+                   help="read the token from this file instead; SIGHUP re-reads it, so the "
+                   "token rotates without a restart")
+    s.add_argument("--read-token", metavar="TOKEN",
+                   help="a second token that opens the GET routes only (status, params, "
+                   "changes), for dashboards and monitoring; needs a full token too")
+    s.add_argument("--read-token-file", metavar="PATH",
+                   help="read the read-only token from this file (re-read on SIGHUP)")
+    s.add_argument("--tls-cert", metavar="PEM",
+                   help="serve the management API and the front door over HTTPS with this "
+                   "certificate (chain); without it a token sent to a non-loopback address "
+                   "travels in clear (a loud warning says so)")
+    s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     s.add_argument("--quiet-llama", action="store_true",
                    help="do not echo llama-server's output (it is still kept for errors)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="(default: info)")
     p.set_defaults(func=_run_supervise)
+
+
+def _add_privilege(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group(
+        "least privilege (what an API change or a fleet config may make llama-server do)",
+        "The command line is trusted; a change through the API or the fleet, and a stored "
+        "config read at start, must keep to these rules or is refused (422) before anything "
+        "runs. See README, 'Security model'.")
+    a.add_argument("--allow-binary", action="append", metavar="PATH",
+                   help="another llama-server a change may switch to (repeatable). By default "
+                   "only --binary may run; real paths are compared, so re-pointing a symlink "
+                   "does not carry the permission over")
+    a.add_argument("--allow-model-dir", action="append", metavar="DIR",
+                   help="confine every file llama-server reads (-m, --lora, --mmproj, "
+                   "--model-draft, --grammar-file, --chat-template-file, ...) to these "
+                   "directories (repeatable; real paths, so '..' and symlinks cannot escape). "
+                   "Default: not confined. Not llama-server's own --models-dir")
+    a.add_argument("--allow-flag", action="append", metavar="NAME",
+                   help="let a change set this flag that writes files, opens sockets, "
+                   "downloads or runs tools (log-file, slot-save-path, host, rpc, hf-repo, "
+                   "tools, ...: see README; write the name without dashes, or "
+                   "--allow-flag=--log-file; repeatable). Flags given on this command line "
+                   "stay allowed")
+    a.add_argument("--allow-env", action="append", metavar="NAME",
+                   help="environment variable a config's 'env' may set; '*' ends a prefix "
+                   "(repeatable; replaces the default: CUDA_VISIBLE_DEVICES, "
+                   "HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES, GGML_VK_VISIBLE_DEVICES, "
+                   "GPU_DEVICE_ORDINAL, ONEAPI_DEVICE_SELECTOR, LLAMA_ARG_*; --allow-env '' allows "
+                   "none). LD_*, PATH and the like are never allowed")
+    a.add_argument("--user", metavar="NAME",
+                   help="run llama-server as this user (its uid, gid and groups); the "
+                   "supervisor must run as root. Pre-flight checks the user can run the "
+                   "binary and read every model file")
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -298,11 +346,21 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
             api_token=token_from_env(ns.api_token), listen=ns.listen,
             front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout),
-            rollout=rollout, local_port=ns.local_port)
+            rollout=rollout, local_port=ns.local_port, security=_security(ns))
         return asyncio.run(supervise(opts))
     except CorralError as exc:
         log.error("%s", exc)
         return 2
+
+
+def _security(ns: argparse.Namespace) -> Security:
+    return Security(
+        allow_binaries=tuple(ns.allow_binary or ()),
+        allow_model_dirs=tuple(ns.allow_model_dir or ()), allow_flags=tuple(ns.allow_flag or ()),
+        allow_env=tuple(e for e in ns.allow_env if e) if ns.allow_env is not None else None,
+        user=ns.user, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
+        api_token_file=ns.api_token_file, read_token=ns.read_token,
+        read_token_file=ns.read_token_file)
 
 
 def _run_client(ns: argparse.Namespace) -> int:

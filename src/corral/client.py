@@ -44,7 +44,7 @@ class SupervisorClient:
 
     def __init__(self, addr: str = SUPERVISOR_ADDR, token: str | None = None, *,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = f"http://{addr}"
+        self.base_url = addr if "://" in addr else f"http://{addr}"  # https://... with TLS
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
         self._transport = transport
 

@@ -278,8 +278,12 @@ class Controller:
     async def _start_config(self, config: LlamaConfig) -> None:
         # A config that has run is revived without pre-flight: respawn latency is what we
         # sell, and the estimate can take seconds. A broken one fails its start instead.
+        # The binary rule costs a realpath: a program swapped behind an allowed symlink
+        # is not revived either.
         if config != self.proven:
             await self.check(config)
+        else:
+            self.checks.admit_binary(config.binary)
         await self.start_in(Slot.ACTIVE, config)
         await self.await_ready(Slot.ACTIVE)
         self.proven = config

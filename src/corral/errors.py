@@ -4,6 +4,7 @@
     ├── UsageError            bad command line or settings; the CLI prints it and exits 2
     ├── InvalidArgs           a change names an unknown flag or a bad value (API: 422)
     ├── PreflightFailed       a change cannot work: missing binary/model, busy port (API: 422)
+    │   └── NotAllowed        a change breaks a least-privilege rule (binary, file, flag, env)
     ├── StartFailed           llama-server exited or never became ready (API: 422)
     ├── StoreError            the config store failed
     │   ├── StoreCorrupt      a stored file/key cannot be parsed; never overwritten
@@ -31,6 +32,14 @@ class InvalidArgs(CorralError):
 
 class PreflightFailed(CorralError):
     pass
+
+
+class NotAllowed(PreflightFailed):
+    """Refused by a least-privilege rule (:mod:`corral.core.privilege`); ``rule`` names it."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 class StartFailed(CorralError):

@@ -92,10 +92,19 @@ class Checks(Protocol):
 
     async def catalog(self, binary: str) -> FlagCatalog: ...
 
+    def admit_binary(self, binary: str) -> None:
+        """Raise NotAllowed if ``binary`` may not run; it is not run to find out."""
+        ...
+
+    async def admit(self, config: LlamaConfig) -> None:
+        """The least-privilege rules alone (binary, files, flags, env, --user); raise
+        NotAllowed. Part of :meth:`check`; asked first where other work would read files."""
+        ...
+
     async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
                     fit: bool = True) -> None:
-        """Every check; the port only if it differs from ``running``'s; the memory fit
-        unless ``fit`` is False (it can take seconds). Raise PreflightFailed."""
+        """Every check (:meth:`admit` first); the port only if it differs from ``running``'s;
+        the memory fit unless ``fit`` is False (it can take seconds). Raise PreflightFailed."""
         ...
 
     async def check_port(self, config: LlamaConfig) -> None:

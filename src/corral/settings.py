@@ -27,6 +27,22 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Security:
+    """Least privilege (``--allow-*``, ``--user``) and the transport (TLS, tokens)."""
+
+    allow_binaries: tuple[str, ...] = ()
+    allow_model_dirs: tuple[str, ...] = ()
+    allow_flags: tuple[str, ...] = ()
+    allow_env: tuple[str, ...] | None = None  # None: corral.core.privilege.DEFAULT_ENV
+    user: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    api_token_file: str | None = None
+    read_token: str | None = None
+    read_token_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Startup:
     """What to run at start: the stored config wins, the CLI config is the fallback."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral.core.args import ArgValue, LlamaConfig, port_of
@@ -18,10 +18,11 @@ class ConfigSnapshot:
     binary: str
     args: dict[str, ArgValue]
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def of(config: LlamaConfig) -> ConfigSnapshot:
-        return ConfigSnapshot(config.binary, config.as_dict(), config.argv())
+        return ConfigSnapshot(config.binary, config.as_dict(), config.argv(), dict(config.env))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 async def dry_run(controller: Controller, change: Change) -> DryRunResult:
-    merged = apply_change(controller.last_good, change)
+    merged = apply_change(controller.last_good, change)  # admitted by the route already
     active = controller.slots.live(Slot.ACTIVE)
     running = active.config if active else None
     fit = await _fit(controller, merged, running)

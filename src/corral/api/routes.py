@@ -2,13 +2,18 @@
 
 ``POST /v1/params`` canonicalises the flags, pre-flights the result against what runs now
 (so a change that cannot work is refused with no downtime and never joins a batch), then
-submits it and waits for the outcome of the batch it joined.
+submits it and waits for the outcome of the batch it joined. A posted ``binary`` is checked
+against the allowed ones before anything runs it (reading its flag catalog runs
+``--help``); the least-privilege rules then judge the merged config before any other check.
+Every refused change is logged at WARNING with the reason (never with the token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -29,13 +34,22 @@ from corral.api.schemas import (
     ParamsView,
     StatusView,
 )
-from corral.api.security import BodyLimit, TokenAuth
+from corral.api.security import BodyLimit, TokenAuth, Tokens
 from corral.changes import ChangeRecord, Outcome, config_json
 from corral.child.preflight import resolve_binary
 from corral.controller import Controller
-from corral.core.args import BINARY_KEY, Change, LlamaConfig, apply_change, parse_change
+from corral.core.args import (
+    BINARY_KEY,
+    Change,
+    LlamaConfig,
+    apply_change,
+    parse_change,
+    parse_env,
+)
 from corral.errors import CorralError, InvalidArgs
 from corral.seams import FleetGate
+
+log = logging.getLogger("corral.api")
 
 MAX_BODY_BYTES = 64 * 1024
 WaitFor = Literal["true", "false", "1", "0", "rollout"]
@@ -92,7 +106,7 @@ def record_result(record: ChangeRecord, rollout: dict[str, Any] | None = None,
 ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
 
-def create_app(controller: Controller, token: str | None = None,
+def create_app(controller: Controller, token: Tokens | str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None) -> Any:
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
@@ -115,7 +129,7 @@ def create_app(controller: Controller, token: str | None = None,
                          422: {"model": ChangeResult | DryRunResult,
                                "description": "Change rejected"},
                          500: {"model": ChangeResult}, 503: {"model": ChangeResult}})
-    async def post_params(body: ParamsRequest,
+    async def post_params(body: ParamsRequest, request: Request,
                           wait: Annotated[WaitFor, Query(description=(
                               "wait for this supervisor's outcome (true), answer 202 at once "
                               "(false), or in a fleet wait for the whole rollout (rollout)"))
@@ -134,11 +148,12 @@ def create_app(controller: Controller, token: str | None = None,
         numbers, and the swap strategy, without changing anything (200, or 422 when the
         pre-flight would refuse it).
         """
+        client = request.client.host if request.client else "?"
         if dry_run_:
             try:
-                change = await _parsed_change(controller, body.args)
+                change = await _parsed_change(controller, body)
             except CorralError as exc:
-                return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+                return _refused(controller, client, exc)
             result = await dry_run(controller, change)
             return JSONResponse(result.model_dump(), 422 if result.status == "rejected" else 200)
         if not controller.store_connected:
@@ -147,9 +162,9 @@ def create_app(controller: Controller, token: str | None = None,
                 f"the config store is unreachable ({controller.store.description}); the "
                 "change could not be made durable, so nothing was changed")
         try:
-            change = await _validated_change(controller, body.args)
+            change = await _validated_change(controller, body)
         except CorralError as exc:
-            return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+            return _refused(controller, client, exc)
         record = await fleet.begin(change) if fleet else controller.submit(change)
         if wait in ("false", "0"):
             response = record_result(record)
@@ -192,21 +207,32 @@ def create_app(controller: Controller, token: str | None = None,
     return TokenAuth(BodyLimit(app, max_body_bytes), token)
 
 
-async def _validated_change(controller: Controller, raw: dict[str, Any]) -> Change:
-    change = await _parsed_change(controller, raw)
+def _refused(controller: Controller, client: str, exc: CorralError) -> JSONResponse:
+    log.warning("change from %s refused: %s", client, exc)
+    return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
+
+
+async def _validated_change(controller: Controller, body: ParamsRequest) -> Change:
+    change = await _parsed_change(controller, body)
     # Stage 1 (see Preflight). The memory fit waits for the merged batch (stage 2): it can take
     # seconds, which would spread a burst of POSTs over several debounce windows.
     await controller.check(apply_change(controller.last_good, change), fit=False)
     return change
 
 
-async def _parsed_change(controller: Controller, raw: dict[str, Any]) -> Change:
+async def _parsed_change(controller: Controller, body: ParamsRequest) -> Change:
+    raw: dict[str, Any] = dict(body.args)
     binary = controller.last_good.binary
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():
         binary = resolve_binary(raw[BINARY_KEY].strip())
-        raw = {**raw, BINARY_KEY: binary}
+        raw[BINARY_KEY] = binary
+    # Before its --help runs for the catalog: a binary swapped behind an allowed symlink, too.
+    controller.checks.admit_binary(binary)
     change = parse_change(raw, await controller.checks.catalog(binary))
+    if body.env:
+        change = dataclasses.replace(change, env=parse_env(body.env))
     for key, _ in change.args:
         if key in controller.pinned:
             raise InvalidArgs(f"{key} cannot be changed through the API: {controller.pinned[key]}")
+    await controller.checks.admit(apply_change(controller.last_good, change))
     return change

@@ -10,6 +10,8 @@ from corral.status import Status
 
 FlagName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 FlagValue = Annotated[str, StringConstraints(max_length=4096)] | int | float | bool | None
+EnvName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+EnvValue = Annotated[str, StringConstraints(max_length=4096)] | None
 
 MAX_ARGS = 200
 
@@ -19,11 +21,14 @@ class ParamsRequest(BaseModel):
 
     Keys are llama-server flags in any spelling (``-m``, ``--model``, ``model``) plus
     ``binary``. A string or number sets the flag's value, ``true`` sets a flag that takes no
-    value, ``false`` or ``null`` removes the flag.
+    value, ``false`` or ``null`` removes the flag. ``env`` sets environment variables of
+    llama-server (``null`` removes one); only names ``--allow-env`` allows (by default the GPU
+    selection variables and ``LLAMA_ARG_*``).
     """
 
     model_config = ConfigDict(extra="forbid")
     args: dict[FlagName, FlagValue] = Field(max_length=MAX_ARGS)
+    env: dict[EnvName, EnvValue] | None = Field(None, max_length=MAX_ARGS)
 
 
 class ConfigView(BaseModel):
@@ -31,6 +36,7 @@ class ConfigView(BaseModel):
     binary: str
     args: dict[str, str | bool]
     argv: list[str]
+    env: dict[str, str] = {}
 
 
 ChangeStatus = Literal["pending", "applied", "rejected", "failed"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from corral.child.process import Child, spawn
+from corral.child.process import Child, Identity, spawn
 from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
 from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
@@ -46,14 +46,16 @@ def props_context(props: dict[str, Any]) -> tuple[int | None, int | None]:
 
 
 class ProcessLauncher:
-    def __init__(self, echo_output: bool = True, allow_degraded: bool = False) -> None:
+    def __init__(self, echo_output: bool = True, allow_degraded: bool = False,
+                 user: Identity | None = None) -> None:
         self._echo = echo_output
+        self._user = user
         self.allow_degraded = allow_degraded
         self._http = httpx.AsyncClient()
 
     async def spawn(self, config: LlamaConfig, generation: int) -> Child:
         try:
-            return await spawn(config, generation, self._echo)
+            return await spawn(config, generation, self._echo, self._user)
         except OSError as exc:
             raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
 

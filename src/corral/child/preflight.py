@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.child.privilege import RunAs
 from corral.core.args import FlagCatalog, LlamaConfig, host_of, parse_help, port_of
 from corral.core.fit import (
     DEFAULT_MARGIN,
@@ -30,6 +31,7 @@ from corral.core.fit import (
     gpu_layers_wanted,
     verdict,
 )
+from corral.core.privilege import Judge, files_of
 from corral.errors import PreflightFailed
 from corral.sense.estimate import Estimator
 from corral.sense.gpu import gpu_rooms
@@ -112,13 +114,19 @@ class Preflight:
     2. the controller checks the merged batch (merging can combine changes that were each
        fine; files may have changed since);
     3. right before a spawn, only the port: it is free only once the old server stopped.
+
+    Every stage starts with the least-privilege rules (:meth:`admit`), the binary's first:
+    a binary that is not allowed is never run, not even for ``--help``.
     """
 
     def __init__(self, catalogs: CatalogCache | None = None, picks_ports: bool = False, *,
                  fit_margin: float = DEFAULT_MARGIN, estimator: Estimator | None = None,
                  memory: MemorySource | None = None,
-                 gpus: Callable[[], tuple[GpuRoom, ...]] = gpu_rooms) -> None:
+                 gpus: Callable[[], tuple[GpuRoom, ...]] = gpu_rooms,
+                 judge: Judge | None = None, run_as: RunAs | None = None) -> None:
         self.catalogs = catalogs or CatalogCache()
+        self.judge = judge  # None: no least-privilege rules (tests of other things)
+        self.run_as = run_as
         # With --listen, Corral gives every llama-server a free loopback port of its own.
         self.picks_ports = picks_ports
         self.fit_margin = fit_margin
@@ -130,8 +138,23 @@ class Preflight:
     async def catalog(self, binary: str) -> FlagCatalog:
         return await self.catalogs.get(binary)
 
+    def admit_binary(self, binary: str) -> None:
+        """The binary rule alone: before anything runs ``binary`` (its ``--help`` included)."""
+        if self.judge is not None:
+            self.judge.check_binary(binary)
+
+    async def admit(self, config: LlamaConfig) -> None:
+        """Every least-privilege rule, and whether ``--user`` can run and read it all."""
+        self.admit_binary(config.binary)
+        catalog = await self.catalog(config.binary)
+        if self.judge is not None:
+            self.judge.check(config, catalog)
+        if self.run_as is not None:
+            self.run_as.check(config, [name for _, name in files_of(config, catalog)])
+
     async def check(self, config: LlamaConfig, running: LlamaConfig | None, *,
                     fit: bool = True) -> None:
+        await self.admit(config)
         check_static(config, await self.catalog(config.binary))
         if not self.picks_ports and (running is None or not same_address(config, running)):
             check_config_port(config)

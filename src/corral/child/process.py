@@ -15,6 +15,11 @@ Theory of operation
 - Its exit is noticed through a pidfd registered with the event loop: readable the moment
   the process ends, then reaped with ``waitpid``. No polling, no watcher thread, and a
   grandchild holding the output pipe open cannot hide the exit.
+- With ``--user`` (the supervisor running as root) the same ``setpriv`` also switches to
+  that user's uid, gid and groups before exec; the death signal is set after the switch
+  (the kernel clears it when credentials change).
+- The environment is the supervisor's plus the config's own ``env`` (already judged by
+  :mod:`corral.core.privilege`).
 - Output (stdout and stderr on one pipe) is drained by :func:`corral.child.output.drain`.
 - Stop is one routine: SIGTERM to the group, wait, SIGKILL to the group, always reap, and
   finally SIGKILL whatever is left of the group (grandchildren).
@@ -103,17 +108,33 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in out.stdout else None
 
 
-def _with_death_signal(argv: list[str]) -> list[str]:
-    """``argv`` behind an exec wrapper that makes it die with this process."""
+@dataclass(frozen=True)
+class Identity:
+    """Whom llama-server runs as (``--user``)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _with_death_signal(argv: list[str], user: Identity | None = None) -> list[str]:
+    """``argv`` behind an exec wrapper that makes it die with this process (and, with
+    ``user``, run as that user)."""
     setpriv = _setpriv()
+    if user is not None:
+        if setpriv is None:
+            raise OSError("--user needs util-linux's setpriv (with --pdeathsig)")
+        groups = ",".join(map(str, user.groups)) or str(user.gid)
+        return [setpriv, f"--reuid={user.uid}", f"--regid={user.gid}", f"--groups={groups}",
+                "--pdeathsig", "KILL", "--", *argv]
     if setpriv is not None:
         return [setpriv, "--pdeathsig", "KILL", "--", *argv]
     return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
 
 
-def _posix_spawn(argv: list[str], output_fd: int) -> int:
+def _posix_spawn(argv: list[str], output_fd: int, env: dict[str, str]) -> int:
     executable = argv[0]
-    return os.posix_spawn(executable, argv, os.environ, setsid=True, file_actions=[
+    return os.posix_spawn(executable, argv, env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, output_fd, 1),
         (os.POSIX_SPAWN_DUP2, output_fd, 2),
@@ -148,7 +169,8 @@ async def _read_pipe(fd: int, loop: asyncio.AbstractEventLoop) -> asyncio.Stream
     return reader
 
 
-async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True) -> Child:
+async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True,
+                user: Identity | None = None) -> Child:
     """Start ``config`` as a new session; its output goes to a ring buffer and the log.
 
     Raises OSError if the program cannot be executed.
@@ -156,7 +178,8 @@ async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True) 
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = _posix_spawn(_with_death_signal(config.argv()), write_fd)
+        env = {**os.environ, **dict(config.env)}
+        pid = _posix_spawn(_with_death_signal(config.argv(), user), write_fd, env)
     except BaseException:
         os.close(read_fd)
         raise

@@ -30,6 +30,7 @@ ChangeValue: TypeAlias = str | int | float | bool | None
 
 BINARY_KEY = "binary"
 
+_ENV_NOTE = re.compile(r"\(env: ([A-Z][A-Z0-9_]*)\)")
 _SPELLING = re.compile(r"(--?[A-Za-z0-9][A-Za-z0-9_\-.]*)(?:,\s*|\s+|$)")
 
 
@@ -46,6 +47,7 @@ class FlagCatalog:
     """The flags one llama-server binary understands, keyed by every spelling."""
 
     flags: Mapping[str, Flag] = field(default_factory=dict)
+    env_vars: Mapping[str, str] = field(default_factory=dict)  # LLAMA_ARG_X -> its flag
 
     def lookup(self, key: str) -> Flag | None:
         for spelling in _spellings(key):
@@ -72,9 +74,14 @@ def parse_help(text: str) -> FlagCatalog:
     placeholder (upper case, ``{a,b}``, ``<x>``) meaning the flag takes a value.
     """
     flags: dict[str, Flag] = {}
+    env_vars: dict[str, str] = {}
+    last: str | None = None
     for line in text.splitlines():
         parsed = _parse_option_line(line)
         if parsed is None:
+            env = _ENV_NOTE.search(line)
+            if env is not None and last is not None:
+                env_vars.setdefault(env.group(1), last)
             continue
         spellings, takes_value = parsed
         groups = _split_negations(spellings)
@@ -84,7 +91,8 @@ def parse_help(text: str) -> FlagCatalog:
             flag = Flag(names[i], frozenset(group), takes_value, other)
             for spelling in group:
                 flags.setdefault(spelling, flag)
-    return FlagCatalog(flags)
+        last = names[0]
+    return FlagCatalog(flags, env_vars)
 
 
 def _canonical_of(spellings: list[str]) -> str:
@@ -141,10 +149,12 @@ def canonical_key(key: str, catalog: FlagCatalog | None) -> str:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """What to run: a program and its flags in order. Immutable; compare with ``==``."""
+    """What to run: a program, its flags in order, and environment variables of its own
+    (on top of the supervisor's). Immutable; compare with ``==``."""
 
     binary: str
     args: tuple[tuple[str, ArgValue], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     def get(self, key: str) -> ArgValue | None:
         for name, value in self.args:
@@ -195,10 +205,11 @@ class Change:
     binary: str | None
     args: tuple[tuple[str, ArgValue | None], ...]
     replace: bool = False
+    env: tuple[tuple[str, str | None], ...] = ()  # ``None`` removes a variable
 
     @staticmethod
     def whole(config: LlamaConfig) -> Change:
-        return Change(config.binary, config.args, replace=True)
+        return Change(config.binary, config.args, replace=True, env=config.env)
 
 
 def parse_change(raw: Mapping[str, ChangeValue], catalog: FlagCatalog | None) -> Change:
@@ -227,14 +238,15 @@ def merge_changes(changes: Iterable[Change]) -> Change:
     """Key-wise merge, later wins (a later removal wins over an earlier set, too)."""
     binary: str | None = None
     args: dict[str, ArgValue | None] = {}
+    env: dict[str, str | None] = {}
     replace = False
     for change in changes:
         if change.replace:
-            args, replace = {}, True
+            args, env, replace = {}, {}, True
         binary = change.binary or binary
-        for key, value in change.args:
-            args[key] = value
-    return Change(binary, tuple(args.items()), replace)
+        args.update(change.args)
+        env.update(change.env)
+    return Change(binary, tuple(args.items()), replace, tuple(env.items()))
 
 
 def apply_change(config: LlamaConfig, change: Change) -> LlamaConfig:
@@ -245,7 +257,25 @@ def apply_change(config: LlamaConfig, change: Change) -> LlamaConfig:
             args.pop(key, None)
         else:
             args[key] = value
-    return LlamaConfig(change.binary or config.binary, tuple(args.items()))
+    env = {} if change.replace else dict(config.env)
+    for name, text in change.env:
+        if text is None:
+            env.pop(name, None)
+        else:
+            env[name] = text
+    return LlamaConfig(change.binary or config.binary, tuple(args.items()), tuple(env.items()))
+
+
+def parse_env(raw: Mapping[str, str | None]) -> tuple[tuple[str, str | None], ...]:
+    """Validate a request's ``env`` object: names as a shell knows them, no NUL in values."""
+    out: dict[str, str | None] = {}
+    for name, value in raw.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise InvalidArgs(f"{name!r} is not an environment variable name")
+        if value is not None and "\x00" in value:
+            raise InvalidArgs(f"value of environment variable {name} contains a NUL byte")
+        out[name] = value
+    return tuple(out.items())
 
 
 def parse_argv(tokens: Sequence[str], catalog: FlagCatalog | None) -> list[tuple[str, ArgValue]]:

@@ -89,7 +89,8 @@ def desired_config(last_good: LlamaConfig, batch: Sequence[Change]) -> LlamaConf
     """``last_good ⊕ merged batch``; ``last_good`` itself if that changes nothing."""
     desired = apply_change(last_good, merge_changes(batch))
     # Same flags and values in another order is still the same server: no restart.
-    same = desired.binary == last_good.binary and desired.as_dict() == last_good.as_dict()
+    same = (desired.binary == last_good.binary and desired.as_dict() == last_good.as_dict()
+            and dict(desired.env) == dict(last_good.env))
     return last_good if same else desired
 
 

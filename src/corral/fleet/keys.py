@@ -62,11 +62,12 @@ class FleetKeys:
 
 def digest_of(config: LlamaConfig) -> str:
     """The same on every host for the same shared config (stamps and order of keys aside)."""
-    canonical = json.dumps([config.binary, sorted(map(list, config.args))], default=str)
+    canonical = json.dumps([config.binary, sorted(map(list, config.args)),
+                            sorted(map(list, config.env))], default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def same_config(a: LlamaConfig, b: LlamaConfig) -> bool:
     """Whether ``a`` and ``b`` run the same (flag order aside: a host's own port may be
     placed elsewhere than in the stored config)."""
-    return a.binary == b.binary and dict(a.args) == dict(b.args)
+    return a.binary == b.binary and dict(a.args) == dict(b.args) and dict(a.env) == dict(b.env)

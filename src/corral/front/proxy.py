@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import Counter
 
 from corral.front.client import ClientConn, Exchange
@@ -58,8 +59,10 @@ class FrontDoor:
     At construction it holds: requests wait until the first ``route_to``.
     """
 
-    def __init__(self, sock: socket.socket, settings: FrontSettings | None = None) -> None:
+    def __init__(self, sock: socket.socket, settings: FrontSettings | None = None, *,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.settings = settings or FrontSettings()
+        self._tls = tls  # --tls-cert/--tls-key: clients speak HTTPS to the front door
         self._sock = sock
         host, port = sock.getsockname()[:2]
         self._listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -84,7 +87,7 @@ class FrontDoor:
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         self._server = await loop.create_server(lambda: ClientConn(self), sock=self._sock,
-                                                backlog=1024)
+                                                ssl=self._tls, backlog=1024)
         try:
             await self._closed
         finally:

@@ -64,4 +64,4 @@ def place_on_loopback(config: LlamaConfig) -> LlamaConfig:
     """``config`` listening on a free loopback port of its own (a new one every start)."""
     args = {k: v for k, v in config.args if k not in ("--port", "--host")}
     args.update({"--host": LOOPBACK, "--port": str(free_loopback_port())})
-    return LlamaConfig(config.binary, tuple(args.items()))
+    return dataclasses.replace(config, args=tuple(args.items()))

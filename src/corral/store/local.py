@@ -50,12 +50,12 @@ class LocalOverrides:
         for key, value in self.fallback:
             args.setdefault(key, value)
         args.update(self.args)
-        return LlamaConfig(shared.binary, tuple(args.items()))
+        return dataclasses.replace(shared, args=tuple(args.items()))
 
     def strip(self, config: LlamaConfig) -> LlamaConfig:
         """What this host stores for everyone."""
-        return LlamaConfig(config.binary,
-                           tuple((k, v) for k, v in config.args if k not in self.keys()))
+        return dataclasses.replace(
+            config, args=tuple((k, v) for k, v in config.args if k not in self.keys()))
 
 
 class LocalStore:

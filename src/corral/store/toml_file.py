@@ -170,8 +170,26 @@ def _fill(table: Table, stored: StoredConfig) -> None:
             args[flag] = value  # keeps the comment at the end of the line
         else:
             args.add(SingleKey(flag, KeyType.Basic), value)  # "--model", quoted like the docs
+    _fill_env(table, dict(stored.config.env))
     for item in tail:
         _last_table(table).add(item)
+
+
+def _fill_env(table: Table, wanted: dict[str, str]) -> None:
+    """llama-server's own environment variables: an ``[name.env]`` table, only when set."""
+    if not wanted:
+        if "env" in table:
+            del table["env"]
+        return
+    if not isinstance(table.get("env"), Table):
+        if "env" in table:
+            del table["env"]
+        table["env"] = tomlkit.table()
+    env = table["env"]
+    for name in [n for n in env if n not in wanted]:
+        del env[name]
+    for name, value in wanted.items():
+        env[name] = value
 
 
 def _last_table(table: Table) -> Table:
@@ -199,7 +217,11 @@ def _decode(path: Path, name: str, table: object) -> StoredConfig:
     args = table.get("args", {})
     if not isinstance(args, Mapping):
         raise StoreCorrupt(f"{where}: 'args' must be a table")
-    config = LlamaConfig(binary, tuple(_decode_args(where, args)))
+    env = table.get("env", {})
+    if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise StoreCorrupt(f"{where}: 'env' must be a table of strings")
+    config = LlamaConfig(binary, tuple(_decode_args(where, args)), tuple(env.items()))
     stamps = (_text(where, table, "applied_at"), _text(where, table, "applied_by"))
     return StoredConfig(config, *stamps)
 

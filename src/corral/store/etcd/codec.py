@@ -35,6 +35,8 @@ def encode_config(stored: StoredConfig) -> bytes:
         f'  "applied_at": {json.dumps(stored.applied_at, ensure_ascii=False)}',
         f'  "applied_by": {json.dumps(stored.applied_by, ensure_ascii=False)}',
     ]
+    if stored.config.env:  # llama-server's own environment variables, only when set
+        fields.append(f'  "env": {json.dumps(dict(stored.config.env), ensure_ascii=False)}')
     return ("{\n" + ",\n".join(fields) + "\n}\n").encode()
 
 
@@ -53,8 +55,12 @@ def decode_config(raw: bytes, where: str) -> StoredConfig:
         args = _decode_args(data.get("args", []))
     except (InvalidArgs, TypeError, ValueError) as exc:
         raise StoreCorrupt(f"etcd key {where}: bad 'args': {exc}") from exc
+    env = data.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise StoreCorrupt(f"etcd key {where}: 'env' must be an object of strings")
     stamps = [data.get(k) or "" for k in ("applied_at", "applied_by")]
-    return StoredConfig(LlamaConfig(binary.strip(), args), str(stamps[0]), str(stamps[1]))
+    return StoredConfig(LlamaConfig(binary.strip(), args, tuple(env.items())),
+                        str(stamps[0]), str(stamps[1]))
 
 
 def _decode_args(raw: object) -> tuple[tuple[str, ArgValue], ...]:
