@@ -267,3 +267,21 @@ def test_max_unavailable_as_a_percentage(tmp_path: Path, etcd_server: EtcdServer
                                      ["--fake-load-s", "1"]])
             wait_for(lambda: phase(etcd_server, "done"), 60, "rollout done")
         assert probes.min_serving() == 2, "two down at once (50 % of 4), never three"
+
+
+def test_a_fleet_config_naming_a_binary_not_allowed_fails_its_canary(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """Least privilege in a fleet: a binary this host does not allow is a failed apply here,
+    so a failed canary: the rollout fails with that reason and the key is reverted."""
+    with fleet_of(tmp_path, etcd_server, n=2) as (sups, model):
+        before = stored(etcd_server)
+        marker = tmp_path / "ran"
+        script = tmp_path / "not-llama.sh"
+        script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+        script.chmod(0o755)
+        etcd_server.etcdctl("put", "/corral/configs/fleet", json.dumps(
+            {"binary": str(script), "args": [["--model", str(model)]]}))
+        failed = wait_for(lambda: phase(etcd_server, "failed"), 30, "rollout failed")
+        assert "binary not allowed" in failed["reason"]
+        wait_for(lambda: stored(etcd_server) == before, 10, "the key reverted")
+        assert not marker.exists(), "a binary that is not allowed never runs, not even --help"
