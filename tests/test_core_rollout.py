@@ -147,13 +147,17 @@ def test_failed_here_never_tries_again(holders: tuple[str, ...], do: Do) -> None
     assert next_step(view(record=r, holders=holders), "cfg-5", NOW) == Step(do)
 
 
-def test_done_rollout_late_joiner_applies_when_holding() -> None:
-    r = rec(phase=Phase.DONE, progress={"b": "done", "c": "done"})
+def test_done_rollout_reopened_by_a_late_joiner() -> None:
+    """``done`` is said of the fleet as it is: one that does not run it reopens it (a late
+    joiner, or instances back after an etcd outage expired their leases)."""
+    r = rec(phase=Phase.DONE, progress={"b": "done", "c": "done"}, ended_at=NOW)
+    assert next_step(view(record=r, holders=("a",)), "cfg-5", NOW) == \
+        Step(Do.REOPEN, replace(r, phase=Phase.ROLLING, ended_at=None))
+
+
+def test_reopened_rollout_late_joiner_applies_when_holding_else_queues() -> None:
+    r = rec(phase=Phase.ROLLING, progress={"b": "done", "c": "done"})
     assert next_step(view(record=r, holders=("a",)), "cfg-5", NOW) == Step(Do.APPLY)
-
-
-def test_done_rollout_late_joiner_queues() -> None:
-    r = rec(phase=Phase.DONE, progress={"b": "done", "c": "done"})
     assert next_step(view(record=r), "cfg-5", NOW) == Step(Do.ENQUEUE)
     assert next_step(view(record=r, holders=("b", "a")), "cfg-5", NOW) == Step(Do.NOTHING)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class ChangeRecord:
     restarted: bool = False
     source: str = "api"  # "api", or "fleet" for a config another supervisor stored
     strategy: str | None = None  # how its batch swapped servers (stop-first, start-first)
+    client: str | None = None  # the API client's address, for the audit log
+    before: LlamaConfig | None = None  # the config in effect when its batch was taken
+    finished_at: float | None = None  # wall clock
 
     def finish(self, outcome: Outcome, config: LlamaConfig | None, error: str | None = None,
                log_tail: list[str] | None = None, restarted: bool = False,
@@ -44,6 +48,7 @@ class ChangeRecord:
         self.outcome, self.config = outcome, config
         self.error, self.log, self.restarted = error, log_tail or [], restarted
         self.strategy = strategy
+        self.finished_at = time.time()
         self.done.set_result(None)
 
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, Outcome
+from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, Outcome, config_json
 from corral.child.pidfile import PidFile
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import StartHistory
@@ -37,6 +37,7 @@ from corral.core.fit import SwapMode, choose_strategy
 from corral.core.steps import Plan, Slot, Strategy, desired_config, plan_batch
 from corral.errors import PreflightFailed, StartFailed
 from corral.liveness import Liveness
+from corral.observe.events import EventBus
 from corral.plan_runner import PlanRunner
 from corral.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
 from corral.settings import Settings, Startup
@@ -52,8 +53,10 @@ class Controller:
                  launcher: Launcher, checks: Checks, clock: Clock | None = None,
                  front: Front | None = None, pidfile: PidFile | None = None,
                  pinned: dict[str, str] | None = None,
-                 place: Callable[[LlamaConfig], LlamaConfig] | None = None) -> None:
+                 place: Callable[[LlamaConfig], LlamaConfig] | None = None,
+                 events: EventBus | None = None) -> None:
         self.name = name
+        self.events = events or EventBus()  # what happened, for streams, metrics and audit
         self.store = store
         self.settings = settings
         self.checks = checks
@@ -86,6 +89,7 @@ class Controller:
         self._plan: Plan | None = None
         self._prior = State.STOPPED  # the state the batch found
         self._runner = PlanRunner(self)
+        self._killed_hung = False  # the next exit is a hang's, not a crash
         self._actions: dict[Action, Callable[[], Awaitable[Event | None]]] = {
             Action.START_BOOT: self._start_boot, Action.START: self._start_last_good,
             Action.FORGET_FAILURES: self._forget_failures,
@@ -104,11 +108,21 @@ class Controller:
         record = ChangeRecord(f"c{next(self._ids)}", change, self.clock.wall(),
                               loop.create_future(), source=source)
         self._records[record.id] = record
+        record.done.add_done_callback(lambda _: self._emit_outcome(record))
         while len(self._records) > MAX_CHANGE_RECORDS:
             self._records.popitem(last=False)
         self._debouncer.add(record, self.clock.monotonic())
         self._wake.set()
         return record
+
+    def _emit_outcome(self, r: ChangeRecord) -> None:
+        took = (r.finished_at or r.received_at) - r.received_at
+        self.events.emit(
+            "change", change=r.id, source=r.source, client=r.client, outcome=r.outcome.value,
+            error=r.error, restarted=r.restarted, strategy=r.strategy,
+            duration_s=round(took, 3),
+            before=config_json(r.before) if r.before is not None else None,
+            after=config_json(r.config) if r.config is not None else None)
 
     def record(self, change_id: str) -> ChangeRecord | None:
         return self._records.get(change_id)
@@ -148,6 +162,10 @@ class Controller:
         """Look the event up in the table, move, act; then handle what the actions led to."""
         while True:
             decision = decide(self.state, event)
+            if decision.next is not self.state:
+                self.events.emit("state", **{"from": self.state.value,
+                                             "to": decision.next.value,
+                                             "error": self.last_error})
             self.state = decision.next
             follow_up = None
             for action in decision.actions:
@@ -204,10 +222,15 @@ class Controller:
         tail = " | ".join(server.output.tail(5))
         self.last_error = (f"llama-server exited with code {code} after {ran_s:.1f} s"
                            + (f": {tail}" if tail else ""))
+        reason, self._killed_hung = ("hang" if self._killed_hung else "crash"), False
+        self.events.emit("crash", reason=reason, pid=server.pid, code=code,
+                         ran_s=round(ran_s, 3), error=self.last_error)
         log.error("%s; reviving with the last good config", self.last_error)
 
     async def _take_batch(self, now: float) -> Event | None:
         batch = self._debouncer.take(now)
+        for r in batch:
+            r.before = self.last_good
         persist = any(r.source != "fleet" for r in batch)  # a fleet config is stored already
         changes = [r.change for r in batch]
         desired = desired_config(self.last_good, changes)
@@ -270,6 +293,8 @@ class Controller:
         if slot is Slot.ACTIVE:
             self.became_active()
         log.info("llama-server (pid %d) is ready after %.1f s", server.pid, took)
+        self.events.emit("ready", pid=server.pid, generation=server.generation,
+                         load_s=round(took, 3), slot=slot.value)
 
     def became_active(self) -> None:
         self.ready_since = self.clock.monotonic()
@@ -349,6 +374,7 @@ class Controller:
         if active is not None:
             log.error("llama-server (pid %d) failed %d health checks in a row: restarting it",
                       active.pid, self.liveness.misses)
+            self._killed_hung = True
             await active.kill()  # the loop sees the exit and revives it
 
     async def _hold(self) -> None:

@@ -20,7 +20,9 @@ next (level-triggered, like Kubernetes controllers). The phases of a record:
             promotes the record. A canary whose registration is gone (dead, partitioned past
             its lease) is cleared, and the next slot holder claims the role.
 ``rolling`` every instance that does not run the revision yet takes a slot and applies it.
-``done``    every live instance runs it (or failed it after someone succeeded).
+``done``    every live instance runs it (or failed it after someone succeeded). An instance
+            that does not (a late joiner, or one back after its lease expired, as after an
+            etcd outage) reopens it: ``done`` is only ever said of the fleet as it is.
 ``failed``  the first apply of the revision failed: nobody else ever starts it, and the key
             goes back to ``good`` (guarded by its mod_revision: a newer write is never
             clobbered).
@@ -200,6 +202,7 @@ class Do(enum.StrEnum):
     MARK_DONE = "mark done"  # CAS progress[me] := done
     PROMOTE = "promote"  # CAS phase := rolling (the canary proved itself)
     FINISH = "finish"  # CAS phase := done
+    REOPEN = "reopen"  # CAS phase := rolling (a live instance does not run it: not done)
     REVERT = "revert"  # put good back into the key if it still holds the failed revision
 
 
@@ -235,6 +238,8 @@ def next_step(v: View, my_config: str | None = None, now: str = "") -> Step:
     if r.progress.get(v.me) == Progress.FAILED and not v.in_sync:
         return _release(v)  # tried here and failed: never again for this revision
     if r.phase is Phase.DONE:
+        if not v.in_sync:  # joined, or came back, after it was done: not done any more
+            return Step(Do.REOPEN, replace(r, phase=Phase.ROLLING, ended_at=None))
         return _take_part(v)
     if r.phase is Phase.CANARY:
         return _canary_phase(v, r, now)

@@ -82,6 +82,7 @@ class RolloutAgent:
         self._lease = lease  # this instance's registration lease, once it has one
         self._probe, self._probe_interval = probe, probe_interval  # see EtcdClient.watch
         self.kvs: dict[str, KeyValue] = {}
+        self._parsed: dict[str, tuple[int, Any]] = {}  # key -> (mod_revision, parsed value)
         self.synced = False  # kvs reflect etcd as of the last watch event
         self.apply_lock = asyncio.Lock()  # one apply at a time: ours or an API change's
         self.version = 0  # bumped at every change of the facts
@@ -142,23 +143,35 @@ class RolloutAgent:
         kv = self.kvs.get(self.keys.rollout)
         if kv is None:
             return None, 0
+        cached = self._parsed.get(kv.key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1], kv.mod_revision
         try:
-            return Rollout.from_json(json.loads(kv.value)), kv.mod_revision
+            record: Rollout | None = Rollout.from_json(json.loads(kv.value))
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring %s: not a rollout record", kv.key)
-            return None, kv.mod_revision
+            record = None
+        self._parsed[kv.key] = (kv.mod_revision, record)
+        return record, kv.mod_revision
 
     def target(self) -> tuple[Target, LlamaConfig] | None:
         kv = self.kvs.get(self.keys.config)
         if kv is None:
             return None
+        cached = self._parsed.get(kv.key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            hit: tuple[Target, LlamaConfig] | None = cached[1]
+            return hit
         try:
             stored = decode_config(kv.value, kv.key)
         except StoreCorrupt as exc:
             log.warning("ignoring the fleet config: %s", exc)
-            return None
-        target = Target(kv.mod_revision, digest_of(stored.config), kv.value.decode())
-        return target, stored.config
+            found = None
+        else:
+            found = (Target(kv.mod_revision, digest_of(stored.config), kv.value.decode()),
+                     stored.config)
+        self._parsed[kv.key] = (kv.mod_revision, found)
+        return found
 
     def live(self) -> frozenset[str]:
         members = (self.keys.member(k, self.keys.instances) for k in self.kvs)
@@ -254,12 +267,27 @@ class RolloutAgent:
                     log.error("fleet %r: rollout of revision %d failed (%s); the config is "
                               "back to revision %s", k.name, record.revision, record.reason,
                               record.good_revision or "before it")
+                    self.controller.events.emit(
+                        "rollout", step="revert", revision=record.revision, phase="failed",
+                        reason=record.reason, by=self.me)
+            case Do.MARK_DONE if view.queued and step.record is not None and \
+                    step.record.phase in (Phase.ROLLING, Phase.DONE):
+                # Done, and the slot given back in the same transaction: one round trip
+                # less before the next instance may start.
+                await self.client.txn([Compare.unchanged(k.rollout, record_mod)],
+                                      [Op.put(k.rollout, _dump(step.record)),
+                                       Op.delete(k.slot(self.me))])
             case _:  # a compare-and-swap of the record
                 assert step.record is not None
                 ok = await self.cas_record(step.record, record_mod)
                 if ok and step.do in (Do.PROMOTE, Do.FINISH, Do.START, Do.CLAIM_CANARY,
                                       Do.CLEAR_CANARY):
                     _log_step(step, k.name, self.me)
+                if ok:
+                    r = step.record
+                    self.controller.events.emit(
+                        "rollout", step=step.do.value, revision=r.revision, phase=r.phase.value,
+                        canary=r.canary, by=self.me)
         return None
 
     async def cas_record(self, record: Rollout, mod_revision: int) -> bool:

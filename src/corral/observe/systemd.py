@@ -1,0 +1,366 @@
+"""systemd integration without python-systemd: ``Type=notify``, the watchdog, socket activation.
+
+Theory of operation
+-------------------
+**Notifications.** systemd passes ``$NOTIFY_SOCKET``, a datagram socket (a path, or an
+abstract name written ``@name``); a service sends it newline-separated ``KEY=VALUE``
+assignments (``sd_notify(3)``). :class:`Notifier` does that with a plain ``AF_UNIX``
+``SOCK_DGRAM`` socket and is a no-op when the variable is unset, so the supervisor calls it
+unconditionally. It never blocks the event loop: a send that would block (systemd not
+reading) is dropped with a warning.
+
+What to say and when is a pure function of the controller's state transitions,
+:func:`transition_messages`: ``READY=1`` once llama-server is first ready; ``RELOADING=1``
+(with ``MONOTONIC_USEC``) when an apply starts on a running service, and ``READY=1`` again
+when the apply is over, whatever its outcome (systemd's reload ends; ``STATUS=`` says how it
+went); ``STOPPING=1`` at shutdown; ``STATUS=`` with every state. A boot that ends FATAL
+before anything was ever ready sends no ``READY=1``: ``systemctl start`` then fails by
+``TimeoutStartSec`` rather than report a service that serves nothing.
+
+**Watchdog.** With ``WatchdogSec=`` systemd sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``);
+:meth:`Notifier.watchdog` sends ``WATCHDOG=1`` every half of it, but only while the
+``alive()`` check it is given says the supervisor loop is healthy. That the coroutine runs at
+all proves the event loop is not blocked.
+
+**Socket activation.** ``sd_listen_fds(3)``: when ``$LISTEN_PID`` is this process, fds
+``3 .. 3 + $LISTEN_FDS - 1`` are sockets systemd (``corral.socket``) opened and keeps open.
+The front door accepts on such a socket, so a client that connects while Corral starts, or
+restarts, waits in the kernel's backlog instead of being refused. The variables are unset
+once read so children do not see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+
+from corral.core.decide import State
+
+__all__ = [
+    "SD_LISTEN_FDS_START",
+    "Notifier",
+    "NotifyMemory",
+    "inherited_listener",
+    "listen_fds",
+    "listen_fds_with_names",
+    "monotonic_usec",
+    "transition_messages",
+    "watchdog_interval",
+]
+
+log = logging.getLogger("corral.systemd")
+
+SD_LISTEN_FDS_START = 3
+_RELOADS = (State.APPLYING, State.ROLLING_BACK)  # an apply in progress, rollback included
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds: the clock systemd compares MONOTONIC_USEC= with."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# ---- what to say at a state change (pure) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotifyMemory:
+    """What earlier transitions told systemd: ready once? a reload open?"""
+
+    ready_sent: bool = False
+    reloading: bool = False
+    stopping_sent: bool = False
+
+
+def status_text(state: State, detail: str | None = None) -> str:
+    text = f"{state.value}: {detail}" if detail else state.value
+    return " ".join(text.split())[:400]  # one line; systemctl status shows one line anyway
+
+
+def transition_messages(old: State, new: State, detail: str | None, memory: NotifyMemory,
+                        now_usec: int) -> tuple[list[str], NotifyMemory]:
+    """The assignments to send when the controller goes from ``old`` to ``new``.
+
+    ``detail`` goes into STATUS= (the last error for BACKOFF/FATAL, ...); ``now_usec`` is
+    CLOCK_MONOTONIC in µs, sent with RELOADING=1. Returns the messages and the new memory.
+    """
+    messages: list[str] = []
+    ready, reloading, stopping = memory.ready_sent, memory.reloading, memory.stopping_sent
+    if new is State.STOPPING or (new is State.STOPPED and old is State.STOPPING):
+        if not stopping:
+            messages.append("STOPPING=1")
+            stopping = True
+    elif new in _RELOADS:
+        if ready and not reloading:
+            messages += ["RELOADING=1", f"MONOTONIC_USEC={now_usec}"]
+            reloading = True
+    elif reloading:
+        messages.append("READY=1")  # the reload is over, whatever its outcome
+        reloading = False
+    elif new is State.RUNNING and not ready:
+        messages.append("READY=1")
+        ready = True
+    if new is State.RUNNING:
+        ready = True
+    messages.append(f"STATUS={status_text(new, detail)}")
+    return messages, NotifyMemory(ready, reloading, stopping)
+
+
+# ---- the notifier ---------------------------------------------------------------------------
+
+
+def _notify_address(value: str | None) -> str | bytes | None:
+    if not value:
+        return None
+    if value.startswith("@"):
+        return b"\0" + value[1:].encode()  # an abstract socket
+    if value.startswith("/"):
+        return value
+    log.warning("NOTIFY_SOCKET=%r is neither a path nor an abstract socket: not notifying",
+                value)
+    return None
+
+
+def watchdog_interval(env: MutableMapping[str, str] | None = None,
+                      pid: int | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None: no watchdog.
+
+    Like ``sd_watchdog_enabled(3)``: $WATCHDOG_PID, when set, must be this process.
+    """
+    env = os.environ if env is None else env
+    usec, for_pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    if for_pid and for_pid != str(os.getpid() if pid is None else pid):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        log.warning("WATCHDOG_USEC=%r is not a number: no watchdog pings", usec)
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+class Notifier:
+    """Sends sd_notify datagrams to $NOTIFY_SOCKET; every method is a no-op without it."""
+
+    def __init__(self, address: str | None = None, *, watchdog_s: float | None = None,
+                 clock: Callable[[], int] = monotonic_usec) -> None:
+        self.address = _notify_address(address)
+        self.watchdog_s = watchdog_s if self.address is not None else None
+        self.memory = NotifyMemory()
+        self._clock = clock
+        self._sock: socket.socket | None = None
+        self.sent: list[str] = []  # every datagram sent, for tests and status
+
+    @classmethod
+    def from_environment(cls, unset: bool = True,
+                         env: MutableMapping[str, str] | None = None) -> Notifier:
+        """The notifier systemd asked for; ``unset`` removes the variables so that
+        llama-server and other children do not inherit them."""
+        env = os.environ if env is None else env
+        notifier = cls(env.get("NOTIFY_SOCKET"), watchdog_s=watchdog_interval(env))
+        if unset:
+            for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                env.pop(name, None)
+        return notifier
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *assignments: str) -> bool:
+        """Send ``assignments`` as one datagram; False when not sent (disabled or failed)."""
+        if self.address is None or not assignments:
+            return False
+        data = "\n".join(assignments).encode()
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)
+            self._sock.sendto(data, self.address)
+        except OSError as exc:
+            log.warning("cannot notify systemd (%s): %s", " ".join(assignments), exc)
+            return False
+        self.sent.append(data.decode())
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # ---- the messages --------------------------------------------------------------------
+
+    def ready(self, status: str | None = None) -> bool:
+        return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def ready_again(self, status: str | None = None) -> bool:
+        """READY=1 after a reload: systemd leaves the reloading state."""
+        return self.ready(status)
+
+    def status(self, text: str) -> bool:
+        return self.notify(f"STATUS={text}")
+
+    def reloading(self, status: str | None = None) -> bool:
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={self._clock()}",
+                           *([f"STATUS={status}"] if status else []))
+
+    def stopping(self, status: str | None = None) -> bool:
+        return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
+
+    def watchdog_ping(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def on_state(self, old: State, new: State, detail: str | None = None) -> bool:
+        """Tell systemd about one controller transition (see :func:`transition_messages`)."""
+        if self.address is None:
+            return False
+        messages, self.memory = transition_messages(old, new, detail, self.memory,
+                                                    self._clock())
+        return self.notify(*messages)
+
+    async def watchdog(self, alive: Callable[[], bool],
+                       interval: float | None = None) -> None:
+        """Ping WATCHDOG=1 every ``interval`` (half of $WATCHDOG_USEC) while ``alive()``.
+
+        Returns at once when there is no watchdog; otherwise runs until cancelled. A ping
+        skipped because ``alive()`` is False lets systemd's watchdog fire (it kills and,
+        with Restart=, restarts the service).
+        """
+        interval = interval if interval is not None else self.watchdog_s
+        if interval is None or self.address is None:
+            return
+        was_alive = True
+        while True:
+            is_alive = alive()
+            if is_alive:
+                self.watchdog_ping()
+            elif was_alive:
+                log.error("the supervisor loop looks stuck: no watchdog ping to systemd")
+            was_alive = is_alive
+            await asyncio.sleep(interval)
+
+
+# ---- socket activation ----------------------------------------------------------------------
+
+
+def listen_fds_with_names(unset_environment: bool = True,
+                          env: MutableMapping[str, str] | None = None
+                          ) -> list[tuple[socket.socket, str]]:
+    """``sd_listen_fds_with_names(3)``: the sockets systemd passed this process, named.
+
+    Nothing unless $LISTEN_PID is this process. The fds become close-on-exec; with
+    ``unset_environment`` the LISTEN_* variables go, so a second call finds nothing.
+    """
+    env = os.environ if env is None else env
+    pid, count, names = env.get("LISTEN_PID"), env.get("LISTEN_FDS"), env.get("LISTEN_FDNAMES")
+    if unset_environment:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(name, None)
+    if not pid or not count:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        log.warning("LISTEN_PID=%r / LISTEN_FDS=%r are not numbers: no inherited sockets",
+                    pid, count)
+        return []
+    labels = names.split(":") if names else []
+    if len(labels) != n:
+        labels = ["unknown"] * n
+    found: list[tuple[socket.socket, str]] = []
+    for fd, label in zip(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n), labels,
+                         strict=True):
+        try:
+            os.set_inheritable(fd, False)
+            found.append((socket.socket(fileno=fd), label))
+        except OSError as exc:
+            log.warning("inherited fd %d (%s) is not a usable socket: %s", fd, label, exc)
+    return found
+
+
+def listen_fds(unset_environment: bool = True,
+               env: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """``sd_listen_fds(3)``: the sockets systemd passed this process (fd 3 on)."""
+    return [sock for sock, _ in listen_fds_with_names(unset_environment, env)]
+
+
+def _is_tcp_listener(sock: socket.socket) -> bool:
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        return False
+    return (sock.family in (socket.AF_INET, socket.AF_INET6)
+            and sock.type == socket.SOCK_STREAM and bool(listening))
+
+
+def _host_matches(wanted: str, bound: str) -> bool:
+    def norm(host: str) -> str:
+        host = host.strip("[]")
+        if host.startswith("::ffff:"):
+            host = host[len("::ffff:"):]
+        if host == "localhost":
+            return "127.0.0.1"
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return host
+
+    w, b = norm(wanted), norm(bound)
+    return w == b or w in ("", "0.0.0.0", "::") or b in ("0.0.0.0", "::")
+
+
+def _matches(addr: str | None, sock: socket.socket) -> bool:
+    if not addr:
+        return False
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        return False
+    bound_host, bound_port = sock.getsockname()[:2]
+    return int(port) == bound_port and _host_matches(host, bound_host)
+
+
+def _label(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def inherited_listener(addr: str | None,
+                       sockets: Sequence[socket.socket] | None = None) -> socket.socket | None:
+    """The TCP listening socket systemd passed for the front door, or None.
+
+    The one bound to ``addr`` (``--listen``; a wildcard on either side matches) if there
+    is one, else the first TCP listener (with a warning when ``addr`` says otherwise). The
+    others are closed here (systemd keeps its own copies). The socket is made
+    non-inheritable: llama-server must not hold it.
+    """
+    candidates = listen_fds() if sockets is None else list(sockets)
+    tcp = [s for s in candidates if _is_tcp_listener(s)]
+    chosen = next((s for s in tcp if _matches(addr, s)), tcp[0] if tcp else None)
+    for other in candidates:
+        if other is not chosen:
+            log.info("ignoring an inherited socket that is not the front door's (%s)",
+                     _label(other) if other.family != socket.AF_UNIX else "unix")
+            with contextlib.suppress(OSError):
+                other.close()
+    if chosen is None:
+        if candidates:
+            log.warning("none of the %d socket(s) systemd passed is a TCP listener: "
+                        "binding --listen %s instead", len(candidates), addr)
+        return None
+    chosen.set_inheritable(False)
+    if addr and not _matches(addr, chosen):
+        log.warning("the socket systemd passed listens on %s, not on --listen %s: "
+                    "using it", _label(chosen), addr)
+    else:
+        log.info("front door on the socket systemd passed (%s)", _label(chosen))
+    return chosen
