@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON"}
+# The llama-server build would otherwise run `make -j` unbounded (load 70 on 2 cores).
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [[ "${1:-}" == --system* ]]; then
@@ -24,6 +26,8 @@ if [[ "${1:-}" == --system* ]]; then
     command -v etcdctl >/dev/null || need+=(etcd-client)
     command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
     command -v haproxy >/dev/null || need+=(haproxy)  # the front door benchmark's reference
+    command -v openssl >/dev/null || need+=(openssl)  # certificates for the TLS tests
+    command -v ip >/dev/null || need+=(iproute2)  # simulated hosts (network namespaces)
   fi
   if ((${#need[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo

@@ -161,6 +161,7 @@ async def test_put_get_watch_lease_over_tls(tls_etcd: EtcdServer, pki: TLSFiles)
         assert store.is_connected
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_wrong_ca_is_refused_clearly(tls_etcd: EtcdServer, tmp_path: Path,
                                            pki: TLSFiles) -> None:
     """A server certificate from another CA: a clear StoreUnavailable naming the endpoint,
@@ -205,6 +206,7 @@ def test_unusable_tls_files_are_usage_errors(tmp_path: Path, pki: TLSFiles) -> N
 # -- auth ---------------------------------------------------------------------------------
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_right_password_works_and_wrong_is_refused(auth_etcd: EtcdServer) -> None:
     """The right password reads and writes /corral/; a wrong one is AuthFailed at once;
     no user at all names the cause; outside the role's prefix is permission denied."""

@@ -255,6 +255,7 @@ def test_a_partitioned_host_applies_nothing_and_catches_up_or_keeps_the_last_goo
 
 # b. the canary cut off mid-rollout ---------------------------------------------------------
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_a_canary_partitioned_mid_rollout_is_replaced_and_the_rollout_ends_done(
         simulated_network: SimulatedNetwork, netns_etcd: NsEtcd, tmp_path: Path) -> None:
     """The canary's host is cut off while it loads a slow config: its slot key goes with

@@ -116,6 +116,7 @@ def started_with(sup: SupervisorProcess, marker: str) -> int:
     return len(re.findall(rf"started llama-server \(pid \d+.*{re.escape(marker)}", sup.log()))
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_a_put_rolls_out_one_host_at_a_time_canary_first(tmp_path: Path,
                                                         etcd_server: EtcdServer) -> None:
     """etcdctl put: one instance down at a time, the canary alone until it has run for
@@ -170,6 +171,7 @@ def test_a_config_that_fails_at_the_canary_is_reverted_and_tried_nowhere_else(
         assert all(i["runs_fleet_config"] for i in report["instances"])
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_a_canary_killed_mid_apply_hands_over(tmp_path: Path, etcd_server: EtcdServer) -> None:
     """SIGKILL of the canary while it loads: its slot and role come back within the lease
     TTL, another instance becomes the canary, and the rollout ends done."""
@@ -258,6 +260,7 @@ def test_a_newer_revision_supersedes_one_still_rolling(tmp_path: Path,
                      "on the newest")
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_max_unavailable_as_a_percentage(tmp_path: Path, etcd_server: EtcdServer) -> None:
     """--max-unavailable 50% of 4 instances: two apply at once after the canary, never three."""
     with fleet_of(tmp_path, etcd_server, n=4, canary_s=0.3,

@@ -194,6 +194,7 @@ def test_never_ready_at_boot_is_killed_at_the_deadline(tmp_path: Path, model: Pa
 # ---- 5: a child that ignores SIGTERM --------------------------------------------------------
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_child_ignoring_sigterm_is_killed_on_apply_and_on_stop(tmp_path: Path,
                                                                  model: Path) -> None:
     """A server that ignores SIGTERM is SIGKILLed after --stop-timeout, on apply and on stop."""
@@ -307,6 +308,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
 # ---- 12: a second supervisor of the same config ---------------------------------------------
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_second_supervisor_of_the_same_config_refuses(tmp_path: Path, model: Path) -> None:
     """A second supervisor of the same config exits at once and disturbs nothing."""
     with supervisor(tmp_path, FAKE, model) as first:
@@ -328,6 +330,7 @@ def test_second_supervisor_of_the_same_config_refuses(tmp_path: Path, model: Pat
 # ---- 13: an output flood --------------------------------------------------------------------
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_output_flood_never_blocks_and_supervisor_stays_responsive(tmp_path: Path,
                                                                     model: Path) -> None:
     """A server writing 16 MiB at once never blocks, and the API stays fast and small."""
@@ -372,6 +375,7 @@ def test_signal_stops_the_child_gracefully_and_exits_0(tmp_path: Path, model: Pa
         assert f"llama-server (pid {pid}) stopped (code 0)" in log  # SIGTERM, not SIGKILL
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_second_signal_during_shutdown_kills_at_once(tmp_path: Path, model: Path) -> None:
     """A second SIGTERM while stopping SIGKILLs the child at once: exit 0, nothing left."""
     with supervisor(tmp_path, FAKE, model, ["--fake-ignore-sigterm"],
@@ -388,6 +392,7 @@ def test_second_signal_during_shutdown_kills_at_once(tmp_path: Path, model: Path
         wait_gone([pid], 1, "the server that ignored SIGTERM")
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_sigterm_during_apply_exits_promptly_and_keeps_the_old_config(tmp_path: Path,
                                                                         model: Path) -> None:
     """SIGTERM during an apply exits promptly, answers 503 or nothing, and stores nothing new."""

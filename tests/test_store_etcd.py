@@ -236,6 +236,7 @@ async def test_stopped_etcd_then_back(store: EtcdStore, etcd_server: EtcdServer)
     assert store.is_connected
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_paused_etcd_fails_fast_and_watch_recovers(etcd_server: EtcdServer) -> None:
     """A frozen etcd fails calls after 2 s, the watch notices, and recovers once it thaws."""
     async with (
@@ -269,6 +270,7 @@ async def test_paused_etcd_fails_fast_and_watch_recovers(etcd_server: EtcdServer
 # -- watch ----------------------------------------------------------------------------------
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_watch_sees_puts_quickly(etcd_server: EtcdServer) -> None:
     """A watch sees each save, in order, within 1 s, and nothing else."""
     async with opened(etcd_server.addr) as watcher, opened(etcd_server.addr) as writer:
@@ -333,6 +335,7 @@ async def test_watch_sees_etcdctl_writes_and_skips_garbage(
         assert await next_of(queue) == A
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_watch_survives_restart_and_sees_change_made_meanwhile(
     etcd_server: EtcdServer,
 ) -> None:
@@ -407,6 +410,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 async def test_registration_vanishes_within_ttl_when_holder_is_killed(
     store: EtcdStore, etcd_server: EtcdServer
 ) -> None:
