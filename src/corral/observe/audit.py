@@ -1,0 +1,220 @@
+"""Change history: an append-only JSON-lines audit log in the state directory.
+
+Theory of operation
+-------------------
+The log listens to the controller's :class:`~corral.observe.events.EventBus`: every
+``change`` event (a change's outcome: applied, rejected, not stored, unavailable) and every
+``start-up`` event becomes one line. The API adds the changes it refused before they joined
+a batch (:meth:`AuditLog.refused`). A line says when, who (``source``: ``api``, ``fleet``,
+``restart``, ``revert``, ``reload``, ``start-up``; ``client``: the API client's address),
+what changed (``diff``: ``{flag: [before, after]}``, plus ``binary`` and ``env`` when they
+changed; ``null`` for "not set"), the outcome and error, how long it took and the swap
+strategy. The whole configs before and after are kept too, so a change can be reverted
+after the controller has forgotten it.
+
+Lines are flushed as they are written (no fsync: a power cut may lose the last ones). When
+the file would grow past ``max_bytes`` it is rotated like logrotate does: ``audit.jsonl``
+becomes ``audit.jsonl.1``, ``.1`` becomes ``.2``, ... and the oldest beyond ``keep`` is
+deleted. :meth:`AuditLog.last` reads the newest lines back across the rotated files,
+from the end, block by block. Writing never raises: an audit log that cannot be written
+is logged, and the supervisor goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from corral.core.args import LlamaConfig
+from corral.observe.events import Event, EventBus
+
+__all__ = ["AuditLog", "config_from_json", "diff"]
+
+log = logging.getLogger("corral.audit")
+
+MAX_BYTES = 5 * 1024 * 1024
+KEEP = 3
+_BLOCK = 64 * 1024
+
+
+def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """``{flag: [before, after]}`` for every flag that differs, plus ``binary`` and ``env``
+    (``{name: [before, after]}``) when they do; ``None`` means not set. Takes the configs
+    in :func:`corral.changes.config_json`'s form."""
+    if before is None or after is None:
+        return {}
+    out: dict[str, Any] = {}
+    if before.get("binary") != after.get("binary"):
+        out["binary"] = [before.get("binary"), after.get("binary")]
+    args_b, args_a = before.get("args") or {}, after.get("args") or {}
+    for key in dict.fromkeys([*args_b, *args_a]):
+        if args_b.get(key) != args_a.get(key):
+            out[key] = [args_b.get(key), args_a.get(key)]
+    env_b, env_a = before.get("env") or {}, after.get("env") or {}
+    env = {k: [env_b.get(k), env_a.get(k)] for k in dict.fromkeys([*env_b, *env_a])
+           if env_b.get(k) != env_a.get(k)}
+    if env:
+        out["env"] = env
+    return out
+
+
+def config_from_json(view: dict[str, Any]) -> LlamaConfig:
+    """The inverse of :func:`corral.changes.config_json` (for a config read back from the
+    log); raises ValueError if ``view`` is not one."""
+    binary, args, env = view.get("binary"), view.get("args"), view.get("env") or {}
+    if not isinstance(binary, str) or not isinstance(args, dict) or not isinstance(env, dict):
+        raise ValueError("not a config")
+    for key, value in args.items():
+        if not isinstance(key, str) or not (isinstance(value, str) or value is True):
+            raise ValueError(f"bad flag {key!r} in a stored config")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("bad env in a stored config")
+    return LlamaConfig(binary, tuple(args.items()), tuple(env.items()))
+
+
+class AuditLog:
+    """Append-only JSON lines at ``path``, rotated by size into ``path.1`` .. ``path.keep``."""
+
+    def __init__(self, path: Path | str, max_bytes: int = MAX_BYTES, keep: int = KEEP,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.max_bytes = max(1, max_bytes)
+        self.keep = max(0, keep)
+        self._clock = clock
+        self._fd: int | None = None
+        self._size = 0
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def listen_to(self, events: EventBus) -> None:
+        """Write a line for each change outcome and start-up that ``events`` carries."""
+        events.listen(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        if event.kind not in ("change", "start-up"):
+            return
+        d = event.data
+        before, after = d.get("before"), d.get("after")
+        self.write({
+            "time": event.time, "kind": event.kind, "change": d.get("change"),
+            "source": d.get("source", event.kind), "client": d.get("client"),
+            "outcome": d.get("outcome"), "error": d.get("error"),
+            "duration_s": d.get("duration_s"), "strategy": d.get("strategy"),
+            "restarted": d.get("restarted"), "diff": diff(before, after),
+            "before": before, "after": after, "event": event.id,
+        })
+
+    def refused(self, client: str | None, reason: str, args: Any = None) -> None:
+        """A change the API refused before it joined a batch (invalid, not allowed, ...)."""
+        self.write({
+            "time": self._clock(), "kind": "refused", "change": None, "source": "api",
+            "client": client, "outcome": "refused", "error": reason, "duration_s": 0.0,
+            "strategy": None, "restarted": False, "diff": {}, "request": args,
+        })
+
+    def write(self, entry: dict[str, Any]) -> None:
+        try:
+            line = (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode()
+            self._rotate_if_full(len(line))
+            fd = self._open()
+            os.write(fd, line)  # O_APPEND, unbuffered: nothing is left in a buffer
+            self._size += len(line)
+        except OSError as exc:
+            log.error("cannot write the audit log %s: %s", self.path, exc)
+            self.close()
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+            self._size = os.fstat(self._fd).st_size
+        return self._fd
+
+    def _rotate_if_full(self, adding: int) -> None:
+        self._open()
+        if self._size == 0 or self._size + adding <= self.max_bytes:
+            return
+        self.close()
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+            return
+        self._rotated(self.keep).unlink(missing_ok=True)
+        for n in range(self.keep - 1, 0, -1):
+            if self._rotated(n).exists():
+                os.replace(self._rotated(n), self._rotated(n + 1))
+        os.replace(self.path, self._rotated(1))
+
+    def _rotated(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def files(self) -> list[Path]:
+        """The log's files, newest first."""
+        return [p for p in (self.path, *(self._rotated(n) for n in range(1, self.keep + 1)))
+                if p.exists()]
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Every readable line, newest first (a torn or foreign line is skipped)."""
+        for path in self.files():
+            try:
+                for raw in _reverse_lines(path):
+                    try:
+                        entry = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(entry, dict):
+                        yield entry
+            except OSError as exc:
+                log.warning("cannot read the audit log %s: %s", path, exc)
+
+    def last(self, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` entries, newest first, across the rotated files."""
+        out: list[dict[str, Any]] = []
+        if n <= 0:
+            return out
+        for entry in self.entries():
+            out.append(entry)
+            if len(out) >= n:
+                break
+        return out
+
+    def find(self, change_id: str) -> dict[str, Any] | None:
+        """The newest outcome of change ``change_id`` (ids restart with the supervisor: the
+        newest is this run's, if this run has one)."""
+        for entry in self.entries():
+            if entry.get("kind") == "change" and entry.get("change") == change_id:
+                return entry
+        return None
+
+
+def _reverse_lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path``, last first, reading blocks from the end."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        rest = b""
+        while end > 0:
+            start = max(0, end - _BLOCK)
+            f.seek(start)
+            block = f.read(end - start) + rest
+            end = start
+            lines = block.split(b"\n")
+            rest = lines.pop(0)  # may continue in the previous block
+            for line in reversed(lines):
+                if line.strip():
+                    yield line
+        if rest.strip():
+            yield rest
