@@ -37,9 +37,11 @@ controller's calls are synchronous and cheap.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 
 from corral.front.client import ClientConn, Exchange
@@ -51,6 +53,27 @@ from corral.front.upstream import Pool, UpstreamConn
 log = logging.getLogger("corral.front")
 
 __all__ = ["FrontDoor"]
+
+# Histogram buckets (upper bounds, seconds) for /metrics: a request (head received to its
+# response's end, streams included), and the wait of a held request.
+REQUEST_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                  120.0, 300.0)
+HELD_BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _Durations:
+    """Per-bucket counts and the sum of observed seconds (read by corral.observe.metrics)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
 
 
 class FrontDoor:
@@ -79,6 +102,10 @@ class FrontDoor:
         self._cut = 0
         self._failed: Counter[str] = Counter()
         self._classes = [0] * 6
+        self._began: dict[Exchange, float] = {}  # head received -> monotonic time
+        self._held_since: dict[Exchange, float] = {}  # waiting (held or parked) since
+        self._durations = _Durations(REQUEST_BOUNDS)
+        self._held_time = _Durations(HELD_BOUNDS)
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -179,6 +206,20 @@ class FrontDoor:
             retried=self._retried, cut=self._cut, failed=dict(self._failed),
             requests_total=classes)
 
+    def timings(self) -> dict[str, tuple[str, tuple[float, ...], list[int], float]]:
+        """Histograms for /metrics: name -> (help, upper bounds, per-bucket counts with
+        +Inf last, sum of seconds)."""
+        return {name: (doc, d.bounds, list(d.counts), d.sum) for name, doc, d in (
+            ("request_duration_seconds", "client requests, head received to response end "
+             "(the front door's own answers included)", self._durations),
+            ("held_seconds", "time requests waited for a ready llama-server (held or parked "
+             "for a retry), counted when they leave the wait", self._held_time))}
+
+    def _waited(self, ex: Exchange) -> None:
+        since = self._held_since.pop(ex, None)
+        if since is not None:
+            self._held_time.observe(time.monotonic() - since)
+
     async def _wait_idle(self, upstream: Upstream | None, timeout_s: float) -> int:
         if self._router.in_flight(upstream) == 0:
             return 0
@@ -206,6 +247,7 @@ class FrontDoor:
         """The client's current exchange has news: submit it, or send what arrived."""
         if not ex.submitted:
             ex.submitted = True
+            self._began[ex] = time.monotonic()
             decision = self._router.admit(ex)
             if ex.expect_continue and not ex.body_done and type(decision) is not Rejected:
                 ex.client.write(CONTINUE)
@@ -217,8 +259,10 @@ class FrontDoor:
         if type(decision) is Upstream:
             self._start(ex, decision)
         elif decision is Held.QUEUED:
+            self._held_since.setdefault(ex, time.monotonic())
             self._hold_timer(ex)
         elif decision is Held.PARKED:
+            self._held_since.setdefault(ex, time.monotonic())
             ex.cancel_timer()
             loop = asyncio.get_running_loop()
             ex.timer = loop.call_later(self.settings.retry_grace_s, self._grace_over, ex)
@@ -244,6 +288,8 @@ class FrontDoor:
             self._decide(ex, decision)
 
     def _start(self, ex: Exchange, upstream: Upstream, fresh: bool = False) -> None:
+        if self._held_since:
+            self._waited(ex)
         self._router.started(upstream)
         ex.upstream = upstream
         ex.attempt += 1
@@ -303,6 +349,7 @@ class FrontDoor:
 
     def _fail(self, ex: Exchange, status: int, cause: str, message: str) -> None:
         """Answer ``ex`` from the front door itself."""
+        self._waited(ex)
         self._failed[cause] += 1
         self.count_status(status)
         close = not ex.body_done or not ex.keep_alive or self._closing
@@ -321,6 +368,9 @@ class FrontDoor:
     def _client_done(self, ex: Exchange, close: bool) -> None:
         client = ex.client
         ex.gone = True
+        began = self._began.pop(ex, None)
+        if began is not None:
+            self._durations.observe(time.monotonic() - began)
         if client.queue and client.queue[0] is ex:
             client.queue.popleft()
         if close or client.closing or self._closing:
@@ -346,6 +396,8 @@ class FrontDoor:
         for ex in client.queue:
             ex.gone = True
             ex.cancel_timer()
+            self._waited(ex)
+            self._began.pop(ex, None)
             self._router.withdraw(ex)
             conn = ex.conn
             self._end_attempt(ex)
