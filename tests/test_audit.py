@@ -33,13 +33,13 @@ def test_a_change_event_becomes_one_line_with_the_diff(tmp_path: Path) -> None:
              error=None, restarted=True, strategy="stop-first", duration_s=1.25,
              before=config_json(before), after=config_json(after))
     (entry,) = lines_of(audit.path)
-    assert entry["kind"] == "change" and entry["change"] == "c7"
+    assert entry["kind"] == "change" and entry["id"] == "c7"
     assert (entry["source"], entry["client"], entry["outcome"]) == ("api", "10.0.0.9", "applied")
     assert (entry["duration_s"], entry["strategy"], entry["restarted"]) == (1.25, "stop-first",
                                                                             True)
     assert entry["diff"] == {"binary": ["/bin/a", "/bin/b"], "-np": ["1", "4"],
                              "--flash": [True, None], "-c": [None, "4096"],
-                             "env": {"CUDA_VISIBLE_DEVICES": ["0", "1"]}}
+                             "env:CUDA_VISIBLE_DEVICES": ["0", "1"]}
     assert isinstance(entry["time"], float)
     assert config_from_json(entry["before"]) == before  # kept whole: revertible later
 
@@ -53,7 +53,7 @@ def test_refusals_and_start_up_are_recorded(tmp_path: Path) -> None:
     bus.emit("start-up", source="start-up", outcome="applied", error=None,
              before=None, after=config_json(config()))
     refused, started = lines_of(audit.path)
-    assert refused == {"time": 123.0, "kind": "refused", "change": None, "source": "api",
+    assert refused == {"time": 123.0, "kind": "refused", "id": None, "source": "api",
                        "client": "127.0.0.1", "outcome": "refused",
                        "error": "unknown llama-server flag '--nope'", "duration_s": 0.0,
                        "strategy": None, "restarted": False, "diff": {},
@@ -106,9 +106,9 @@ def test_an_existing_file_is_appended_and_its_size_counted(tmp_path: Path) -> No
 def test_find_returns_the_newest_outcome_of_a_change(tmp_path: Path) -> None:
     """Ids restart with the supervisor: the newest entry for an id wins."""
     audit = AuditLog(tmp_path / "audit.jsonl")
-    audit.write({"kind": "change", "change": "c1", "outcome": "rejected"})
-    audit.write({"kind": "change", "change": "c1", "outcome": "applied"})
-    audit.write({"kind": "refused", "change": None})
+    audit.write({"kind": "change", "id": "c1", "outcome": "rejected"})
+    audit.write({"kind": "change", "id": "c1", "outcome": "applied"})
+    audit.write({"kind": "refused", "id": None})
     found = audit.find("c1")
     assert found is not None and found["outcome"] == "applied"
     assert audit.find("c2") is None

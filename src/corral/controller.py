@@ -47,6 +47,8 @@ from corral.store.base import ConfigStore
 
 log = logging.getLogger("corral")
 
+RESTART = "restart"  # the source of a change that is a restart (POST /v1/restart)
+
 
 class Controller:
     def __init__(self, name: str, store: ConfigStore, startup: Startup, settings: Settings, *,
@@ -103,10 +105,13 @@ class Controller:
 
     # ---- what the API calls -------------------------------------------------------------
 
-    def submit(self, change: Change, source: str = "api") -> ChangeRecord:
+    def submit(self, change: Change, source: str = "api",
+               client: str | None = None) -> ChangeRecord:
+        """Add ``change`` to the open batch; ``source`` says who asked (api, fleet, restart,
+        revert, reload), ``client`` the API client's address (both for the audit log)."""
         loop = asyncio.get_running_loop()
         record = ChangeRecord(f"c{next(self._ids)}", change, self.clock.wall(),
-                              loop.create_future(), source=source)
+                              loop.create_future(), source=source, client=client)
         self._records[record.id] = record
         record.done.add_done_callback(lambda _: self._emit_outcome(record))
         while len(self._records) > MAX_CHANGE_RECORDS:
@@ -114,6 +119,15 @@ class Controller:
         self._debouncer.add(record, self.clock.monotonic())
         self._wake.set()
         return record
+
+    def restart(self, client: str | None = None) -> ChangeRecord:
+        """Restart llama-server with the config in effect (out of BACKOFF and FATAL too).
+
+        A batch like any other (so it never runs beside an apply), whose plan runs even
+        though it changes nothing; it is not stored again. Merged with real changes, it is
+        simply their apply.
+        """
+        return self.submit(Change(None, ()), source=RESTART, client=client)
 
     def _emit_outcome(self, r: ChangeRecord) -> None:
         took = (r.finished_at or r.received_at) - r.received_at
@@ -231,10 +245,12 @@ class Controller:
         batch = self._debouncer.take(now)
         for r in batch:
             r.before = self.last_good
-        persist = any(r.source != "fleet" for r in batch)  # a fleet config is stored already
+        # A fleet config is stored already; a restart stores nothing new.
+        persist = any(r.source not in ("fleet", RESTART) for r in batch)
+        restart = any(r.source == RESTART for r in batch)
         changes = [r.change for r in batch]
         desired = desired_config(self.last_good, changes)
-        if desired is self.last_good and is_serving(self.state):
+        if desired is self.last_good and is_serving(self.state) and not restart:
             log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
             for r in batch:
                 r.finish(Outcome.APPLIED, self.last_good)
@@ -248,19 +264,19 @@ class Controller:
             for r in batch:
                 r.finish(Outcome.REJECTED, self.last_good, str(exc))
             return None
-        strategy, why = self.strategy_for(desired)
+        strategy, why = self.strategy_for(desired, restart=restart)
         if self.settings.swap is SwapMode.AUTO:
             log.info("--swap auto chose %s: %s", strategy.value, why)
         plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
         self._batch, self._plan, self._prior = batch, plan, self.state
         return Event.BATCH
 
-    def strategy_for(self, desired: LlamaConfig) -> tuple[Strategy, str]:
-        """How an apply of ``desired`` would swap servers now, and why."""
+    def strategy_for(self, desired: LlamaConfig, restart: bool = False) -> tuple[Strategy, str]:
+        """How an apply of ``desired`` (or a restart) would swap servers now, and why."""
         mode, active = self.settings.swap, self.slots.live(Slot.ACTIVE)
         if mode is not SwapMode.AUTO:
             return choose_strategy(mode, None), f"--swap {mode.value}"
-        if active is None or desired == self.last_good:
+        if active is None or (desired == self.last_good and not restart):
             return choose_strategy(mode, None), "no server is running"
         verdict = self.checks.side_by_side(active.config, desired)
         return choose_strategy(mode, verdict), f"--swap auto: {verdict.reason}"
@@ -316,6 +332,7 @@ class Controller:
     async def _start_boot(self) -> Event:
         errors = []
         candidates = self._startup.candidates()
+        began = self.clock.monotonic()
         for config in candidates:
             try:
                 await self._start_config(config)
@@ -331,8 +348,22 @@ class Controller:
             self.last_good = config
             if self._startup.persist_when_ready:
                 await self._runner.persist_quietly(config)
+            self._emit_start_up(candidates, config, "; ".join(errors) or None, began)
             return Event.READY
+        self._emit_start_up(candidates, None, "; ".join(errors), began)
         return self._start_failed("; ".join(errors))
+
+    def _emit_start_up(self, candidates: list[LlamaConfig], ran: LlamaConfig | None,
+                       error: str | None, began: float) -> None:
+        """What the start-up ran (the stored config, or the command line's after it failed),
+        for the audit log."""
+        fell_back = ran is not None and ran is not candidates[0]
+        self.events.emit(
+            "start-up", source="start-up", outcome="applied" if ran else "failed",
+            error=error, restarted=ran is not None, strategy=None,
+            duration_s=round(self.clock.monotonic() - began, 3), fell_back=fell_back,
+            before=config_json(candidates[0]) if fell_back else None,
+            after=config_json(ran) if ran is not None else None)
 
     async def _start_last_good(self) -> Event:
         try:

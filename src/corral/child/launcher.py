@@ -9,6 +9,7 @@ the context it came up with (per-slot ``n_ctx`` x slots). Smaller is a failed st
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
 from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
 from corral.errors import StartFailed
+from corral.observe.events import LineBus
 from corral.seams import Server
 
 log = logging.getLogger("corral")
@@ -47,17 +49,22 @@ def props_context(props: dict[str, Any]) -> tuple[int | None, int | None]:
 
 class ProcessLauncher:
     def __init__(self, echo_output: bool = True, allow_degraded: bool = False,
-                 user: Identity | None = None) -> None:
+                 user: Identity | None = None, lines: LineBus | None = None) -> None:
         self._echo = echo_output
         self._user = user
+        self._lines = lines  # each output line also goes here, for GET /v1/logs
         self.allow_degraded = allow_degraded
         self._http = httpx.AsyncClient()
 
     async def spawn(self, config: LlamaConfig, generation: int) -> Child:
         try:
-            return await spawn(config, generation, self._echo, self._user)
+            child = await spawn(config, generation, self._echo, self._user)
         except OSError as exc:
             raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
+        if self._lines is not None:
+            # No await since spawn created the drain task: it has not read a line yet.
+            child.output.sink = functools.partial(self._lines.add, "llama-server")
+        return child
 
     async def wait_ready(self, server: Server, timeout_s: float, min_healthy_s: float,
                          on_healthy: Callable[[], None] | None = None) -> float:

@@ -7,8 +7,8 @@ The log listens to the controller's :class:`~corral.observe.events.EventBus`: ev
 ``start-up`` event becomes one line. The API adds the changes it refused before they joined
 a batch (:meth:`AuditLog.refused`). A line says when, who (``source``: ``api``, ``fleet``,
 ``restart``, ``revert``, ``reload``, ``start-up``; ``client``: the API client's address),
-what changed (``diff``: ``{flag: [before, after]}``, plus ``binary`` and ``env`` when they
-changed; ``null`` for "not set"), the outcome and error, how long it took and the swap
+what changed (``diff``: ``{flag: [before, after]}``, plus ``binary`` and ``env:NAME`` keys
+when they changed; ``null`` for "not set"), the outcome and error, how long it took and the swap
 strategy. The whole configs before and after are kept too, so a change can be reverted
 after the controller has forgotten it.
 
@@ -44,9 +44,9 @@ _BLOCK = 64 * 1024
 
 
 def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    """``{flag: [before, after]}`` for every flag that differs, plus ``binary`` and ``env``
-    (``{name: [before, after]}``) when they do; ``None`` means not set. Takes the configs
-    in :func:`corral.changes.config_json`'s form."""
+    """``{flag: [before, after]}`` for every flag that differs, plus ``binary`` and
+    ``env:NAME`` when they do (every value is a pair); ``None`` means not set. Takes the
+    configs in :func:`corral.changes.config_json`'s form."""
     if before is None or after is None:
         return {}
     out: dict[str, Any] = {}
@@ -57,10 +57,9 @@ def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[st
         if args_b.get(key) != args_a.get(key):
             out[key] = [args_b.get(key), args_a.get(key)]
     env_b, env_a = before.get("env") or {}, after.get("env") or {}
-    env = {k: [env_b.get(k), env_a.get(k)] for k in dict.fromkeys([*env_b, *env_a])
-           if env_b.get(k) != env_a.get(k)}
-    if env:
-        out["env"] = env
+    for name in dict.fromkeys([*env_b, *env_a]):
+        if env_b.get(name) != env_a.get(name):
+            out[f"env:{name}"] = [env_b.get(name), env_a.get(name)]
     return out
 
 
@@ -102,18 +101,18 @@ class AuditLog:
         d = event.data
         before, after = d.get("before"), d.get("after")
         self.write({
-            "time": event.time, "kind": event.kind, "change": d.get("change"),
+            "time": event.time, "kind": event.kind, "id": d.get("change"),
             "source": d.get("source", event.kind), "client": d.get("client"),
             "outcome": d.get("outcome"), "error": d.get("error"),
             "duration_s": d.get("duration_s"), "strategy": d.get("strategy"),
             "restarted": d.get("restarted"), "diff": diff(before, after),
-            "before": before, "after": after, "event": event.id,
+            "before": before, "after": after, "event_id": event.id,
         })
 
     def refused(self, client: str | None, reason: str, args: Any = None) -> None:
         """A change the API refused before it joined a batch (invalid, not allowed, ...)."""
         self.write({
-            "time": self._clock(), "kind": "refused", "change": None, "source": "api",
+            "time": self._clock(), "kind": "refused", "id": None, "source": "api",
             "client": client, "outcome": "refused", "error": reason, "duration_s": 0.0,
             "strategy": None, "restarted": False, "diff": {}, "request": args,
         })
@@ -196,7 +195,7 @@ class AuditLog:
         """The newest outcome of change ``change_id`` (ids restart with the supervisor: the
         newest is this run's, if this run has one)."""
         for entry in self.entries():
-            if entry.get("kind") == "change" and entry.get("change") == change_id:
+            if entry.get("kind") == "change" and entry.get("id") == change_id:
                 return entry
         return None
 
