@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -138,7 +138,7 @@ async def follow(ring: Ring, after: int, closing: Closing,
                     yield item
             if closing.closed:
                 return
-            waker = ring.follow(after)
+            waker = cast("AsyncGenerator[Any, None]", ring.follow(after))  # an async def
             pending = asyncio.ensure_future(anext(waker))
             done, _ = await asyncio.wait({pending, closed}, timeout=keepalive_s,
                                          return_when=asyncio.FIRST_COMPLETED)
