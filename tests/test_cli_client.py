@@ -119,12 +119,14 @@ def test_change_body_rejects_bad_input_as_usage(raw: str | None, flags: list[str
         client.change_body(raw, flags)
 
 
-def test_cli_status_prints_the_json_and_exits_0(
+def test_cli_status_json_prints_the_json_and_exits_0(
     server: Recorder, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`corral status` prints the answer as indented JSON and succeeds."""
-    assert cli.main(["status"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"state": "RUNNING"}
+    """`corral status --json` prints the answer as indented JSON and succeeds."""
+    assert cli.main(["status", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"state": "RUNNING"}
+    assert out == json.dumps({"state": "RUNNING"}, indent=2) + "\n"
     assert str(server.requests[0].url) == f"http://{SUPERVISOR_ADDR}/v1/status"
 
 

@@ -288,7 +288,7 @@ def test_client_commands(tmp_path: Path, model: Path) -> None:
     with supervisor(tmp_path, FAKE, model) as sup:
         sup.wait_running()
         addr = ["--supervisor-addr", f"127.0.0.1:{sup.api_port}"]
-        code, status = corral("status", *addr)
+        code, status = corral("status", "--json", *addr)
         assert code == 0 and status["state"] == "RUNNING"
         code, applied = corral("apply", *addr, "--", "-np", "3", "-cb")
         assert code == 0 and applied["status"] == "applied"

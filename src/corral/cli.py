@@ -14,6 +14,7 @@ from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
 from corral.settings import Security
 
 if TYPE_CHECKING:
+    from corral.client import SupervisorClient
     from corral.store.factory import DriverSpec
 
 EPILOG_SUPERVISE = f"""\
@@ -257,14 +258,45 @@ def _add_privilege(p: argparse.ArgumentParser) -> None:
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    for name, help_text in (("status", "print a supervisor's /v1/status"),
-                            ("params", "print the config in effect")):
-        _add_target(sub.add_parser(name, help=help_text))
+    st = sub.add_parser("status", help="show a supervisor's state: llama-server, pid, uptime, "
+                        "model, restarts, last error, fleet, front door")
+    _add_target(st)
+    st.add_argument("--json", action="store_true", help="print /v1/status as JSON")
+    _add_target(sub.add_parser("params", help="print the config in effect"))
     a = sub.add_parser("apply", help="POST a change to /v1/params and wait for the outcome",
                        usage="corral apply [options] [--json BODY | -- FLAGS ...]",
                        description="Example: corral apply -- -m /models/b.gguf -np 4")
     _add_target(a)
     a.add_argument("--json", dest="body", help='raw body, e.g. \'{"args": {"-np": 4}}\'')
+    _add_target(sub.add_parser(
+        "restart", help="restart llama-server with the config in effect (also out of FATAL)",
+        description="Restart llama-server with the config in effect and wait until it is "
+        "ready; prints the outcome as JSON, like apply."))
+    rv = sub.add_parser("revert", help="apply the config in effect before change ID",
+                        description="Apply the whole config that was in effect before change "
+                        "ID (see corral history) and wait for the outcome, like apply.")
+    _add_target(rv)
+    rv.add_argument("change_id", metavar="ID", help="a change id, e.g. c12")
+    h = sub.add_parser("history", help="list the latest changes, newest first")
+    _add_target(h)
+    h.add_argument("-n", type=int, default=20, metavar="N",
+                   help="how many (default: %(default)s)")
+    h.add_argument("--json", action="store_true", help="print the entries as JSON")
+    lg = sub.add_parser("logs", help="print llama-server's and the supervisor's log lines",
+                        description="Print the newest log lines (llama-server's output and the "
+                        "supervisor's own), each prefixed by its source; with -f keep "
+                        "printing new ones until Ctrl-C.")
+    _add_target(lg)
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    lg.add_argument("--tail", type=int, metavar="N", help="start with the newest N lines "
+                    "(default: 200)")
+    ev = sub.add_parser("events", help="print the supervisor's events as they happen",
+                        description="Print state changes, change outcomes, crashes, ready "
+                        "servers and rollout steps as they happen, until Ctrl-C.")
+    _add_target(ev)
+    ev.add_argument("--since", type=int, metavar="N", help="first the kept events after "
+                    "id N (0: all kept); default: only new ones")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _add_target(c: argparse.ArgumentParser) -> None:
@@ -369,12 +401,69 @@ def _run_client(ns: argparse.Namespace) -> int:
 
     supervisor = SupervisorClient(ns.supervisor_addr, token_from_env(ns.api_token))
     try:
+        if ns.command in ("logs", "events"):
+            return _run_stream(ns, supervisor)
         if ns.command == "apply":
             reply = supervisor.apply(change_body(ns.body, ns.extra))
+        elif ns.command == "restart":
+            reply = supervisor.restart()
+        elif ns.command == "revert":
+            reply = supervisor.revert(ns.change_id)
+        elif ns.command == "history":
+            reply = supervisor.history(max(1, min(ns.n, 1000)))
         else:
             reply = supervisor.status() if ns.command == "status" else supervisor.params()
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    print(json.dumps(reply.body, indent=2))
+    print(_readable(ns, reply.body) if reply.ok else json.dumps(reply.body, indent=2))
     return 0 if reply.ok else 1
+
+
+def _readable(ns: argparse.Namespace, body: object) -> str:
+    """What a person reads; ``--json`` (and every command without a text form) keeps the
+    API's JSON."""
+    from corral.observe.render import render_history, render_status
+
+    if ns.command == "status" and not ns.json and isinstance(body, dict):
+        return render_status(body)
+    if ns.command == "history" and not ns.json and isinstance(body, dict):
+        return render_history(list(body.get("changes") or []))
+    return json.dumps(body, indent=2)
+
+
+def _run_stream(ns: argparse.Namespace, supervisor: SupervisorClient) -> int:
+    """``logs`` and ``events``: print as things come; Ctrl-C or the supervisor ending the
+    stream exit 0."""
+    from corral.observe.render import render_event, render_line
+
+    try:
+        if ns.command == "logs" and not ns.follow:
+            reply = supervisor.logs(ns.tail)
+            if not reply.ok or not isinstance(reply.body, list):
+                print(json.dumps(reply.body, indent=2))
+                return 1
+            for line in reply.body:
+                print(render_line(line))
+            return 0
+        stream = (supervisor.follow_logs(ns.tail) if ns.command == "logs"
+                  else supervisor.events(ns.since))
+        for message in stream:
+            if message.event == "gap":
+                gap = message.json()
+                missed = gap.get("missed")
+                print(f"corral: {'some' if missed is None else missed} "
+                      f"{'line' if ns.command == 'logs' else 'event'}(s) missed "
+                      "(no longer kept)", file=sys.stderr, flush=True)
+                continue
+            data = message.json()
+            if ns.command == "logs":
+                print(render_line(data), flush=True)
+            else:
+                print(json.dumps(data) if ns.json else render_event(data), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # | head
+        sys.stderr.close()
+        return 0
+    return 0

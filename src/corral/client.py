@@ -1,5 +1,6 @@
-"""The client commands' side of the wire: ``status``, ``params`` and ``apply`` ask a running
-supervisor over HTTP; ``fleet`` reads etcd.
+"""The client commands' side of the wire: ``status``, ``params``, ``apply``, ``restart``,
+``revert``, ``history``, ``logs`` and ``events`` ask a running supervisor over HTTP (the
+last two follow its Server-Sent Events streams); ``fleet`` reads etcd.
 
 These functions return what was answered, or raise :class:`~corral.errors.CorralError` when
 nobody could be asked; printing and exit codes belong to :mod:`corral.cli`. A supervisor's
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -22,10 +25,12 @@ from corral.errors import CorralError, InvalidArgs, UsageError
 from corral.fleet.view import fleet_report
 from corral.store.factory import DriverSpec
 
-__all__ = ["Reply", "SupervisorClient", "change_body", "fleet"]
+__all__ = ["Reply", "SseMessage", "SupervisorClient", "change_body", "fleet", "parse_sse"]
 
 STATUS_TIMEOUT_S = 10.0
 """A status read answers at once; an apply waits for llama-server, so it has no timeout."""
+STREAM_READ_TIMEOUT_S = 60.0
+"""A stream sends a keep-alive every 15 s: a minute of nothing is a dead connection."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,56 @@ class SupervisorClient:
         """``POST /v1/params``; returns once the change is applied or refused."""
         return self._request("POST", "/v1/params", json=body, timeout=None)
 
+    def restart(self) -> Reply:
+        """``POST /v1/restart``: the config in effect, on a new llama-server."""
+        return self._request("POST", "/v1/restart", timeout=None)
+
+    def revert(self, change_id: str) -> Reply:
+        """``POST /v1/changes/ID/revert``: the config in effect before that change."""
+        return self._request("POST", f"/v1/changes/{quote(change_id, safe='')}/revert",
+                             timeout=None)
+
+    def history(self, limit: int) -> Reply:
+        """``GET /v1/changes?limit=N``: the newest N entries of the change history."""
+        return self._request("GET", "/v1/changes", params={"limit": limit},
+                             timeout=STATUS_TIMEOUT_S)
+
+    def logs(self, tail: int | None = None) -> Reply:
+        """``GET /v1/logs?tail=N``: the newest log lines."""
+        params = {} if tail is None else {"tail": tail}
+        return self._request("GET", "/v1/logs", params=params, timeout=STATUS_TIMEOUT_S)
+
+    def follow_logs(self, tail: int | None = None) -> Iterator[SseMessage]:
+        """``GET /v1/logs?follow=1``: the last lines, then each new one, until the
+        supervisor ends the stream."""
+        params: dict[str, Any] = {"follow": 1}
+        if tail is not None:
+            params["tail"] = tail
+        return self.stream("/v1/logs", params)
+
+    def events(self, since: int | None = None) -> Iterator[SseMessage]:
+        """``GET /v1/events``: events after ``since`` (kept ones first), else new ones."""
+        return self.stream("/v1/events", {} if since is None else {"since": since})
+
+    def stream(self, path: str, params: dict[str, Any]) -> Iterator[SseMessage]:
+        """The messages of an SSE stream; raises CorralError if it cannot be opened (with
+        the supervisor's reason) or breaks."""
+        url = self.base_url + path
+        timeout = httpx.Timeout(STATUS_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S)
+        try:
+            with (httpx.Client(transport=self._transport, headers=self._headers,
+                               timeout=timeout) as http,
+                  http.stream("GET", url, params=params,
+                              headers={"accept": "text/event-stream"}) as response):
+                if not response.is_success:
+                    response.read()
+                    body = _decoded(response)
+                    why = body.get("error") if isinstance(body, dict) else None
+                    raise CorralError(f"{url}: HTTP {response.status_code}: {why or body}")
+                yield from parse_sse(response.iter_lines())
+        except httpx.HTTPError as exc:
+            raise CorralError(f"{url}: {exc}") from exc
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Reply:
         url = self.base_url + path
         try:
@@ -68,6 +123,40 @@ class SupervisorClient:
         except httpx.HTTPError as exc:
             raise CorralError(f"{url}: {exc}") from exc
         return Reply(response.is_success, _decoded(response))
+
+
+@dataclass(frozen=True)
+class SseMessage:
+    """One Server-Sent Event: ``event`` (``message`` when unnamed), ``data``, ``id``."""
+
+    event: str
+    data: str
+    id: str | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SseMessage]:
+    """Messages from the lines of an SSE body (comments skipped; see the WHATWG spec)."""
+    event, last_id = "", None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield SseMessage(event or "message", "\n".join(data), last_id)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            last_id = value or None
 
 
 def _decoded(response: httpx.Response) -> Any:
