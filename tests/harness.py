@@ -105,9 +105,12 @@ class SupervisorProcess:
                  api_port: int | None = None, store_args: list[str] | None = None,
                  extra_cli: list[str] | None = None, env: dict[str, str] | None = None,
                  state_dir: Path | None = None, token: str | None = None,
-                 api_host: str = "127.0.0.1", exec_prefix: Sequence[str] = ()) -> None:
+                 api_host: str = "127.0.0.1", exec_prefix: Sequence[str] = (),
+                 pass_fds: Sequence[int] = ()) -> None:
         # api_host/exec_prefix: tests/netns.py runs the supervisor inside a network
         # namespace (prefix ``ip netns exec <ns>``) with its API on the host's address.
+        # pass_fds: descriptors the child inherits (socket activation, see
+        # tests/systemd_helpers.py).
         self.tmp = tmp
         self.api_port = api_port or free_port()
         self.port = port or free_port()
@@ -125,6 +128,7 @@ class SupervisorProcess:
         if llama_args:
             cmd += ["--", *llama_args]
         self.cmd = cmd
+        self.pass_fds = tuple(pass_fds)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
@@ -136,7 +140,7 @@ class SupervisorProcess:
     def start(self) -> SupervisorProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.tmp)
+                                     env=self.env, cwd=self.tmp, pass_fds=self.pass_fds)
         log.close()
         return self
 

@@ -6,8 +6,10 @@ Theory of operation
 abstract name written ``@name``); a service sends it newline-separated ``KEY=VALUE``
 assignments (``sd_notify(3)``). :class:`Notifier` does that with a plain ``AF_UNIX``
 ``SOCK_DGRAM`` socket and is a no-op when the variable is unset, so the supervisor calls it
-unconditionally. It never blocks the event loop: a send that would block (systemd not
-reading) is dropped with a warning.
+unconditionally. A unix datagram queue holds few messages (``net.unix.max_dgram_qlen``, 10
+by default): when systemd is slow to read, a send waits (like ``sd_notify``, which waits
+for ever) but at most ``send_timeout`` (2 s), then the message is dropped with a warning,
+so a READY=1 is not lost to a busy PID 1 and a wedged one cannot stall the supervisor.
 
 What to say and when is a pure function of the controller's state transitions,
 :func:`transition_messages`: ``READY=1`` once llama-server is first ready; ``RELOADING=1``
@@ -39,9 +41,13 @@ import os
 import socket
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from corral.core.decide import State
+
+if TYPE_CHECKING:
+    from corral.observe.events import Event
 
 __all__ = [
     "SD_LISTEN_FDS_START",
@@ -59,6 +65,7 @@ log = logging.getLogger("corral.systemd")
 
 SD_LISTEN_FDS_START = 3
 _RELOADS = (State.APPLYING, State.ROLLING_BACK)  # an apply in progress, rollback included
+_EXPLAINED = (State.STARTING, State.BACKOFF, State.FATAL)  # last_error says why (a crash...)
 
 
 def monotonic_usec() -> int:
@@ -151,12 +158,12 @@ class Notifier:
     """Sends sd_notify datagrams to $NOTIFY_SOCKET; every method is a no-op without it."""
 
     def __init__(self, address: str | None = None, *, watchdog_s: float | None = None,
-                 clock: Callable[[], int] = monotonic_usec) -> None:
+                 clock: Callable[[], int] = monotonic_usec, send_timeout: float = 2.0) -> None:
         self.address = _notify_address(address)
         self.watchdog_s = watchdog_s if self.address is not None else None
         self.memory = NotifyMemory()
         self._clock = clock
-        self._sock: socket.socket | None = None
+        self.send_timeout = send_timeout
         self.sent: list[str] = []  # every datagram sent, for tests and status
 
     @classmethod
@@ -180,25 +187,22 @@ class Notifier:
         if self.address is None or not assignments:
             return False
         data = "\n".join(assignments).encode()
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.setblocking(False)
-            self._sock.sendto(data, self.address)
+        try:  # a socket per message, as sd_notify does: nothing to close, fork-safe
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(self.send_timeout)
+                sock.sendto(data, self.address)
         except OSError as exc:
             log.warning("cannot notify systemd (%s): %s", " ".join(assignments), exc)
             return False
         self.sent.append(data.decode())
         return True
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
     # ---- the messages --------------------------------------------------------------------
 
+    # Called directly (rather than through on_state), they keep on_state's memory right.
+
     def ready(self, status: str | None = None) -> bool:
+        self.memory = replace(self.memory, ready_sent=True, reloading=False)
         return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
 
     def ready_again(self, status: str | None = None) -> bool:
@@ -209,10 +213,12 @@ class Notifier:
         return self.notify(f"STATUS={text}")
 
     def reloading(self, status: str | None = None) -> bool:
+        self.memory = replace(self.memory, reloading=True)
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={self._clock()}",
                            *([f"STATUS={status}"] if status else []))
 
     def stopping(self, status: str | None = None) -> bool:
+        self.memory = replace(self.memory, stopping_sent=True)
         return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def watchdog_ping(self) -> bool:
@@ -225,6 +231,16 @@ class Notifier:
         messages, self.memory = transition_messages(old, new, detail, self.memory,
                                                     self._clock())
         return self.notify(*messages)
+
+    def on_event(self, event: Event) -> None:
+        """An :class:`~corral.observe.events.EventBus` listener: the controller's "state"
+        events (``from``, ``to``, ``error``) go to :meth:`on_state`; the rest is ignored.
+        The error is shown only where it is the reason for the state."""
+        if event.kind != "state" or self.address is None:
+            return
+        new = State(event.data["to"])
+        error = event.data.get("error") if new in _EXPLAINED else None
+        self.on_state(State(event.data["from"]), new, error)
 
     async def watchdog(self, alive: Callable[[], bool],
                        interval: float | None = None) -> None:
