@@ -35,6 +35,7 @@ WAIT_S = 20
 NEEDS_WIRING = pytest.mark.xfail(
     reason="needs wiring: page_router and the /v1/events, /v1/logs, /v1/changes routes in "
            "create_app", strict=False)
+DEFAULT_SIZE = (1280, 900)
 WIDTHS = [pytest.param((1280, 900), id="1280"), pytest.param((390, 844), id="390")]
 
 
@@ -111,7 +112,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendF
 
 @pytest.fixture
 def driver(request: pytest.FixtureRequest) -> Iterator[WebDriver]:
-    width, height = getattr(request, "param", (1280, 900))
+    width, height = getattr(request, "param", DEFAULT_SIZE)
     d = browser.start(width, height)
     try:
         yield d
@@ -122,15 +123,17 @@ def driver(request: pytest.FixtureRequest) -> Iterator[WebDriver]:
 # ---- page helpers -------------------------------------------------------------------
 
 class Page:
-    def __init__(self, driver: WebDriver, shots: Path) -> None:
+    def __init__(self, driver: WebDriver, shots: Path, asked: tuple[int, int]) -> None:
         self.d = driver
         self.shots = shots
         self.step = 0
-        self.width = driver.execute_script("return window.innerWidth")
+        self.asked = asked
+        self.width = asked[0]
 
     def open(self, url: str) -> None:
         self.d.get(url + "/")
         self.d.execute_script("window.__sameDocument = true")
+        self.width = int(self.d.execute_script("return window.innerWidth"))
 
     def same_document(self) -> bool:
         """True while the page was never reloaded since open()."""
@@ -155,8 +158,12 @@ class Page:
     def until_text(self, css: str, expected: str) -> None:
         self.until(f"{css} = {expected!r}", lambda: self.text(css) == expected)
 
-    def shot(self, step: str) -> Path:
+    def shot(self, step: str, show: str | None = None) -> Path:
+        """A screenshot of the viewport, scrolled to ``show`` (a CSS selector) if given."""
         self.step += 1
+        if show:
+            self.d.execute_script("document.querySelector(arguments[0]).scrollIntoView()",
+                                  show)
         return browser.screenshot(self.d, self.shots / f"{self.width}-{self.step:02d}-{step}.png")
 
     def no_horizontal_scroll(self) -> None:
@@ -192,8 +199,10 @@ class Page:
 
 
 @pytest.fixture
-def page(driver: WebDriver, tmp_path: Path) -> Page:
-    return Page(driver, tmp_path)
+def page(driver: WebDriver, tmp_path: Path, request: pytest.FixtureRequest) -> Page:
+    callspec = getattr(request.node, "callspec", None)
+    return Page(driver, tmp_path, callspec.params.get("driver", DEFAULT_SIZE) if callspec
+                else DEFAULT_SIZE)
 
 
 # ---- the tests ----------------------------------------------------------------------
@@ -206,8 +215,9 @@ def test_page_shows_applies_rejects_and_follows_a_restart(backend: BackendFactor
     another client shows up by itself; a missing model shows the reason; a SIGKILL of
     llama-server shows the restart; never a reload, never a sideways scroll."""
     api = backend(None)
-    narrow = page.width < 600
     page.open(api.url)
+    assert page.width == page.asked[0], f"viewport {page.width} px, asked {page.asked}"
+    narrow = page.width < 600
     page.until_text("#state", "RUNNING")
     page.until_text("#model", "a.gguf")
     page.until("the live event stream", lambda: page.text("#live") == "live")
@@ -223,20 +233,20 @@ def test_page_shows_applies_rejects_and_follows_a_restart(backend: BackendFactor
     page.until("the change in the history",
                lambda: "applied" in page.text("#changes tbody")
                and "--parallel" in page.text("#changes tbody"))
-    page.shot("applied")
+    page.shot("applied", "#change-card")
 
     # Another client changes it: the page follows by itself (events -> status).
     assert api.change({"-c": 2048}).status_code == 200
     page.until("--ctx-size 2048 from another client",
                lambda: page.config_value("--ctx-size") == "2048")
-    page.shot("changed-elsewhere")
+    page.shot("changed-elsewhere", "#config-card")
 
     page.submit({"-m": "/nonexistent/model.gguf"})
     page.until("the rejection", lambda: page.outcome()[0] == "rejected")
     verdict, text = page.outcome()
     assert "rejected" in text and "does not exist" in text, text
     assert page.config_value("--model").endswith("a.gguf")
-    page.shot("rejected")
+    page.shot("rejected", "#change-card")
     if narrow:
         page.no_horizontal_scroll()
 
@@ -248,7 +258,7 @@ def test_page_shows_applies_rejects_and_follows_a_restart(backend: BackendFactor
     page.until_text("#state", "RUNNING")
     page.until("a new pid", lambda: page.text("#pid") not in ("", "–", str(before["pid"])))
     page.until("the crash in the events", lambda: "crash" in page.text("#events"))
-    page.shot("restarted")
+    page.shot("restarted", "#overview")
     if narrow:
         page.no_horizontal_scroll()
     assert page.same_document(), "the page was reloaded"

@@ -24,7 +24,7 @@ async function api(path, options = {}) {
   if (r.status === 401 || (r.status === 403 && !options.method)) {
     const body = await r.json().catch(() => ({}));
     askToken(r.status === 401 ? "This supervisor needs its API token."
-      : (body.error || "The token was refused") + ": enter it again.");
+      : "The token was refused (" + (body.error || "HTTP 403") + "): enter it again.");
     throw new AuthError(String(r.status));
   }
   return r;
@@ -225,17 +225,16 @@ function tickUptime() {
 function renderFront(front) {
   $("front-card").hidden = !front;
   if (!front) return;
-  const rows = [];
+  const facts = [];
   for (const [k, v] of Object.entries(front)) {
     let value = v;
     if (v && typeof v === "object") {
       const parts = Object.entries(v).map(([a, b]) => a + ": " + show(b));
       value = parts.length ? parts.join(", ") : "–";
     }
-    rows.push(el("tr", {}, el("th", { scope: "row" }, k.replace(/_/g, " ")),
-      el("td", { class: "wrap" }, show(value))));
+    facts.push(el("dt", {}, k.replace(/_/g, " ")), el("dd", { class: "wrap" }, show(value)));
   }
-  fill($("front").tBodies[0], rows);
+  $("front").replaceChildren(...facts);
 }
 
 function renderFleet(fleet) {
