@@ -171,6 +171,13 @@ class Page:
             "const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
         assert widths[0] <= widths[1], f"the page scrolls sideways: {widths}"
 
+    def no_script_errors(self) -> None:
+        """No exception, CSP violation or other error in the console (a failed fetch's
+        HTTP status is the page's business, not an error here)."""
+        errors = [e["message"] for e in self.d.get_log("browser") if e["level"] == "SEVERE"
+                  and "Failed to load resource" not in e["message"]]
+        assert not errors, errors
+
     def config_value(self, flag: str) -> str:
         return self.text(f'#config tr[data-flag="{flag}"] td')
 
@@ -262,6 +269,7 @@ def test_page_shows_applies_rejects_and_follows_a_restart(backend: BackendFactor
     if narrow:
         page.no_horizontal_scroll()
     assert page.same_document(), "the page was reloaded"
+    page.no_script_errors()
 
 
 @needs_chromium
@@ -300,6 +308,7 @@ def test_page_works_only_after_the_token_is_entered(backend: BackendFactory,
     page.until_text("#state", "RUNNING")
     assert not page.d.find_element(By.ID, "auth").is_displayed()
     assert page.d.execute_script("return sessionStorage.getItem('corral.token')") == TOKEN
+    page.no_script_errors()
 
 
 def test_only_the_page_and_its_files_are_open() -> None:
