@@ -55,7 +55,8 @@ def test_the_stored_config_wins_port_included(tmp_path: Path, etcd_server: EtcdS
         sup.wait_running()
         value = wait_for(lambda: stored(etcd_server), 10, "the boot config in etcd")
         assert dict(value["args"])["--port"] == str(sup.port), "the port is the fleet's"
-        assert sup.post({"-np": 3}).status_code == 200
+        answer = sup.http.post("/v1/params", params={"wait": "rollout"}, json={"args": {"-np": 3}})
+        assert answer.status_code == 200, answer.text  # proven here: not a rollout under way
         port = sup.port
         sup.stop()
     with supervisor(tmp_path, FAKE, model, ["-np", "1"], store_args=shared) as sup:

@@ -69,6 +69,7 @@ BIG = 24  # flags per config: a few KB, so a kill often lands inside the write i
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.timing  # bounded in time, heavy: run alone
 def test_sigkill_while_saving_leaves_the_old_or_the_new_config(
     tmp_path: Path, spawn: Spawn
 ) -> None:
@@ -124,6 +125,7 @@ WRITES = 1000
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.timing  # bounded in time, heavy: run alone
 def test_two_writers_sharing_a_file_lose_no_update(tmp_path: Path, spawn: Spawn) -> None:
     """Two processes saving to one file never lose or roll back each other's saves."""
     path = tmp_path / "config.toml"

@@ -105,6 +105,7 @@ def test_failed_start_rolls_back(tmp_path: Path, model: Path) -> None:
         assert sup.config_file.read_bytes() == before
 
 
+@pytest.mark.timing  # bounded in time, heavy: run alone
 def test_never_ready_times_out_and_rolls_back(tmp_path: Path, model: Path) -> None:
     """A new config never ready within --ready-timeout is a 422 and is rolled back."""
     with supervisor(tmp_path, FAKE, model, extra_cli=["--ready-timeout", "1"]) as sup:
