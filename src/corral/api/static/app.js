@@ -39,9 +39,10 @@ async function getJSON(path, signal) {
 // ---- SSE over fetch -----------------------------------------------------------------
 
 // Calls onEvent({id, event, data}) for each event of the stream at `path`, reconnecting
-// (with Last-Event-ID) until `signal` aborts. onState("live" | "down") reports the link.
-async function stream(path, signal, onEvent, onState) {
-  let lastId = null;
+// (with Last-Event-ID, from `after` if given) until `signal` aborts. onState("live" |
+// "down") reports the link. The server sends `event: gap` when some were missed.
+async function stream(path, signal, onEvent, onState, after = null) {
+  let lastId = after === null ? null : String(after);
   let delay = 500;
   while (!signal.aborted) {
     try {
@@ -312,21 +313,27 @@ function describe(kind, e) {
       + (e.load_s !== undefined ? " after " + Number(e.load_s).toFixed(1) + " s" : "");
     case "rollout": return "rollout " + (e.revision || "") + " " + (e.step || "")
       + " " + (e.phase || "");
-    default: return kind + " " + JSON.stringify(e);
+    case "gap": return gapText(e, "events");
+    default: return JSON.stringify(e);
   }
+}
+
+function gapText(gap, what) {
+  if (gap.reset) return "the supervisor restarted: " + what + " from its start";
+  return gap.missed ? gap.missed + " " + what + " missed" : "some " + what + " missed";
 }
 
 function onEvent(ev) {
   let data = {};
   try { data = JSON.parse(ev.data); } catch (e) { data = { text: ev.data }; }
-  const kind = data.kind || ev.event;
+  const kind = ev.event === "gap" ? "gap" : data.kind || ev.event;
   const list = $("events");
   list.prepend(el("li", { "data-kind": kind },
     el("time", {}, clock(data.time)), " ", el("span", { class: "kind" }, kind), " ",
     describe(kind, data)));
   while (list.children.length > MAX_EVENTS) list.lastChild.remove();
   refreshStatus();
-  if (kind === "change") refreshChanges();
+  if (kind === "change" || kind === "gap") refreshChanges();
 }
 
 let lastLogId = -1;
@@ -357,12 +364,17 @@ async function followLogs(signal) {
   } catch (e) {
     if (e instanceof AuthError || signal.aborted) return;
   }
+  // Resume after the tail's last line (the server would send its own tail otherwise).
   stream("v1/logs?follow=1", signal, (ev) => {
-    try {
-      const line = JSON.parse(ev.data);
-      addLogs(Array.isArray(line) ? line : [line]);
-    } catch (e) { addLogs([{ text: ev.data }]); }
-  }, () => {});
+    let data;
+    try { data = JSON.parse(ev.data); } catch (e) { data = { text: ev.data }; }
+    if (ev.event === "gap") {
+      if (data.reset) lastLogId = -1; // a new supervisor numbers its lines from 1 again
+      addLogs([{ source: "corral", text: "… " + gapText(data, "lines") + " …" }]);
+    } else {
+      addLogs(Array.isArray(data) ? data : [data]);
+    }
+  }, () => {}, lastLogId >= 0 ? lastLogId : null);
 }
 
 function setLive(state, text) {
