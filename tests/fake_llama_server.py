@@ -51,6 +51,7 @@ HELP = """\
 --log-file FNAME                        log to file (the fake writes one line)
                                         (env: LLAMA_ARG_LOG_FILE)
 --slot-save-path PATH                   path to save slot kv cache (default: disabled)
+--metrics                               enable prometheus compatible metrics endpoint
 """
 HEALTH_LOGGED = "fake: GET /health"
 
@@ -82,6 +83,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-offloaded")
     p.add_argument("--log-file")
     p.add_argument("--slot-save-path")
+    p.add_argument("--metrics", action="store_true")
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
@@ -125,16 +127,37 @@ def main() -> None:
     serve(ns, time.monotonic() + ns.fake_load_s)
 
 
+METRICS = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed (fake: GET /props served)
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total {props}
+# HELP llamacpp:requests_processing Number of requests processing
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 0
+"""
+
+
 def serve(ns: argparse.Namespace, ready_at: float) -> None:
+    props_served = [0]
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             ready = not ns.fake_never_ready and time.monotonic() >= ready_at
+            if self.path == "/metrics" and ns.metrics:
+                data = METRICS.format(props=props_served[0]).encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain; version=0.0.4")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if self.path == "/health":
                 if ns.fake_log_health:
                     print(HEALTH_LOGGED, flush=True)
                 self._json(200 if ready else 503,
                            {"status": "ok"} if ready else {"error": "Loading model"})
             elif self.path == "/props":
+                props_served[0] += 1
                 per_slot = ns.fake_props_n_ctx or ns.ctx_size // max(1, ns.parallel)
                 self._json(200, {"model_path": ns.model, "total_slots": ns.parallel,
                                  "n_ctx": ns.ctx_size, "pid": os.getpid(),

@@ -156,6 +156,17 @@ async def test_applied_and_rejected_changes() -> None:
         assert value(s, "corral_config_generation") == 2
 
 
+async def test_a_change_the_api_refused_counts_as_rejected() -> None:
+    """The API refuses some changes before they join a batch (an unknown flag, a missing
+    model): it emits a "refused" event for them."""
+    async with Rig() as rig:
+        metrics = meter(rig)
+        await rig.until_state("RUNNING")
+        rig.controller.events.emit("refused", client="127.0.0.1", error="no such flag")
+        s = await scrape(metrics)
+        assert value(s, "corral_applies_total", outcome="rejected") == 1
+
+
 async def test_a_change_that_keeps_the_config_observes_no_duration() -> None:
     async with Rig() as rig:
         metrics = meter(rig)

@@ -3,13 +3,15 @@ in Prometheus' text format.
 
 Theory of operation
 -------------------
-:class:`Metrics` is built at start-up and listens to the :class:`~corral.observe.events.EventBus`
-from the first event on; what it counts from events (applies by outcome, restarts by reason,
-apply and model-load durations, rollout steps) is kept in plain counters and fixed-bucket
-tallies, so building it imports nothing. ``prometheus_client`` is imported at the first
-scrape (:meth:`Metrics.render`): its own :class:`CollectorRegistry` (never the global one)
-holds one custom collector that turns the tallies and a fresh :class:`~corral.status.Status`
-into metric families, and ``generate_latest`` writes the exposition.
+:class:`Metrics` is built at start-up and listens to the
+:class:`~corral.observe.events.EventBus` from the first event on. What it counts from events
+(applies by outcome: ``change`` events, and ``refused`` ones for changes the API refused
+before they joined a batch; restarts by reason; apply and model-load durations; rollout
+steps) is kept in plain counters and fixed-bucket tallies, so building it imports nothing.
+``prometheus_client`` is imported at the first scrape (:meth:`Metrics.render`): its own
+:class:`CollectorRegistry` (never the global one) holds one custom collector that turns the
+tallies and a fresh :class:`~corral.status.Status` into metric families, and
+``generate_latest`` writes the exposition.
 
 llama-server's own ``/metrics`` (when the running config has ``--metrics``) is fetched by
 :meth:`Metrics.render` before the collector runs (asynchronously, with a short timeout, from
@@ -164,6 +166,8 @@ class Metrics:
             duration = data.get("duration_s")
             if data.get("restarted") and isinstance(duration, int | float):
                 self.apply_duration.observe(float(duration))
+        elif event.kind == "refused":  # the API refused it before it joined a batch
+            self.applies["rejected"] += 1
         elif event.kind == "crash":
             reason = str(data.get("reason"))
             self.restarts[reason] = self.restarts.get(reason, 0) + 1
