@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from fastapi import FastAPI
 from hypothesis import given
@@ -22,10 +23,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.metrics_routes import CONTENT_TYPE, metrics_router
 from corral.core.args import Change, LlamaConfig
-from corral.observe.metrics import Carry, LlamaExport, Metrics, Tally, carry_forward, model_of
+from corral.observe.metrics import (
+    Carry,
+    LlamaExport,
+    Metrics,
+    RssOf,
+    Tally,
+    carry_forward,
+    model_of,
+)
 from corral.settings import Settings, Startup
 from tests.fakes import FAST, Rig, config
 from tests.front_fakes import FakeUpstream, Req, client, echo, front, response, upstreams
+from tests.harness import wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -202,6 +212,29 @@ async def test_llama_rss_of_a_live_pid_and_none_for_a_gone_one() -> None:
         rig.active.pid = os.getpid()  # this test's own process: a real one
         s = await scrape(metrics)
         assert 1 << 20 < value(s, "corral_llama_rss_bytes") < 1 << 32
+
+
+def test_rss_counts_the_children_and_looks_them_up_again_later() -> None:
+    now = [0.0]
+    rss = RssOf(refresh_s=10.0, clock=lambda: now[0])
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+    try:
+        wait_for(lambda: len(psutil.Process(proc.pid).children()) == 1, 10, "the child")
+        alone = psutil.Process(proc.pid).memory_info().rss
+        assert (rss(proc.pid) or 0) > alone  # the sleep's RSS too
+        assert len(rss._family) == 2
+        late = subprocess.Popen(["sleep", "60"])  # not a child of proc: never counted
+        now[0] = 11.0
+        rss(proc.pid)
+        assert late.pid not in rss._family and len(rss._family) == 2
+        late.kill()
+        late.wait()
+    finally:
+        for child in psutil.Process(proc.pid).children():
+            child.kill()
+        proc.kill()
+        proc.wait()
+    assert rss(proc.pid) is None
 
 
 # ---- front door and fleet -----------------------------------------------------------------

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from corral.controller import Controller
 
-__all__ = ["CONTENT_TYPE", "Carry", "Metrics", "Tally", "carry_forward"]
+__all__ = ["CONTENT_TYPE", "Carry", "Metrics", "RssOf", "Tally", "carry_forward"]
 
 log = logging.getLogger("corral.observe")
 
@@ -152,6 +152,7 @@ class Metrics:
         self.apply_duration = Tally(APPLY_BUCKETS)
         self.model_load = Tally(LOAD_BUCKETS)
         self.llama = LlamaExport()
+        self.rss_of = RssOf()
         self._registry: CollectorRegistry | None = None
         self._http: httpx.AsyncClient | None = None
         bus.listen(self.on_event)
@@ -267,7 +268,7 @@ class Metrics:
                                 "number)", value=status.generation)
         rss = GaugeMetricFamily("corral_llama_rss_bytes",
                                 "resident memory of the active llama-server and its children")
-        if status.pid is not None and (taken := rss_of(status.pid)) is not None:
+        if status.pid is not None and (taken := self.rss_of(status.pid)) is not None:
             rss.add_metric([], taken)
         yield rss
         if status.front is not None:
@@ -297,22 +298,40 @@ def _histogram(family: Callable[..., Metric], name: str, doc: str, tally: Tally)
     return family(name, doc, buckets=tally.cumulative(), sum_value=tally.sum)
 
 
-def rss_of(pid: int) -> float | None:
-    """RSS of ``pid`` and all its descendants, bytes; None if it is gone."""
-    import psutil
+class RssOf:
+    """RSS of a process and all its descendants. Finding the descendants makes psutil read
+    every process's stat (~10 ms): they are looked up again every ``refresh_s`` only."""
 
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return None
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return float(total)
+    def __init__(self, refresh_s: float = 10.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.refresh_s = refresh_s
+        self.clock = clock or time.monotonic
+        self._pid: int | None = None
+        self._family: list[int] = []
+        self._until = 0.0
+
+    def __call__(self, pid: int) -> float | None:
+        """Bytes; None if ``pid`` is gone."""
+        import psutil
+
+        now = self.clock()
+        if pid != self._pid or now >= self._until:
+            try:
+                kids = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                return None
+            self._pid, self._until = pid, now + self.refresh_s
+            self._family = [pid, *(k.pid for k in kids)]
+        total = 0
+        for i, p in enumerate(self._family):
+            try:
+                total += psutil.Process(p).memory_info().rss
+            except psutil.Error:
+                if i == 0:
+                    return None
+        return float(total)
 
 
 def _front(front: Mapping[str, Any], door: object) -> Iterator[Metric]:
