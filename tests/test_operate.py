@@ -214,6 +214,7 @@ async def test_reload_of_a_refused_config_keeps_the_running_one(tmp_path: Path) 
         assert rig.controller.last_good == config()
         refused = audit.last(1)[0]
         assert refused["kind"] == "refused" and refused["client"] == "SIGHUP"
+        assert rig.controller.events.tail(1)[0].kind == "refused"  # metrics count it
         assert "gone.gguf" in refused["error"]
 
 

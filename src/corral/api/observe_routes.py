@@ -266,6 +266,7 @@ def observe_router(controller: Controller, lines: LineBus, audit: AuditLog | Non
         try:
             await admit_whole(controller, before)
         except CorralError as exc:
+            controller.events.emit("refused", source=REVERT, client=client, error=str(exc))
             if audit is not None:
                 audit.refused(client, str(exc), {"revert": change_id})
             return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))

@@ -90,6 +90,7 @@ async def reload_from_store(controller: Controller,
         await admit_whole(controller, stored.config)
     except CorralError as exc:
         log.error("SIGHUP: the stored config is refused: %s; the running config stays", exc)
+        controller.events.emit("refused", source=RELOAD, client="SIGHUP", error=str(exc))
         if audit is not None:
             audit.refused("SIGHUP", str(exc), {"reload": controller.store.description})
         return None
