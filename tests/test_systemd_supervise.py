@@ -26,7 +26,7 @@ from tests.systemd_helpers import (
     tcp_listener,
 )
 
-pytestmark = pytest.mark.xfail(reason="needs wiring", strict=False)
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
 from corral.front.steer import SteeredFront, place_on_loopback
+from corral.observe.systemd import Notifier, inherited_listener
 from corral.settings import Security, Settings, Startup
 from corral.store.base import ConfigStore
 from corral.store.etcd import EtcdStore
@@ -105,8 +106,11 @@ def instance_key(opts: Options, from_cli: LlamaConfig) -> str | None:
     return str(from_cli.get("--port")) if opts.driver.type == "etcd" else None
 
 
-def bind_listen(addr: str) -> socket.socket:
+def bind_listen(addr: str, inherited: socket.socket | None = None) -> socket.socket:
+    """The front door's socket: the one systemd passed (corral.socket), else bound here."""
     host, port = parse_addr(addr, "--listen")
+    if inherited is not None:
+        return inherited
     return bind_socket(host, port, "the front door")
 
 
@@ -236,6 +240,10 @@ def run_as_user(name: str | None) -> RunAs | None:
 
 
 async def supervise(opts: Options) -> int:
+    # Before any child runs (llama-server --help below): take systemd's variables and
+    # sockets, so that no child inherits them.
+    notifier = Notifier.from_environment()
+    inherited = inherited_listener(opts.listen) if opts.listen else None
     host, api_port = parse_addr(opts.supervisor_addr)
     sec = opts.security
     tokens = tokens_from(opts.api_token, sec)
@@ -264,7 +272,7 @@ async def supervise(opts: Options) -> int:
         cleanup.callback(lock.release)
         sock = bind_api(host, api_port)
         cleanup.callback(sock.close)
-        listen_sock = bind_listen(opts.listen) if opts.listen else None
+        listen_sock = bind_listen(opts.listen, inherited) if opts.listen else None
         if listen_sock is not None:
             cleanup.callback(listen_sock.close)
         door = FrontDoor(listen_sock, opts.front, tls=front_tls) if listen_sock else None
@@ -278,6 +286,7 @@ async def supervise(opts: Options) -> int:
                              fit_margin=opts.settings.fit_margin, judge=judge, run_as=run_as),
             front=SteeredFront(door) if door else None,
             place=place_on_loopback if door else None)
+        controller.events.listen(notifier.on_event)  # READY=1, RELOADING=1, STATUS=, ...
         fleet = None
         if isinstance(store, LocalStore) and etcd is not None:
             from corral.fleet import FleetSync
@@ -295,7 +304,7 @@ async def supervise(opts: Options) -> int:
         log.info("management API on %s://%s:%d (token %s%s)", "https" if api_tls else "http",
                  host, api_port, "required" if tokens.required else "not required: loopback only",
                  ", read-only token too" if tokens.read else "")
-        await _run_until_signal(controller, server, sock, fleet, door, tokens)
+        await _run_until_signal(controller, server, sock, fleet, door, tokens, notifier)
     log.info("supervisor stopped")
     return 0
 
@@ -315,7 +324,8 @@ def _reload_tokens(tokens: Tokens) -> None:
 
 async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                             sock: socket.socket, fleet: FleetSync | None,
-                            door: FrontDoor | None, tokens: Tokens | None = None) -> None:
+                            door: FrontDoor | None, tokens: Tokens | None = None,
+                            notifier: Notifier | None = None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     kill_now = asyncio.Event()
@@ -347,6 +357,9 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             waiter = tg.create_task(shutdown.wait())
             follower = tg.create_task(fleet.run(), name="fleet") if fleet else None
             front = tg.create_task(door.serve(), name="front door") if door else None
+            # WATCHDOG=1 while this loop turns (the task runs) and the controller lives.
+            dog = (tg.create_task(notifier.watchdog(lambda: not control.done()),
+                                  name="watchdog") if notifier else None)
             await asyncio.wait({control, api, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if follower is not None:
                 follower.cancel()  # leave the fleet first: no new applies while stopping
@@ -356,6 +369,8 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             server.should_exit = True
             waiter.cancel()
             killer.cancel()
+            if dog is not None:
+                dog.cancel()
             if front is not None:
                 front.cancel()  # closed and drained by the controller's shutdown already
     finally:
