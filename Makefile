@@ -40,9 +40,10 @@ run: setup-system
 # test selected, e.g. with PYTEST_ARGS="-k ...") is not a failure.
 test: setup-test
 	@rc=0; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not real and not timing" $(PYTEST_ARGS) \
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) -m "not real and not timing" $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
-	$(PY) -m pytest -q -m "real or timing" $(PYTEST_ARGS) || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
+	$(PY) -m pytest -q --durations=15 -m "real or timing" $(PYTEST_ARGS) \
+	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
 	exit $$rc
 
 bench: setup-test

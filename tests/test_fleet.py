@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -217,34 +216,3 @@ def test_etcd_driver_without_server_and_two_drivers(tmp_path: Path) -> None:
          str(model), "--config-file", str(tmp_path / "c.toml"), "--etcd", "127.0.0.1:1"],
         capture_output=True, text=True, timeout=60, env={**os.environ})
     assert out.returncode == 2 and "choose one config driver" in out.stderr
-
-
-@pytest.mark.real
-def test_real_fleet_of_three(tmp_path: Path, etcd_server: EtcdServer, real_binary: Path,
-                             real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
-    """Three supervisors of the real llama-server follow one fleet config put in etcd."""
-    other = model_alias("fleet-b")
-    with ExitStack() as stack:
-        sups = []
-        for i in range(3):
-            d = tmp_path / f"r{i}"
-            d.mkdir()
-            sups.append(stack.enter_context(supervisor(
-                d, real_binary, real_model, store_args=etcd_args(etcd_server, "real"))))
-        for s in sups:
-            s.wait_running(120)
-        config = {"binary": str(real_binary), "args": [["--model", str(other)],
-                                                       ["--parallel", "2"]]}
-        etcd_server.etcdctl("put", "/corral/configs/real", json.dumps(config))
-        for s in sups:
-            wait_for(lambda s=s: props(s.port)["model_path"] == str(other), 120, "applied")
-            assert props(s.port)["total_slots"] == 2
-        report = wait_for(lambda: (r := fleet_json(etcd_server, "real"))["instances"] and all(
-            i["runs_fleet_config"] for i in r["instances"]) and r, 20, "fleet report")
-        assert len(report["instances"]) == 3
-        # kill -9 of one supervisor: its registration and its llama-server go.
-        victim = sups[0]
-        pid = victim.llama_pid()
-        victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-        wait_for(lambda: not pid_alive(pid), 1, "llama-server gone with its supervisor")
-        wait_for(lambda: len(fleet_json(etcd_server, "real")["instances"]) == 2, 10, "TTL")

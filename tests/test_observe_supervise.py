@@ -25,7 +25,7 @@ import pytest
 
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor, wait_for
 
-pytestmark = pytest.mark.xfail(reason="needs wiring", strict=False)
+pytestmark = [pytest.mark.slow]
 
 
 class Follower:

@@ -2,9 +2,8 @@
 
 Each test runs twice: against the stub API of tests/page_stub.py (the real page router and
 token middleware, stubbed data endpoints: it proves the page's own logic) and against a real
-``corral supervise`` with the fake llama-server (xfail until the page and the stream routes
-are wired into the app). Every step saves a screenshot into the test's tmp_path. Nothing
-sleeps: every wait is a WebDriverWait on a condition.
+``corral supervise`` with the fake llama-server. Every step saves a screenshot into the
+test's tmp_path. Nothing sleeps: every wait is a WebDriverWait on a condition.
 """
 
 from __future__ import annotations
@@ -32,9 +31,6 @@ needs_chromium = pytest.mark.skipif(isinstance(FOUND, str), reason=str(FOUND))
 
 TOKEN = "page-test-token-0123456789"
 WAIT_S = 20
-NEEDS_WIRING = pytest.mark.xfail(
-    reason="needs wiring: page_router and the /v1/events, /v1/logs, /v1/changes routes in "
-           "create_app", strict=False)
 DEFAULT_SIZE = (1280, 900)
 WIDTHS = [pytest.param((1280, 900), id="1280"), pytest.param((390, 844), id="390")]
 
@@ -82,7 +78,7 @@ class Real(Backend):
 BackendFactory = Callable[[str | None], Backend]
 
 
-@pytest.fixture(params=["stub", pytest.param("real", marks=NEEDS_WIRING)])
+@pytest.fixture(params=["stub", "real"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
     """backend(token) starts the stub or a real supervisor (with the fake llama-server)."""
     model = make_fake_model(tmp_path / "a.gguf")

@@ -37,6 +37,9 @@ from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
 from corral.front.steer import SteeredFront, place_on_loopback
+from corral.observe.audit import AuditLog
+from corral.observe.events import LineBus, LineHandler
+from corral.observe.operate import Reloader
 from corral.observe.systemd import Notifier, inherited_listener
 from corral.settings import Security, Settings, Startup
 from corral.store.base import ConfigStore
@@ -277,11 +280,16 @@ async def supervise(opts: Options) -> int:
             cleanup.callback(listen_sock.close)
         door = FrontDoor(listen_sock, opts.front, tls=front_tls) if listen_sock else None
         startup = await choose_startup(store, name, from_cli, fleet=etcd is not None)
+        lines = LineBus()  # GET /v1/logs: llama-server's output and the supervisor's own log
+        line_handler = LineHandler(lines)
+        logging.getLogger("corral").addHandler(line_handler)
+        cleanup.callback(logging.getLogger("corral").removeHandler, line_handler)
         controller = Controller(
             name, store, startup, opts.settings, pinned=pinned, pidfile=PidFile(pid_path),
             launcher=ProcessLauncher(opts.settings.echo_output,
                                      allow_degraded=opts.settings.allow_degraded,
-                                     user=run_as.identity if run_as else None),
+                                     user=run_as.identity if run_as else None,
+                                     lines=lines),
             checks=Preflight(catalogs, picks_ports=door is not None,
                              fit_margin=opts.settings.fit_margin, judge=judge, run_as=run_as),
             front=SteeredFront(door) if door else None,
@@ -293,7 +301,10 @@ async def supervise(opts: Options) -> int:
 
             fleet = FleetSync(controller, store, etcd, name, f"{host}:{api_port}",
                               opts.rollout, me)
-        app = create_app(controller, tokens, fleet=fleet)
+        audit = AuditLog(lock_path.with_suffix(".audit.jsonl"))  # the change history
+        audit.listen_to(controller.events)
+        cleanup.callback(audit.close)
+        app = create_app(controller, tokens, fleet=fleet, lines=lines, audit=audit)
         if door is not None:
             log.info("front door on http://%s: clients connect here; llama-server gets a "
                      "loopback port of its own", opts.listen)
@@ -304,7 +315,8 @@ async def supervise(opts: Options) -> int:
         log.info("management API on %s://%s:%d (token %s%s)", "https" if api_tls else "http",
                  host, api_port, "required" if tokens.required else "not required: loopback only",
                  ", read-only token too" if tokens.read else "")
-        await _run_until_signal(controller, server, sock, fleet, door, tokens, notifier)
+        await _run_until_signal(controller, server, sock, fleet, door, tokens, notifier,
+                                Reloader(controller, audit) if fleet is None else None)
     log.info("supervisor stopped")
     return 0
 
@@ -325,7 +337,8 @@ def _reload_tokens(tokens: Tokens) -> None:
 async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                             sock: socket.socket, fleet: FleetSync | None,
                             door: FrontDoor | None, tokens: Tokens | None = None,
-                            notifier: Notifier | None = None) -> None:
+                            notifier: Notifier | None = None,
+                            reloader: Reloader | None = None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     kill_now = asyncio.Event()
@@ -347,8 +360,13 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    if tokens is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, tokens)
+    def on_hup() -> None:  # SIGHUP / ExecReload: token files, then the stored config
+        if tokens is not None:
+            _reload_tokens(tokens)
+        if reloader is not None:
+            reloader.request()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         async with asyncio.TaskGroup() as tg:
             killer = tg.create_task(kill_on_second_signal(), name="second signal")
@@ -357,12 +375,15 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
             waiter = tg.create_task(shutdown.wait())
             follower = tg.create_task(fleet.run(), name="fleet") if fleet else None
             front = tg.create_task(door.serve(), name="front door") if door else None
+            reload = tg.create_task(reloader.run(), name="reload") if reloader else None
             # WATCHDOG=1 while this loop turns (the task runs) and the controller lives.
             dog = (tg.create_task(notifier.watchdog(lambda: not control.done()),
                                   name="watchdog") if notifier else None)
             await asyncio.wait({control, api, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if follower is not None:
                 follower.cancel()  # leave the fleet first: no new applies while stopping
+            if reload is not None:
+                reload.cancel()  # no re-read of the store while stopping
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control

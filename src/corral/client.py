@@ -111,7 +111,12 @@ class SupervisorClient:
                     body = _decoded(response)
                     why = body.get("error") if isinstance(body, dict) else None
                     raise CorralError(f"{url}: HTTP {response.status_code}: {why or body}")
-                yield from parse_sse(response.iter_lines())
+                try:
+                    yield from parse_sse(response.iter_lines())
+                except (httpx.RemoteProtocolError, httpx.ReadError):
+                    # The supervisor went away mid-stream (it is stopping, and closed the
+                    # connection before the stream's last chunk): the stream has ended.
+                    return
         except httpx.HTTPError as exc:
             raise CorralError(f"{url}: {exc}") from exc
 

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.dry_run import dry_run
+from corral.api.page_routes import page_router
 from corral.api.schemas import (
     ChangeResult,
     ChangeStatus,
@@ -47,6 +48,8 @@ from corral.core.args import (
     parse_env,
 )
 from corral.errors import CorralError, InvalidArgs
+from corral.observe.audit import AuditLog
+from corral.observe.events import LineBus
 from corral.seams import FleetGate
 
 log = logging.getLogger("corral.api")
@@ -107,7 +110,8 @@ ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
 
 def create_app(controller: Controller, token: Tokens | str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None) -> Any:
+               max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None,
+               lines: LineBus | None = None, audit: AuditLog | None = None) -> Any:
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
                   docs_url="/docs", redoc_url=None)
@@ -164,8 +168,11 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
         try:
             change = await _validated_change(controller, body)
         except CorralError as exc:
+            if audit is not None:
+                audit.refused(client, str(exc), body.model_dump(exclude_none=True))
             return _refused(controller, client, exc)
         record = await fleet.begin(change) if fleet else controller.submit(change)
+        record.client = client  # for the audit log
         if wait in ("false", "0"):
             response = record_result(record)
             response.headers["location"] = f"/v1/changes/{record.id}"
@@ -204,6 +211,11 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
         """The supervisor is up (needs no token). ``state`` is llama-server's."""
         return {"status": "ok", "state": controller.state.value}
 
+    if lines is not None:
+        from corral.api.observe_routes import observe_router
+
+        app.include_router(observe_router(controller, lines, audit, fleet=fleet))
+    app.include_router(page_router())
     return TokenAuth(BodyLimit(app, max_body_bytes), token)
 
 

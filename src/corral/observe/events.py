@@ -90,9 +90,12 @@ class _Ring(Generic[T]):
     async def follow(self, last_id: int) -> AsyncIterator[T]:
         """Everything after ``last_id``, then each new item as it comes; never ends."""
         while True:
-            for item in self.since(last_id):
-                last_id = item.id
-                yield item
+            items = self.since(last_id)
+            if items:  # look again after yielding: more may have come meanwhile
+                for item in items:
+                    last_id = item.id
+                    yield item
+                continue
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.add(waiter)
             await waiter
