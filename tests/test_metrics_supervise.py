@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, props, supervisor, wait_for
 
-pytestmark = pytest.mark.xfail(reason="needs wiring", strict=False)
+pytestmark = [pytest.mark.slow]
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

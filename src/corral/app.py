@@ -39,6 +39,7 @@ from corral.front import FrontDoor, FrontSettings
 from corral.front.steer import SteeredFront, place_on_loopback
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus, LineHandler
+from corral.observe.metrics import Metrics
 from corral.observe.operate import Reloader
 from corral.observe.systemd import Notifier, inherited_listener
 from corral.settings import Security, Settings, Startup
@@ -295,6 +296,9 @@ async def supervise(opts: Options) -> int:
             front=SteeredFront(door) if door else None,
             place=place_on_loopback if door else None)
         controller.events.listen(notifier.on_event)  # READY=1, RELOADING=1, STATUS=, ...
+        # Counts from the first event on; prometheus_client is imported at the first scrape.
+        metrics = Metrics(controller, controller.events)
+        cleanup.push_async_callback(metrics.aclose)
         fleet = None
         if isinstance(store, LocalStore) and etcd is not None:
             from corral.fleet import FleetSync
@@ -304,7 +308,8 @@ async def supervise(opts: Options) -> int:
         audit = AuditLog(lock_path.with_suffix(".audit.jsonl"))  # the change history
         audit.listen_to(controller.events)
         cleanup.callback(audit.close)
-        app = create_app(controller, tokens, fleet=fleet, lines=lines, audit=audit)
+        app = create_app(controller, tokens, fleet=fleet, lines=lines, audit=audit,
+                         metrics=lambda: metrics)
         if door is not None:
             log.info("front door on http://%s: clients connect here; llama-server gets a "
                      "loopback port of its own", opts.listen)

@@ -14,7 +14,8 @@ import asyncio
 import dataclasses
 import json
 import logging
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.dry_run import dry_run
+from corral.api.metrics_routes import metrics_router
 from corral.api.page_routes import page_router
 from corral.api.schemas import (
     ChangeResult,
@@ -51,6 +53,9 @@ from corral.errors import CorralError, InvalidArgs
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
 from corral.seams import FleetGate
+
+if TYPE_CHECKING:
+    from corral.observe.metrics import Metrics
 
 log = logging.getLogger("corral.api")
 
@@ -111,7 +116,8 @@ ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
 def create_app(controller: Controller, token: Tokens | str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None,
-               lines: LineBus | None = None, audit: AuditLog | None = None) -> Any:
+               lines: LineBus | None = None, audit: AuditLog | None = None,
+               metrics: Callable[[], Metrics] | None = None) -> Any:
     app = FastAPI(title="Corral", version=__version__,
                   description="Supervise llama-server and change it at run time.",
                   docs_url="/docs", redoc_url=None)
@@ -170,6 +176,7 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
         except CorralError as exc:
             if audit is not None:
                 audit.refused(client, str(exc), body.model_dump(exclude_none=True))
+            controller.events.emit("refused", source="api", client=client, error=str(exc))
             return _refused(controller, client, exc)
         record = await fleet.begin(change) if fleet else controller.submit(change)
         record.client = client  # for the audit log
@@ -216,6 +223,8 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
 
         app.include_router(observe_router(controller, lines, audit, fleet=fleet))
     app.include_router(page_router())
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
     return TokenAuth(BodyLimit(app, max_body_bytes), token)
 
 
