@@ -20,10 +20,15 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from corral.core.args import LlamaConfig
 from corral.core.fit import DeviceNeed, Estimate
-from corral.sense import gguf_meta
+
+if TYPE_CHECKING:
+    # The fallback pulls in the gguf package, and with it numpy (~15 MiB): imported only
+    # when an estimate needs it (the real llama-server ships llama-fit-params).
+    from corral.sense import gguf_meta
 
 log = logging.getLogger("corral.sense")
 
@@ -149,6 +154,8 @@ class Estimator:
                 log.warning("no memory estimate for %s: llama-fit-params and the GGUF "
                             "metadata both failed; the start decides", config.get("--model"))
             return None
+        from corral.sense import gguf_meta
+
         return gguf_meta.estimate(meta, memory_flags(config))
 
     def meta(self, config: LlamaConfig) -> gguf_meta.GgufMeta | None:
@@ -161,6 +168,8 @@ class Estimator:
         except OSError:
             return None
         if identity not in self._meta:
+            from corral.sense import gguf_meta
+
             try:
                 self._meta[identity] = gguf_meta.read_meta(model)
             except gguf_meta.GgufError as exc:

@@ -24,15 +24,39 @@ at load, ``bench/fit.py``):
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-
 from corral.core.fit import HOST, MIB, DeviceNeed, Estimate
+
+
+def _gguf_constants() -> ModuleType:
+    """``gguf.constants`` (ggml's own tables) without ``gguf/__init__``, which imports numpy
+    and the whole reader (~15 MiB of the supervisor's memory) for tables of plain enums."""
+    package = importlib.util.find_spec("gguf")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the gguf package is not installed")
+    path = Path(next(iter(package.submodule_search_locations))) / "constants.py"
+    spec = importlib.util.spec_from_file_location("corral._gguf_constants", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses and enums look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES = _constants.GGML_QUANT_SIZES
+GGMLQuantizationType = _constants.GGMLQuantizationType
+GGUFValueType = _constants.GGUFValueType
 
 METHOD = "gguf metadata"
 SCALARS = {
@@ -149,7 +173,7 @@ class _Parser:
 def type_size(name: str) -> float:
     """Bytes per element of a KV cache type (``f16``, ``q8_0``, ...)."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
-    return size / block
+    return float(size) / float(block)
 
 
 def estimate(meta: GgufMeta, flags: Mapping[str, str]) -> Estimate:
