@@ -6,6 +6,7 @@
 #   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
 #   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
 #   make lint   ruff + mypy --strict
+#   make page-png  refresh the web page's screenshots in docs/ from a real run
 
 SHELL := /bin/bash
 VENV := .venv
@@ -15,7 +16,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 
-.PHONY: setup setup-system setup-test run test bench soak lint clean
+.PHONY: setup setup-system setup-test run test bench soak lint clean page-png
 
 setup:
 	@scripts/setup.sh
@@ -45,6 +46,11 @@ test: setup-test
 	$(PY) -m pytest -q --durations=15 -m "real or timing" $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
 	exit $$rc
+
+# refresh docs/page.png and docs/page-390.png from a run (real llama-server and model); not a test
+page-png: setup-test
+	@eval "$$($(PY) scripts/llama_paths.py)"; \
+	$(PY) -m scripts.page_screenshot --binary "$$LLAMA_SERVER" --model "$$MODEL" --out docs/page.png
 
 bench: setup-test
 	$(PY) -m bench.run_all
