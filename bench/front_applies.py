@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import http_status
-from bench.report import RESULTS, cli, loadavg, log, log_events, write_json
+from bench.report import RESULTS, cli, loadavg, log, log_events, merge_into_latest, write_json
 from bench.supervisors import Corral, temp_dir
 from tests.harness import free_port
 from tests.loadgen import Outcome
@@ -540,14 +540,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 def run_and_merge(**kwargs: Any) -> dict[str, Any]:
     """``run``, then ``front_applies`` in bench/results/latest.json (the key run_all uses)."""
-    result = run(**kwargs)
-    latest = RESULTS / "latest.json"
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(latest.read_text())
-    data["front_applies"] = result
-    write_json(latest, data)
-    return result
+    return merge_into_latest("front_applies", run(**kwargs))
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import shutil
 import statistics
 import time
@@ -27,7 +26,7 @@ import psutil
 
 from bench.api import _python, _wrk
 from bench.procs import rss_during
-from bench.report import RESULTS, cli, loadavg, log, stats, write_json
+from bench.report import cli, loadavg, log, merge_into_latest, stats
 from bench.supervisors import temp_dir
 from tests.harness import FAKE, SupervisorProcess, make_fake_model
 
@@ -145,14 +144,7 @@ def run(seconds: float = 5.0) -> dict[str, Any]:
 
 def run_and_merge(**kwargs: Any) -> dict[str, Any]:
     """``run``, then ``observe`` in bench/results/latest.json."""
-    result = run(**kwargs)
-    latest = RESULTS / "latest.json"
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(latest.read_text())
-    data["observe"] = result
-    write_json(latest, data)
-    return result
+    return merge_into_latest("observe", run(**kwargs))
 
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str]]:

@@ -126,6 +126,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def merge_into_latest(key: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Store ``result`` under ``key`` in bench/results/latest.json, keeping the other keys
+    (one bench run alone updates its own figures only)."""
+    latest = RESULTS / "latest.json"
+    data: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(latest.read_text())
+    data[key] = result
+    write_json(latest, data)
+    return result
+
+
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     width = max((len(k) for k, _ in rows), default=10)
     print(f"\n== {title}")

@@ -60,7 +60,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.report import RESULTS, cli, loadavg, log, stats, write_json
+from bench.report import RESULTS, cli, loadavg, log, merge_into_latest, stats, write_json
 from bench.supervisors import temp_dir
 from tests.fixtures_etcd import EtcdServer
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, stamped_lines
@@ -948,14 +948,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 def run_and_merge(**kwargs: Any) -> dict[str, Any]:
     """``run``, then ``rollout`` in bench/results/latest.json (the key run_all uses)."""
-    result = run(**kwargs)
-    latest = RESULTS / "latest.json"
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(latest.read_text())
-    data["rollout"] = result
-    write_json(latest, data)
-    return result
+    return merge_into_latest("rollout", run(**kwargs))
 
 
 def main() -> int:
