@@ -10,10 +10,9 @@ that polls the gateway until it rejects the token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from corral.core.args import LlamaConfig
 from corral.errors import StoreUnavailable, UsageError
 from corral.store.base import StoredConfig
-from corral.store.etcd import AuthFailed, EtcdClient, EtcdStore, EtcdTLS
+from corral.store.etcd import AuthFailed, EtcdClient, EtcdTLS
 from corral.store.factory import driver_spec, open_store
 from tests.fixtures_etcd import (
     EtcdServer,
@@ -32,6 +31,7 @@ from tests.fixtures_etcd import (
     reaped,
 )
 from tests.harness import FAKE, make_fake_model, supervisor, wait_for
+from tests.test_store_etcd import next_of, opened, watching
 
 pytestmark = pytest.mark.etcd
 
@@ -80,36 +80,6 @@ def secure_etcd(tmp_path: Path, pki: TLSFiles) -> Iterator[EtcdServer]:
         server.start()
         server.enable_auth(USER, PASSWORD)
         yield server
-
-
-@contextlib.asynccontextmanager
-async def opened(addr: str, **kwargs: object) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(addr, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@contextlib.asynccontextmanager
-async def watching(store: EtcdStore, name: str) -> AsyncIterator[asyncio.Queue[StoredConfig]]:
-    queue: asyncio.Queue[StoredConfig] = asyncio.Queue()
-
-    async def collect() -> None:
-        async for stored in store.watch(name):
-            queue.put_nowait(stored)
-
-    task = asyncio.create_task(collect())
-    try:
-        yield queue
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def next_of(queue: asyncio.Queue[StoredConfig], deadline: float = 10.0) -> StoredConfig:
-    return await asyncio.wait_for(queue.get(), deadline)
 
 
 def full_tls(pki: TLSFiles) -> EtcdTLS:

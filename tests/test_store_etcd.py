@@ -89,7 +89,7 @@ async def watching(store: EtcdStore, name: str) -> AsyncIterator[asyncio.Queue[S
             await task
 
 
-async def next_of(queue: asyncio.Queue[StoredConfig], deadline: float = 5.0) -> StoredConfig:
+async def next_of(queue: asyncio.Queue[StoredConfig], deadline: float = 10.0) -> StoredConfig:
     return await asyncio.wait_for(queue.get(), deadline)
 
 
