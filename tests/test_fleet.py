@@ -86,7 +86,8 @@ def test_local_port_keeps_this_instances_port(tmp_path: Path, etcd_server: EtcdS
         sup.wait_running()
         value = wait_for(lambda: stored(etcd_server), 10, "the boot config in etcd")
         assert "--port" not in dict(value["args"]), "the port is per instance"
-        assert sup.post({"-np": 3}).status_code == 200
+        answer = sup.http.post("/v1/params", params={"wait": "rollout"}, json={"args": {"-np": 3}})
+        assert answer.status_code == 200, answer.text  # proven here: not a rollout under way
         assert dict(stored(etcd_server)["args"])["--parallel"] == "3"
         refused = sup.post({"--port": sup.port + 1})
         assert refused.status_code == 422 and "--local-port" in refused.json()["error"]

@@ -240,6 +240,9 @@ def test_streams_end_when_the_supervisor_stops(sup: SupervisorProcess,
     logs = Follower("logs", "-f", *addr(sup))
     followers.extend([events, logs])
     logs.wait_line(lambda _: True, "a first line")
+    # Both connected (an events client prints nothing until something happens):
+    assert sup.post({"-np": 2}).status_code == 200
+    events.wait_line(lambda line: "change" in line, "the change's event")
     started = time.monotonic()
     assert sup.stop(timeout=20) == 0
     assert time.monotonic() - started < 15
