@@ -36,14 +36,14 @@ run: setup-system
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
 # Two passes: what does not measure time runs on TEST_WORKERS processes at once (most of it
-# waits on subprocesses); the real llama-server and the tests that assert on durations run
-# alone afterwards, so the load of the first pass cannot make them flaky. Exit code 5 (no
-# test selected, e.g. with PYTEST_ARGS="-k ...") is not a failure.
+# waits on subprocesses); the tests marked timing (durations, probes every 50 ms, latency
+# and load figures) run alone afterwards, so the load of the first pass cannot make them
+# flaky. Exit code 5 (no test selected, e.g. with PYTEST_ARGS="-k ...") is not a failure.
 test: setup-test
 	@rc=0; \
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) -m "not real and not timing" $(PYTEST_ARGS) \
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) -m "not timing" $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
-	$(PY) -m pytest -q --durations=15 -m "real or timing" $(PYTEST_ARGS) \
+	$(PY) -m pytest -q --durations=15 -m timing $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
 	exit $$rc
 

@@ -90,6 +90,7 @@ def put(etcd: EtcdServer, binary: Path, args: list[list[str]]) -> None:
                  json.dumps({"binary": str(binary), "args": args}))
 
 
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_real_rollout_keeps_two_of_three_serving(
         tmp_path: Path, etcd_server: EtcdServer, real_binary: Path, real_model: Path,
         model_alias) -> None:  # type: ignore[no-untyped-def]

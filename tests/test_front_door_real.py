@@ -36,7 +36,7 @@ from tests.harness import (
 )
 from tests.loadgen import KINDS, LoadGen, Outcome
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timing]  # load and latency
 
 LLAMA_ARGS = ["-c", "1024", "-np", "1"]
 READY = 180.0        # a real llama-server start on a busy 2-core machine: ~10 s, often more

@@ -17,7 +17,7 @@ import pytest
 from corral.front import FrontDoor, FrontSettings, Upstream
 from tests.harness import end_process, free_port
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.timing]  # latency figures
 DEADLINE = 60.0
 
 

@@ -107,6 +107,7 @@ def test_apply_changes_slots_model_and_port(tmp_path: Path, real_binary: Path,
     ({"--definitely-not-a-flag": 1}, "unknown llama-server flag"),
     ({"binary": "/nonexistent/llama-server"}, "does not exist"),
 ])
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_preflight_rejections_cause_no_downtime(tmp_path: Path, real_binary: Path,
                                                 real_model: Path, health_watch,  # type: ignore[no-untyped-def]
                                                 args: dict, reason: str) -> None:
@@ -176,6 +177,7 @@ def test_stored_config_wins_after_sigterm_and_sigkill(tmp_path: Path, real_binar
                 sup.kill()
 
 
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_proposal_example_2_with_slow_restarts(tmp_path: Path, slow_binary, model_alias,  # type: ignore[no-untyped-def]
                                                real_model: Path) -> None:
     """foo is applied; bar, superseded while foo applies, never starts; baz follows foo."""
@@ -198,6 +200,7 @@ def test_proposal_example_2_with_slow_restarts(tmp_path: Path, slow_binary, mode
         assert not any(str(bar) in line for line in started)
 
 
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_proposal_example_1_merges_into_one_restart(tmp_path: Path, real_binary: Path,
                                                     real_model: Path, model_alias) -> None:  # type: ignore[no-untyped-def]
     """The proposal's example 1: four quick changes become one restart, the last write winning."""
@@ -219,6 +222,7 @@ def test_proposal_example_1_merges_into_one_restart(tmp_path: Path, real_binary:
         assert props(sup.port)["model_path"] == str(foo)
 
 
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # type: ignore[no-untyped-def]
                                                 real_model: Path) -> None:
     """Hundreds of POSTs from 8 clients: no 5xx, bounded restarts, last write wins."""
