@@ -160,7 +160,13 @@ def observe_router(controller: Controller, lines: LineBus, audit: AuditLog | Non
                    keepalive_s: float = KEEPALIVE_S) -> APIRouter:
     """The routes of this module, on ``controller``'s events, the ``lines`` of the logs and
     the ``audit`` log (None: no history kept, and ``/v1/changes`` answers 404)."""
-    from corral.api.routes import change_result, error, record_result  # no import cycle
+    from corral.api.routes import (  # here: no import cycle
+        change_result,
+        error,
+        note_refusal,
+        record_result,
+        store_unreachable,
+    )
 
     router = APIRouter()
     closing = Closing()
@@ -259,16 +265,11 @@ def observe_router(controller: Controller, lines: LineBus, audit: AuditLog | Non
         if before is None:
             return error(404, f"no change {change_id!r} in memory or in the audit log")
         if not controller.store_connected:
-            return change_result(
-                Outcome.UNAVAILABLE, None, controller.last_good,
-                f"the config store is unreachable ({controller.store.description}); the "
-                "revert could not be made durable, so nothing was changed")
+            return store_unreachable(controller, "revert")
         try:
             await admit_whole(controller, before)
         except CorralError as exc:
-            controller.events.emit("refused", source=REVERT, client=client, error=str(exc))
-            if audit is not None:
-                audit.refused(client, str(exc), {"revert": change_id})
+            note_refusal(controller, audit, REVERT, client, exc, {"revert": change_id})
             return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
         record: ChangeRecord
         if fleet is not None:

@@ -110,6 +110,22 @@ def record_result(record: ChangeRecord, rollout: dict[str, Any] | None = None,
     return JSONResponse(body, status or response.status_code)
 
 
+def store_unreachable(controller: Controller, what: str) -> JSONResponse:
+    """503: a change that cannot be made durable is not made."""
+    return change_result(
+        Outcome.UNAVAILABLE, None, controller.last_good,
+        f"the config store is unreachable ({controller.store.description}); the {what} "
+        "could not be made durable, so nothing was changed")
+
+
+def note_refusal(controller: Controller, audit: AuditLog | None, source: str, client: str,
+                 exc: Exception, request: dict[str, Any]) -> None:
+    """A change refused before it joined a batch: an event (metrics) and an audit line."""
+    controller.events.emit("refused", source=source, client=client, error=str(exc))
+    if audit is not None:
+        audit.refused(client, str(exc), request)
+
+
 # How ?wait=rollout ends, in HTTP's words.
 ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
@@ -167,16 +183,12 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
             result = await dry_run(controller, change)
             return JSONResponse(result.model_dump(), 422 if result.status == "rejected" else 200)
         if not controller.store_connected:
-            return change_result(
-                Outcome.UNAVAILABLE, None, controller.last_good,
-                f"the config store is unreachable ({controller.store.description}); the "
-                "change could not be made durable, so nothing was changed")
+            return store_unreachable(controller, "change")
         try:
             change = await _validated_change(controller, body)
         except CorralError as exc:
-            if audit is not None:
-                audit.refused(client, str(exc), body.model_dump(exclude_none=True))
-            controller.events.emit("refused", source="api", client=client, error=str(exc))
+            note_refusal(controller, audit, "api", client, exc,
+                         body.model_dump(exclude_none=True))
             return _refused(controller, client, exc)
         record = await fleet.begin(change) if fleet else controller.submit(change)
         record.client = client  # for the audit log
