@@ -96,6 +96,9 @@ async def test_crash_revives_at_once_holding_requests_meanwhile() -> None:
         assert rig.checks.calls.count("check") == 1  # a revival skips pre-flight
         status = rig.controller.status()
         assert status.restarts == 1 and "code -9" in (status.last_error or "")
+        states = [e.data for e in rig.controller.events.since(0) if e.kind == "state"]
+        assert "code -9" in (states[-2]["error"] or "")  # RUNNING -> STARTING: why
+        assert states[-1]["to"] == "RUNNING" and states[-1]["error"] is None  # not a cause
 
 
 async def test_hung_server_is_killed_and_revived() -> None:

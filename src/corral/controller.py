@@ -179,7 +179,10 @@ class Controller:
             if decision.next is not self.state:
                 self.events.emit("state", **{"from": self.state.value,
                                              "to": decision.next.value,
-                                             "error": self.last_error})
+                                             # a past error would read as this
+                                             # transition's cause once serving again
+                                             "error": None if is_serving(decision.next)
+                                             else self.last_error})
             self.state = decision.next
             follow_up = None
             for action in decision.actions:
