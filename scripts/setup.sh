@@ -12,8 +12,12 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON"}
-# The llama-server build would otherwise run `make -j` unbounded (load 70 on 2 cores).
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+# The llama-server sdist runs `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`: with the variable
+# empty that is a bare `-j` (no limit: 28 compilers seen on 2 cores), which also overrides
+# CMAKE_BUILD_PARALLEL_LEVEL. One job per core, fewer when memory is short (a compiler takes
+# up to ~1 GiB here). scripts/build_jobs.sh prints the bound.
+export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(scripts/build_jobs.sh)}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$LLAMA_CPP_BUILD_JOBS}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [[ "${1:-}" == --system* ]]; then
