@@ -3,7 +3,8 @@
 
 It speaks the part of llama-server's interface Corral uses: ``--help`` in llama-server's
 format, ``--model/--port/--host/-np/-c/-cb``, ``GET /health`` (503 while "loading", then
-200) and ``GET /props``. Its misbehaviours are flags of its own (so the API can switch them
+200) and ``GET /props``, whose per-slot context is what the real one reports
+(:func:`slot_context`). Its misbehaviours are flags of its own (so the API can switch them
 on like any flag): slow load, never ready, exit at start, crash after ready, ignore
 SIGTERM, a grandchild, an output flood, a freeze; it can also log the /health probes it
 answers. Standard library only.
@@ -28,7 +29,9 @@ HELP = """\
 -h,    --help, --usage                  print usage and exit
 -t,    --threads N                      number of threads to use during generation
 -c,    --ctx-size N                     size of the prompt context (default: 4096)
--np,   --parallel N                     number of parallel sequences to decode (default: 1)
+-np,   --parallel N                     number of server slots (default: 1, -1 = auto)
+-kvu,  --kv-unified, -no-kvu, --no-kv-unified
+                                        use single unified KV buffer shared across all sequences
 -cb,   --cont-batching, -nocb, --no-cont-batching
                                         whether to use continuous batching (default: enabled)
 -m,    --model FNAME                    model path
@@ -54,6 +57,24 @@ HELP = """\
 --metrics                               enable prometheus compatible metrics endpoint
 """
 HEALTH_LOGGED = "fake: GET /health"
+N_CTX_TRAIN = 4096  # the fake model's training context: what -c 0 means
+CTX_PAD = 256  # llama.cpp pads the context, and each slot's share, up to a multiple of this
+
+
+def slot_context(ctx: int, parallel: int, unified: bool) -> tuple[int, int]:
+    """(slots, per-slot context) as llama-server reports them in ``/props`` for ``-c ctx
+    -np parallel``: llama-context.cpp pads n_ctx up to 256, then, unless the KV cache is
+    unified (then every slot may use all of it), divides by the slots and pads the share up
+    to 256 again (``-c 1024 -np 3`` and ``-c 1000 -np 3``: 3 slots of 512); ``-np -1`` is
+    4 slots with a unified cache."""
+    if parallel < 0:
+        parallel, unified = 4, True
+    n_ctx = _pad(ctx if ctx > 0 else N_CTX_TRAIN)
+    return parallel, n_ctx if unified else _pad(n_ctx // parallel)
+
+
+def _pad(n: int) -> int:
+    return (n + CTX_PAD - 1) // CTX_PAD * CTX_PAD
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -62,6 +83,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-t", "--threads", type=int, default=1)
     p.add_argument("-c", "--ctx-size", type=int, default=4096)
     p.add_argument("-np", "--parallel", type=int, default=1)
+    p.add_argument("-kvu", "--kv-unified", action="store_true")
+    p.add_argument("-no-kvu", "--no-kv-unified", action="store_true")
     p.add_argument("-cb", "--cont-batching", action="store_true")
     p.add_argument("-nocb", "--no-cont-batching", action="store_true")
     p.add_argument("-m", "--model")
@@ -87,6 +110,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ns, unknown = p.parse_known_args(argv)
     if unknown:
         print(f"error: invalid argument: {unknown[0]}", file=sys.stderr)
+        sys.exit(1)
+    if ns.parallel == 0:
+        print("error: invalid value for n_parallel", file=sys.stderr)
         sys.exit(1)
     return ns
 
@@ -158,10 +184,11 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
                            {"status": "ok"} if ready else {"error": "Loading model"})
             elif self.path == "/props":
                 props_served[0] += 1
-                per_slot = ns.fake_props_n_ctx or ns.ctx_size // max(1, ns.parallel)
-                self._json(200, {"model_path": ns.model, "total_slots": ns.parallel,
-                                 "n_ctx": ns.ctx_size, "pid": os.getpid(),
-                                 "default_generation_settings": {"n_ctx": per_slot}})
+                slots, per_slot = slot_context(ns.ctx_size, ns.parallel,
+                                               ns.kv_unified and not ns.no_kv_unified)
+                self._json(200, {"model_path": ns.model, "total_slots": slots,
+                                 "pid": os.getpid(), "default_generation_settings": {
+                                     "n_ctx": ns.fake_props_n_ctx or per_slot}})
             else:
                 self._json(404, {"error": "not found"})
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import FAKE, supervisor
+from tests.harness import FAKE, props, supervisor
 from tests.sense_helpers import tiny_gemma
 
 
@@ -57,6 +57,25 @@ def test_a_start_that_came_up_smaller_is_rolled_back(tmp_path: Path, model: Path
             in r.json()["error"]
         status = sup.wait_running()
         assert "--fake-props-n-ctx" not in status["config"]["args"]
+
+
+def test_what_llama_cpp_rounds_is_no_smaller_start(tmp_path: Path, model: Path) -> None:
+    """-np 3 -c 2048: 3 slots of 768 (padded, as llama.cpp does now) and of 682 (rounded
+    down, as older versions did) are both applied; 681 a slot is rolled back."""
+    with supervisor(tmp_path, FAKE, model, ["-c", "4096"]) as sup:
+        sup.wait_running()
+        r = sup.post({"-np": 3, "-c": 2048})
+        assert r.status_code == 200, r.text
+        reported = props(sup.wait_running()["port"])
+        assert (reported["total_slots"], reported["default_generation_settings"]["n_ctx"]) \
+            == (3, 768)
+        r = sup.post({"--fake-props-n-ctx": 682})
+        assert r.status_code == 200, r.text
+        r = sup.post({"--fake-props-n-ctx": 681})
+        assert r.status_code == 422, r.text
+        assert "came up smaller than asked: context 2043 (681 per slot x 3 slots), asked " \
+               "-c 2048" in r.json()["error"]
+        assert sup.wait_running()["config"]["args"]["--fake-props-n-ctx"] == "682"
 
 
 def test_allow_degraded_keeps_a_smaller_start(tmp_path: Path, model: Path) -> None:

@@ -3,8 +3,9 @@
 A start counts as ready once ``/health`` answers 200 and it stayed up; then ``/props`` is
 compared with what was asked *explicitly*: llama.cpp's ``--fit`` (on by default) shrinks
 arguments that were not given to fit free memory, so only a given ``-c`` is held against
-the context it came up with (per-slot ``n_ctx`` x slots). Smaller is a failed start
-(rolled back) unless ``--allow-degraded``.
+the context it came up with (per-slot ``n_ctx``; llama.cpp rounds the share of each slot,
+which is not held against it: :func:`corral.core.fit.smaller_than_asked`). Smaller is a
+failed start (rolled back) unless ``--allow-degraded``.
 """
 
 from __future__ import annotations

@@ -172,21 +172,35 @@ def choose_strategy(mode: SwapMode, verdict: FitVerdict | None) -> Strategy:
     return Strategy.START_FIRST if verdict.fits and verdict.known else Strategy.STOP_FIRST
 
 
+def least_per_slot(asked_ctx: int, slots: int) -> int:
+    """The least per-slot context llama.cpp reports for ``-c asked_ctx -np slots`` when it
+    shrank nothing: the context divided by the slots, rounded down.
+
+    Versions round differently, always to this or above (``llama-context.cpp``, ``n_ctx_seq``):
+    older ones divide and round down (``-c 2048 -np 3``: 682 per slot, 2046 in all); newer
+    ones pad ``-c`` up to a multiple of 256 and the per-slot share up again (``-c 1024 -np 3``
+    and ``-c 1000 -np 3``: 512 per slot, 1536 in all); with a unified KV cache every slot
+    may use the whole context.
+    """
+    return asked_ctx // max(1, slots)
+
+
 def smaller_than_asked(asked_ctx: int | None, per_slot_ctx: int | None,
                        slots: int | None) -> str | None:
     """A start came up with less context than ``-c`` asked for: why, or None if it did not.
 
-    llama-server reports the context per slot; the total is that times the slots
-    (``-c 32768 -np 4`` rightly shows 8192 per slot).
+    llama-server reports the context per slot (``-c 32768 -np 4`` rightly shows 8192 per
+    slot); what llama.cpp legitimately rounds (:func:`least_per_slot`) is not held against
+    it, anything below is (``--fit`` shrinking the context to free memory).
     """
     if asked_ctx is None or asked_ctx <= 0 or per_slot_ctx is None:
         return None
-    total = per_slot_ctx * max(1, slots or 1)
-    if total >= asked_ctx:
+    n = max(1, slots or 1)
+    if per_slot_ctx >= least_per_slot(asked_ctx, n):
         return None
-    return (f"came up smaller than asked: context {total} ({per_slot_ctx} per slot x "
-            f"{max(1, slots or 1)} slots), asked -c {asked_ctx} (llama.cpp's --fit shrinks "
-            "to free memory; --allow-degraded accepts this)")
+    return (f"came up smaller than asked: context {per_slot_ctx * n} ({per_slot_ctx} per slot "
+            f"x {n} slots), asked -c {asked_ctx} (llama.cpp's --fit shrinks to free memory; "
+            "--allow-degraded accepts this)")
 
 
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
