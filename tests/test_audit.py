@@ -3,7 +3,11 @@ refusal; the before -> after diff; rotation by size; reading the newest back acr
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,7 +88,7 @@ def test_rotation_by_size_keeps_n_files_and_last_reads_across_them(tmp_path: Pat
 def test_last_reads_long_files_from_the_end_block_by_block(tmp_path: Path) -> None:
     """Lines that straddle read blocks come back whole; a torn last line is skipped."""
     path = tmp_path / "audit.jsonl"
-    audit = AuditLog(path)
+    audit = AuditLog(path, call_later=lambda delay, sync: None)  # one fsync, at close()
     for i in range(3000):
         audit.write({"n": i, "pad": "y" * (i % 97)})
     audit.close()
@@ -104,7 +108,7 @@ def test_an_existing_file_is_appended_and_its_size_counted(tmp_path: Path) -> No
 
 
 def test_find_returns_the_newest_outcome_of_a_change(tmp_path: Path) -> None:
-    """Ids restart with the supervisor: the newest entry for an id wins."""
+    """The newest entry for an id wins."""
     audit = AuditLog(tmp_path / "audit.jsonl")
     audit.write({"kind": "change", "id": "c1", "outcome": "rejected"})
     audit.write({"kind": "change", "id": "c1", "outcome": "applied"})
@@ -129,3 +133,86 @@ def test_diff_of_identical_configs_is_empty() -> None:
     view = config_json(config())
     assert diff(view, view) == {}
     assert diff(None, view) == {}
+
+
+class FsyncSpy:
+    """Counts the fsyncs of files and of directories (the real fsync still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.files = 0
+        self.dirs = 0
+        self.on_file: Callable[[], object] = lambda: None
+        real = os.fsync
+
+        def spy(fd: int) -> None:
+            real(fd)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                self.dirs += 1
+            else:
+                self.files += 1
+                self.on_file()
+
+        monkeypatch.setattr(os, "fsync", spy)
+
+
+def test_every_line_is_fsynced_within_a_second_of_being_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first line is fsynced at once; a burst after it waits for one deferred fsync due
+    at most 1 s after the burst's first line (the loss window a power cut has); close()
+    fsyncs what is left."""
+    spy = FsyncSpy(monkeypatch)
+    now = [100.0]
+    timers: list[tuple[float, Callable[[], None]]] = []
+    audit = AuditLog(tmp_path / "audit.jsonl", monotonic=lambda: now[0],
+                     call_later=lambda delay, cb: timers.append((now[0] + delay, cb)))
+    audit.write({"n": 0})
+    assert (spy.files, timers) == (1, [])
+    for i in range(1, 50):
+        now[0] += 0.01
+        audit.write({"n": i})
+    assert spy.files == 1 and len(timers) == 1  # 49 lines, one fsync scheduled
+    due, sync = timers.pop()
+    assert due <= 100.01 + 1.0
+    now[0] = due
+    sync()
+    assert spy.files == 2
+    now[0] += 1.0  # a quiet second: the next line goes to disk at once again
+    audit.write({"n": 50})
+    assert (spy.files, timers) == (3, [])
+    audit.write({"n": 51})
+    assert spy.files == 3 and len(timers) == 1
+    audit.close()
+    assert spy.files == 4
+    timers.pop()[1]()  # the timer firing after close() does nothing more
+    assert spy.files == 4
+    assert [e["n"] for e in audit.last(100)] == list(range(51, -1, -1))
+
+
+def test_creation_and_rotation_fsync_the_directory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new file's name and the rotation's renames are made durable too."""
+    spy = FsyncSpy(monkeypatch)
+    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=120)  # two lines
+    audit.write({"n": 0, "pad": "x" * 40})
+    assert spy.dirs == 1  # created
+    audit.write({"n": 1, "pad": "x" * 40})
+    assert spy.dirs == 1
+    audit.write({"n": 2, "pad": "x" * 40})  # rotates
+    assert (tmp_path / "audit.jsonl.1").exists() and spy.dirs == 3  # renamed, created
+
+
+async def test_in_the_event_loop_the_deferred_fsync_runs_on_a_timer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a running loop nothing else has to call anything: the loop's timer fsyncs the
+    burst after fsync_every_s."""
+    spy = FsyncSpy(monkeypatch)
+    audit = AuditLog(tmp_path / "audit.jsonl", fsync_every_s=0.05)
+    for i in range(20):
+        audit.write({"n": i})
+    assert spy.files == 1
+    synced = asyncio.Event()
+    spy.on_file = synced.set
+    await asyncio.wait_for(synced.wait(), 5)
+    assert spy.files == 2
+    audit.close()
+    assert spy.files == 2  # nothing was left to sync
