@@ -218,6 +218,28 @@ def test_restart_revert_and_history(sup: SupervisorProcess, tmp_path: Path,
         assert change_id in ids  # read back from the audit log
 
 
+def test_a_revert_finds_the_change_of_an_earlier_run(tmp_path: Path, model: Path) -> None:
+    """Change ids are unique across supervisor runs: the first change of the next run gets
+    a new id, and reverting the earlier run's first change brings back the config before
+    that one (from the audit log), not the config before the newer change."""
+    state = tmp_path / "state"
+    with supervisor(tmp_path, FAKE, model, state_dir=state) as first:
+        first.wait_running()
+        r = first.post({"-np": 2})
+        assert r.status_code == 200, r.text
+        old_id = r.json()["change_id"]
+        assert first.stop() == 0
+    with supervisor(tmp_path, FAKE, model, state_dir=state) as second:
+        assert second.wait_running()["config"]["args"]["--parallel"] == "2"
+        r = second.post({"--alias": "newer"})
+        assert r.status_code == 200, r.text
+        assert r.json()["change_id"] != old_id  # both are their run's first change
+        code, out = corral("revert", old_id, *addr(second))
+        assert code == 0 and json.loads(out)["status"] == "applied", out
+        args = second.status()["config"]["args"]
+        assert "--parallel" not in args and "--alias" not in args, args
+
+
 def test_sighup_applies_a_hand_edit_of_the_toml_file(sup: SupervisorProcess) -> None:
     """Edit the stored config by hand, SIGHUP: applied through the normal transaction."""
     text = sup.config_file.read_text()

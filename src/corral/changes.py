@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,37 @@ from typing import Any
 from corral.core.args import Change, LlamaConfig
 
 MAX_CHANGE_RECORDS = 1000  # outcomes kept for GET /v1/changes/{id}
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class ChangeIds:
+    """Change ids unique across supervisor runs: ``c<n>-<run>``, ``n`` counting from 1 in
+    this run, ``run`` this run's tag (:func:`run_tag`). The audit log outlives a run, so a
+    revert of an old id must find that change, not a later run's with the same number."""
+
+    def __init__(self, run: str | None = None) -> None:
+        self.run = run if run is not None else run_tag()
+        self._n = itertools.count(1)
+
+    def next(self) -> str:
+        return f"c{next(self._n)}-{self.run}"
+
+
+def run_tag(now_ms: int | None = None, rand: int | None = None) -> str:
+    """The start time in ms, base 36 (8 characters until 2059), and 2 random characters in
+    case two runs start in the same millisecond (or the clock was set back)."""
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    rand = secrets.randbelow(36 ** 2) if rand is None else rand
+    return _base36(now_ms) + _base36(rand).rjust(2, "0")
+
+
+def _base36(n: int) -> str:
+    out = ""
+    while True:
+        n, digit = divmod(n, 36)
+        out = _DIGITS[digit] + out
+        if n == 0:
+            return out
 
 
 class Outcome(enum.StrEnum):

@@ -21,13 +21,12 @@ whole loop runs in-process in tests.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from corral.changes import MAX_CHANGE_RECORDS, ChangeRecord, Outcome, config_json
+from corral.changes import MAX_CHANGE_RECORDS, ChangeIds, ChangeRecord, Outcome, config_json
 from corral.child.pidfile import PidFile
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import StartHistory
@@ -83,7 +82,7 @@ class Controller:
         self._debouncer: Debouncer[ChangeRecord] = Debouncer(
             settings.debounce_s, settings.max_batch_age_s)
         self._records: OrderedDict[str, ChangeRecord] = OrderedDict()
-        self._ids = itertools.count(1)
+        self._ids = ChangeIds()  # unique across runs: a revert finds the right one
         self._wake = asyncio.Event()
         self.liveness = Liveness(launcher, self.clock, settings.liveness_interval_s,
                                  settings.liveness_failures)
@@ -110,7 +109,7 @@ class Controller:
         """Add ``change`` to the open batch; ``source`` says who asked (api, fleet, restart,
         revert, reload), ``client`` the API client's address (both for the audit log)."""
         loop = asyncio.get_running_loop()
-        record = ChangeRecord(f"c{next(self._ids)}", change, self.clock.wall(),
+        record = ChangeRecord(self._ids.next(), change, self.clock.wall(),
                               loop.create_future(), source=source, client=client)
         self._records[record.id] = record
         record.done.add_done_callback(lambda _: self._emit_outcome(record))
