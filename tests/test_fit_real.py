@@ -8,8 +8,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.fake_llama_server import slot_context
 from tests.fixtures_real import HealthWatch
-from tests.harness import corrupt_gguf, supervisor, wait_for
+from tests.harness import corrupt_gguf, props, supervisor, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -66,3 +67,23 @@ def test_a_truncated_gguf_still_reaches_the_start_and_is_rolled_back(
         status = sup.wait_running(120)
         assert status["pid"] != pid
         assert status["config"]["args"]["--model"] == str(real_model)
+
+
+def test_slot_context_rounding_of_the_real_server_is_no_smaller_start(
+        tmp_path: Path, real_binary: Path, real_model: Path) -> None:
+    """-np 3 with -c 1024, -c 1000 and -c 1024 --kv-unified: the real llama-server's /props
+    shows what the fake reports (3 slots of 512, 512, 1024) and each start counts (no
+    'came up smaller')."""
+    seen = []
+    with supervisor(tmp_path, real_binary, real_model, ["-np", "3", "-c", "1024"]) as sup:
+        for change, ctx, unified in [(None, 1024, False), ({"-c": 1000}, 1000, False),
+                                     ({"-c": 1024, "--kv-unified": True}, 1024, True)]:
+            if change is not None:
+                r = sup.post(change)
+                assert r.status_code == 200, r.text
+            p = props(sup.wait_running(120)["port"])
+            real = (p["total_slots"], p["default_generation_settings"]["n_ctx"])
+            seen.append(real)
+            assert real == slot_context(ctx, 3, unified)
+        assert "came up smaller" not in sup.log()
+    assert seen == [(3, 512), (3, 512), (3, 1024)]
