@@ -27,12 +27,13 @@ setup-system:
 setup-test:
 	@scripts/setup.sh --system-test
 
+# No --binary: Corral runs the llama-server packaged with it (the [server] extra, in .venv).
 run: setup-system
 	@eval "$$($(PY) scripts/llama_paths.py)"; \
-	echo "Supervising $$LLAMA_SERVER on $$MODEL (clients: http://$(LISTEN), API $(API))"; \
+	echo "Supervising the packaged llama-server on $$MODEL (clients: http://$(LISTEN), API $(API))"; \
 	echo "Try: curl -s $(API)/v1/status; curl --json '{\"args\": {\"-np\": 2}}' $(API)/v1/params"; \
 	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --listen $(LISTEN) \
-	  --binary "$$LLAMA_SERVER" --model "$$MODEL" --allow-model-dir "$$(dirname "$$MODEL")" \
+	  --model "$$MODEL" --allow-model-dir "$$(dirname "$$MODEL")" \
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
 
 # Two passes: what does not measure time runs on TEST_WORKERS processes at once (most of it

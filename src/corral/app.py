@@ -26,6 +26,7 @@ import uvicorn
 from corral.api.routes import create_app
 from corral.api.security import Tokens
 from corral.child.launcher import ProcessLauncher
+from corral.child.locate import default_binary
 from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.child.privilege import RunAs, build_policy
@@ -58,7 +59,7 @@ log = logging.getLogger("corral")
 @dataclass(frozen=True)
 class Options:
     supervisor_addr: str
-    binary: str
+    binary: str | None  # None: the packaged llama-server, else the one on PATH (child/locate)
     model: str | None
     port: int | None
     extra_args: list[str]
@@ -163,7 +164,7 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
 async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     """The config the command line asks for (the fallback when a stored one fails)."""
     try:
-        binary = resolve_binary(opts.binary)
+        binary = resolve_binary(opts.binary or default_binary())
     except PreflightFailed as exc:
         raise UsageError(str(exc)) from None
     tokens = list(opts.extra_args)

