@@ -23,6 +23,7 @@ import httpx
 
 from bench.report import cli, log
 from bench.supervisors import temp_dir
+from corral.child.process import death_signal_prefix
 from corral.core.args import LlamaConfig
 from corral.core.fit import Estimate
 from corral.sense.estimate import Estimator
@@ -82,8 +83,9 @@ def _measure(binary: Path, model: Path, ctx: int, np_: int, tmp: Path) -> dict[s
     port = free_port()
     out = tmp / f"llama-{ctx}-{np_}.log"
     with open(out, "wb") as f:
-        proc = subprocess.Popen([str(binary), "-m", str(model), "-c", str(ctx), "-np",
-                                 str(np_), "--port", str(port), "-lv", "4"],
+        proc = subprocess.Popen([*death_signal_prefix(), str(binary), "-m", str(model),
+                                 "-c", str(ctx), "-np", str(np_), "--port", str(port),
+                                 "-lv", "4"],
                                 stdout=f, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

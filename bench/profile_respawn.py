@@ -35,6 +35,7 @@ from typing import Any
 from bench.procs import wait_health
 from bench.report import cli, log, stats
 from bench.supervisors import BASE_ARGS, temp_dir
+from corral.child.process import death_signal_prefix
 from scripts.llama_paths import llama_server, model
 from tests.harness import free_port
 from tests.procfs import exe
@@ -143,8 +144,9 @@ def _exit_seen_floor(argv: list[str], port: int, runs: int) -> list[float]:
     """SIGKILL -> a blocking waitpid returns: the kernel's own floor (address-space teardown)."""
     out = []
     for _ in range(runs):
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen([*death_signal_prefix(), *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         wait_health(port, 120, 0.01)
         time.sleep(0.05)
         t = time.perf_counter()

@@ -2,7 +2,10 @@
 (the real gemma-3 270M GGUF, 127.0.0.1 only), and a bare llama-server for reference.
 
 Each is a context manager that waits until the server answers and, on exit, stops it and
-kills whatever it left behind.
+kills whatever it left behind. Each dies with the bench, even a SIGKILLed one
+(PR_SET_PDEATHSIG, set by the wrapper Corral itself puts in front of llama-server): Corral
+through tests.harness, supervisord and its llama-server here, so a killed bench leaves no
+orphans.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ChildWatch, wait_health
+from corral.child.process import death_signal_prefix
 from scripts.llama_paths import llama_server, model
 from tests.harness import SupervisorProcess, free_port, pid_alive, wait_for
 
@@ -112,6 +116,13 @@ stdout_logfile={tmp}/llama-server.log
 """
 
 
+def _dies_with_supervisord() -> list[str]:
+    """The prefix that makes supervisord's llama-server die with supervisord (which dies
+    with the bench): util-linux's setpriv, exec'd in place (~1 ms a start)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
 class Supervisord:
     """supervisord 4.x running the same llama-server command, from a generated conf."""
 
@@ -119,7 +130,7 @@ class Supervisord:
         self.tmp = tmp
         self.binary = llama_server()
         self.port = free_port()
-        argv = [str(self.binary), "--model", str(model()),
+        argv = [*_dies_with_supervisord(), str(self.binary), "--model", str(model()),
                 *(llama_args if llama_args is not None else BASE_ARGS), "--port", str(self.port)]
         self.conf = tmp / "supervisord.conf"
         self.conf.write_text(SUPERVISORD_CONF.format(tmp=tmp, command=" ".join(argv)))
@@ -130,7 +141,8 @@ class Supervisord:
         if not self.exe.exists():
             raise FileNotFoundError(f"{self.exe} missing: .venv/bin/pip install supervisor")
         out = open(self.tmp / "supervisord.out", "ab")  # noqa: SIM115 - kept by the child
-        self.proc = subprocess.Popen([str(self.exe), "-n", "-c", str(self.conf)],
+        self.proc = subprocess.Popen([*death_signal_prefix(), str(self.exe), "-n", "-c",
+                                      str(self.conf)],
                                      stdout=out, stderr=subprocess.STDOUT, cwd=self.tmp)
         out.close()
         wait_health(self.port, 180, 0.01)
@@ -161,7 +173,8 @@ class BareServer:
     def __init__(self, args: list[str], port: int) -> None:
         self.port = port
         self.argv = [str(llama_server()), *args, "--port", str(port)]
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*death_signal_prefix(), *self.argv],
+                                     stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
 

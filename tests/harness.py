@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from corral.child.process import death_signal_prefix
 from tests.procfs import is_alive as pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,9 +140,14 @@ class SupervisorProcess:
 
     # lifecycle
     def start(self) -> SupervisorProcess:
+        """Start the supervisor. Started from the main thread, it dies with this process
+        (PR_SET_PDEATHSIG, fired when the starting *thread* ends), and its llama-server
+        with it: a test or bench run killed by SIGKILL leaves neither behind."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's life
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.tmp, pass_fds=self.pass_fds)
+        main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen([*(death_signal_prefix() if main else []), *self.cmd],
+                                     stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.tmp, pass_fds=self.pass_fds)
         log.close()
         return self
 

@@ -132,6 +132,13 @@ def _with_death_signal(argv: list[str], user: Identity | None = None) -> list[st
     return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
 
 
+def death_signal_prefix() -> list[str]:
+    """The exec wrapper that makes a program die (SIGKILL) with the thread that starts it,
+    as llama-server dies with the supervisor: run ``[*death_signal_prefix(), *argv]``. For
+    the tests' and benchmarks' own children (a killed bench leaves no orphans)."""
+    return _with_death_signal([])
+
+
 def _posix_spawn(argv: list[str], output_fd: int, env: dict[str, str]) -> int:
     executable = argv[0]
     return os.posix_spawn(executable, argv, env, setsid=True, file_actions=[
