@@ -20,6 +20,7 @@ import pytest
 
 from corral.core.decide import State
 from corral.observe.systemd import (
+    EXIT_FATAL_AT_START,
     Notifier,
     NotifyMemory,
     inherited_listener,
@@ -229,14 +230,47 @@ def test_an_apply_is_a_reload_that_ends_whatever_its_outcome() -> None:
     assert not mem.reloading and mem.ready_sent
 
 
-def test_before_anything_was_ready_there_is_no_reload_and_no_ready_at_fatal() -> None:
+def test_a_start_up_that_ends_fatal_sends_no_ready_and_its_reason_stays_the_status() -> None:
+    """FATAL before anything was ready: no READY=1, no reload; 'FATAL at start-up: why' is
+    the status from then on, through the shutdown (systemctl status shows why it failed)."""
     out, mem = run((S.STOPPED, S.STARTING, None), (S.STARTING, S.BACKOFF, "exit 1"),
-                   (S.BACKOFF, S.STARTING, None), (S.STARTING, S.FATAL, "exit 1"))
-    assert out[-1] == ["STATUS=FATAL: exit 1"] and not mem.ready_sent
+                   (S.BACKOFF, S.STARTING, None), (S.STARTING, S.FATAL, "exit 1\nat load"),
+                   (S.FATAL, S.STOPPING, None), (S.STOPPING, S.STOPPED, None))
+    assert out[3:] == [["STATUS=FATAL at start-up: exit 1 at load"],
+                       ["STOPPING=1", "STATUS=FATAL at start-up: exit 1 at load"],
+                       ["STATUS=FATAL at start-up: exit 1 at load"]]
     assert not any("READY=1" in m for m in sum(out, []))
-    # A config applied while FATAL that works is the first READY=1 (no RELOADING).
-    out, mem = run((S.FATAL, S.APPLYING, None), (S.APPLYING, S.RUNNING, None), memory=mem)
-    assert out == [["STATUS=APPLYING"], ["READY=1", "STATUS=RUNNING"]] and mem.ready_sent
+    assert mem.failed_start_up == "FATAL at start-up: exit 1 at load" and not mem.ready_sent
+
+
+def test_fatal_after_having_been_ready_is_no_failed_start_up() -> None:
+    """A rollback that fails too, once the service was ready: FATAL, but the start-up had
+    succeeded (the supervisor stays up for a fix through the API)."""
+    out, mem = run((S.RUNNING, S.STARTING, "crashed"), (S.STARTING, S.FATAL, "exit 1"),
+                   memory=NotifyMemory(ready_sent=True))
+    assert out[-1] == ["STATUS=FATAL: exit 1"] and mem.failed_start_up is None
+
+
+def test_the_notifier_asks_to_exit_once_after_a_failed_start_up(
+        receiver: NotifyReceiver) -> None:
+    """on_failed_start_up runs once, and exit_code turns 3, only for FATAL before ready and
+    only under systemd."""
+    calls: list[str] = []
+    n = Notifier(receiver.address)
+    n.on_failed_start_up = lambda: calls.append("exit")
+    assert n.exit_code == 0
+    n.on_state(S.STARTING, S.FATAL, "exit 1")
+    n.on_state(S.FATAL, S.STOPPING)
+    assert calls == ["exit"] and n.exit_code == EXIT_FATAL_AT_START == 3
+    ready_first = Notifier(receiver.address)
+    ready_first.on_failed_start_up = lambda: calls.append("wrong")
+    ready_first.on_state(S.STARTING, S.RUNNING)
+    ready_first.on_state(S.RUNNING, S.FATAL, "exit 1")
+    no_systemd = Notifier(None)
+    no_systemd.on_failed_start_up = lambda: calls.append("wrong")
+    no_systemd.on_state(S.STARTING, S.FATAL, "exit 1")
+    assert calls == ["exit"] and ready_first.exit_code == no_systemd.exit_code == 0
+    receiver.wait_for(lambda t: len(t) == 4, 5, "four datagrams")
 
 
 def test_stopping_is_said_once() -> None:
@@ -405,6 +439,7 @@ def test_the_service_unit_says_what_the_supervisor_does() -> None:
     assert svc["Type"] == ["notify"] and svc["NotifyAccess"] == ["main"]
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert svc["KillMode"] == ["mixed"] and svc["Restart"] == ["on-failure"]
+    assert svc["StartLimitBurst"] == ["5"]  # a start-up ending FATAL (exit 3) is retried 5x
     assert svc["WatchdogSec"] == ["30"]
     exec_start = svc["ExecStart"][0]
     drain = float(re.search(r"--drain-timeout (\S+)", exec_start).group(1))  # type: ignore[union-attr]

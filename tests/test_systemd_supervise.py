@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.observe.systemd import monotonic_usec
+from corral.observe.systemd import EXIT_FATAL_AT_START, monotonic_usec
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, props, supervisor
 from tests.systemd_helpers import (
     NotifyReceiver,
@@ -80,6 +80,25 @@ def test_a_rejected_change_is_no_reload(tmp_path: Path, model: Path) -> None:
         assert r.status_code == 422, r.text
         sup.wait_running()
         assert not any("RELOADING=1" in t for t in systemd.drain())
+
+
+def test_a_start_up_that_ends_fatal_exits_3_and_says_why(tmp_path: Path, model: Path) -> None:
+    """Under systemd, --max-start-failures failed starts before anything was ready: no
+    READY=1, STATUS= says why (to the end), the supervisor exits 3 so that systemctl start
+    fails at once and Restart= decides. (Without $NOTIFY_SOCKET it stays up in FATAL for a
+    fix through the API: test_reliability.)"""
+    with NotifyReceiver() as systemd, \
+            supervisor(tmp_path, FAKE, model, ["--fake-exit-at-start", "1"],
+                       extra_cli=["--max-start-failures", "2"], env=systemd.env) as sup:
+        assert sup.proc is not None
+        assert sup.proc.wait(60) == EXIT_FATAL_AT_START == 3
+        texts = systemd.wait_for(lambda t: any("STOPPING=1" in x for x in t), 5, "STOPPING=1")
+    assert not any("READY=1" in t for t in texts), texts
+    statuses = [parse(t)["STATUS"] for t in texts if "STATUS" in parse(t)]
+    fatal = statuses.index(next(s for s in statuses if s.startswith("FATAL")))
+    assert statuses[fatal].startswith("FATAL at start-up: llama-server exited with code 1")
+    assert set(statuses[fatal:]) == {statuses[fatal]}, statuses
+    assert sup.log().count("started llama-server") == 2
 
 
 def request(sock: socket.socket, path: str = "/props") -> None:

@@ -324,7 +324,7 @@ async def supervise(opts: Options) -> int:
         await _run_until_signal(controller, server, sock, fleet, door, tokens, notifier,
                                 Reloader(controller, audit) if fleet is None else None)
     log.info("supervisor stopped")
-    return 0
+    return notifier.exit_code  # 3 when the start-up ended FATAL under systemd
 
 
 def _reload_tokens(tokens: Tokens) -> None:
@@ -347,6 +347,8 @@ async def _run_until_signal(controller: Controller, server: uvicorn.Server,
                             reloader: Reloader | None = None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
+    if notifier is not None:  # under systemd a start-up that ends FATAL exits (non-zero)
+        notifier.on_failed_start_up = shutdown.set
     kill_now = asyncio.Event()
     signals_seen = 0
 

@@ -15,9 +15,16 @@ What to say and when is a pure function of the controller's state transitions,
 :func:`transition_messages`: ``READY=1`` once llama-server is first ready; ``RELOADING=1``
 (with ``MONOTONIC_USEC``) when an apply starts on a running service, and ``READY=1`` again
 when the apply is over, whatever its outcome (systemd's reload ends; ``STATUS=`` says how it
-went); ``STOPPING=1`` at shutdown; ``STATUS=`` with every state. A boot that ends FATAL
-before anything was ever ready sends no ``READY=1``: ``systemctl start`` then fails by
-``TimeoutStartSec`` rather than report a service that serves nothing.
+went); ``STOPPING=1`` at shutdown; ``STATUS=`` with every state.
+
+**A start-up that ends FATAL** (``--max-start-failures`` failed starts before anything was
+ever ready) sends no ``READY=1``: the service never served, and saying it is ready would
+make ``systemctl start`` succeed and ``Restart=`` never act. Instead the supervisor exits
+with :data:`EXIT_FATAL_AT_START` (3) and the status says why (``STATUS=FATAL at start-up:
+<reason>``, kept through the shutdown), so ``systemctl start`` fails at once rather than at
+``TimeoutStartSec``, and ``Restart=on-failure`` / ``StartLimitBurst=`` decide what comes
+next. Without ``$NOTIFY_SOCKET`` the supervisor stays up in FATAL, where an apply through
+the API can clear it.
 
 **Watchdog.** With ``WatchdogSec=`` systemd sets ``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``);
 :meth:`Notifier.watchdog` sends ``WATCHDOG=1`` every half of it, but only while the
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
     from corral.observe.events import Event
 
 __all__ = [
+    "EXIT_FATAL_AT_START",
     "SD_LISTEN_FDS_START",
     "Notifier",
     "NotifyMemory",
@@ -64,6 +72,7 @@ __all__ = [
 log = logging.getLogger("corral.systemd")
 
 SD_LISTEN_FDS_START = 3
+EXIT_FATAL_AT_START = 3  # under systemd: the start-up ended FATAL, nothing was ever ready
 _RELOADS = (State.APPLYING, State.ROLLING_BACK)  # an apply in progress, rollback included
 _EXPLAINED = (State.STARTING, State.BACKOFF, State.FATAL)  # last_error says why (a crash...)
 
@@ -83,11 +92,15 @@ class NotifyMemory:
     ready_sent: bool = False
     reloading: bool = False
     stopping_sent: bool = False
+    failed_start_up: str | None = None  # the status text, once a start-up ended FATAL
 
 
 def status_text(state: State, detail: str | None = None) -> str:
-    text = f"{state.value}: {detail}" if detail else state.value
-    return " ".join(text.split())[:400]  # one line; systemctl status shows one line anyway
+    return _one_line(f"{state.value}: {detail}" if detail else state.value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]  # systemctl status shows one line anyway
 
 
 def transition_messages(old: State, new: State, detail: str | None, memory: NotifyMemory,
@@ -99,6 +112,9 @@ def transition_messages(old: State, new: State, detail: str | None, memory: Noti
     """
     messages: list[str] = []
     ready, reloading, stopping = memory.ready_sent, memory.reloading, memory.stopping_sent
+    failed = memory.failed_start_up
+    if new is State.FATAL and not ready and failed is None:
+        failed = _one_line(f"{State.FATAL.value} at start-up: {detail or 'no reason given'}")
     if new is State.STOPPING or (new is State.STOPPED and old is State.STOPPING):
         if not stopping:
             messages.append("STOPPING=1")
@@ -115,8 +131,9 @@ def transition_messages(old: State, new: State, detail: str | None, memory: Noti
         ready = True
     if new is State.RUNNING:
         ready = True
-    messages.append(f"STATUS={status_text(new, detail)}")
-    return messages, NotifyMemory(ready, reloading, stopping)
+    # After a failed start-up the reason stays the status, through the shutdown.
+    messages.append(f"STATUS={failed or status_text(new, detail)}")
+    return messages, NotifyMemory(ready, reloading, stopping, failed)
 
 
 # ---- the notifier ---------------------------------------------------------------------------
@@ -165,6 +182,8 @@ class Notifier:
         self._clock = clock
         self.send_timeout = send_timeout
         self.sent: list[str] = []  # every datagram sent, for tests and status
+        # Called once when a start-up ends FATAL under systemd: the supervisor should exit.
+        self.on_failed_start_up: Callable[[], object] = lambda: None
 
     @classmethod
     def from_environment(cls, unset: bool = True,
@@ -228,9 +247,21 @@ class Notifier:
         """Tell systemd about one controller transition (see :func:`transition_messages`)."""
         if self.address is None:
             return False
+        failed_before = self.memory.failed_start_up
         messages, self.memory = transition_messages(old, new, detail, self.memory,
                                                     self._clock())
-        return self.notify(*messages)
+        sent = self.notify(*messages)
+        if self.memory.failed_start_up and not failed_before:
+            log.error("%s: exiting with %d for systemd (Restart= decides what next)",
+                      self.memory.failed_start_up, EXIT_FATAL_AT_START)
+            self.on_failed_start_up()
+        return sent
+
+    @property
+    def exit_code(self) -> int:
+        """What the supervisor exits with: :data:`EXIT_FATAL_AT_START` after a start-up
+        that ended FATAL under systemd, else 0."""
+        return EXIT_FATAL_AT_START if self.memory.failed_start_up else 0
 
     def on_event(self, event: Event) -> None:
         """An :class:`~corral.observe.events.EventBus` listener: the controller's "state"
