@@ -40,10 +40,19 @@ run: setup-system
 # waits on subprocesses); the tests marked timing (durations, probes every 50 ms, latency
 # and load figures) run alone afterwards, so the load of the first pass cannot make them
 # flaky. Exit code 5 (no test selected, e.g. with PYTEST_ARGS="-k ...") is not a failure.
+# Between the passes, alone too, a short chaos soak (fake llama-server): SOAK_TEST_SECONDS
+# with the fixed seed SOAK_TEST_SEED, then as long with a random seed it prints; any
+# violation fails make test. SOAK_TEST_SECONDS=0 leaves it out.
+SOAK_TEST_SECONDS ?= 15
+SOAK_TEST_SEED ?= 618756824
 test: setup-test
 	@rc=0; \
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) -m "not timing" $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
+	if [[ "$(SOAK_TEST_SECONDS)" != 0 ]]; then \
+	  $(PY) -m bench.soak --seconds $(SOAK_TEST_SECONDS) --seed $(SOAK_TEST_SEED) || rc=1; \
+	  $(PY) -m bench.soak --seconds $(SOAK_TEST_SECONDS) || rc=1; \
+	fi; \
 	$(PY) -m pytest -q --durations=15 -m timing $(PYTEST_ARGS) \
 	  || { r=$$?; [[ $$r == 5 ]] || rc=$$r; }; \
 	exit $$rc
