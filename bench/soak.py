@@ -1,4 +1,4 @@
-"""A bounded chaos soak (``make soak``; not in CI).
+"""A bounded chaos soak (``make soak``; ``make test`` runs two short ones, 15 s each).
 
 For ``--seconds`` it does, at random: kill -9 of llama-server; kill -9 of the supervisor
 (then starts it again with the same state dir and config file), sometimes in the middle of
