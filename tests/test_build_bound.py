@@ -184,5 +184,6 @@ def test_the_real_build_never_runs_more_compilers_than_the_bound(sdist: Path,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+    print(f"compilers at once: at most {most} over {samples} samples, bound {jobs}")
     assert samples > 0, "no compiler seen: the build did not get to compiling"
     assert most <= jobs, f"{most} compilers at once, bound {jobs}"
