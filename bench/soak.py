@@ -41,7 +41,7 @@ from typing import Any
 from bench.supervisors import temp_dir
 from scripts.llama_paths import llama_server, model
 from tests.harness import FAKE, SupervisorProcess, corrupt_gguf, free_port, make_fake_model
-from tests.procfs import is_alive
+from tests.procfs import is_alive, parent_pid
 
 TIMING = ["--debounce-ms", "50", "--max-batch-ms", "500", "--min-healthy", "0.1",
           "--stop-timeout", "3", "--quiet-llama"]
@@ -74,8 +74,11 @@ def cfg(view: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def servers(marker: str) -> list[int]:
     """Live (non-zombie) llama-servers whose command line contains ``marker`` (the model
-    path); the supervisor's own command line has it too and is left out."""
-    out = []
+    path); the supervisor's own command line has it too and is left out. A match whose
+    parent matches too is the same server: a wrapper script's subshells carry its command
+    line (the fake's ``#!/usr/bin/env python3`` may run a pyenv shim, whose bash forks
+    while it looks for python3)."""
+    found: dict[int, int | None] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -85,8 +88,8 @@ def servers(marker: str) -> list[int]:
         except OSError:
             continue
         if b"\0supervise\0" not in cmd and marker.encode() in cmd and is_alive(name):
-            out.append(int(name))
-    return out
+            found[int(name)] = parent_pid(name)
+    return [pid for pid, parent in found.items() if parent not in found]
 
 
 class Soak:
