@@ -86,7 +86,7 @@ async def test_writes_and_watch_survive_a_killed_member(etcd_cluster: EtcdCluste
     order = [first, *(m for m in etcd_cluster.members if m is not first)]
     # A write sent to a follower just as the leader dies hangs until the client's timeout
     # (etcd drops the proposal), then goes to the next endpoint: keep the timeout short.
-    store = EtcdStore(",".join(m.addr for m in order), timeout=1.0)
+    store = EtcdStore.connect(",".join(m.addr for m in order), timeout=1.0)
     try:
         async with watching(store, "c") as seen:
             for n in range(1, WRITES + 1):

@@ -43,13 +43,13 @@ C = StoredConfig(LlamaConfig("/opt/llama-server", (("--port", "9000"),)), "t3", 
 class TestEtcdContract(StoreContract):
     @pytest.fixture
     async def store(self, etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
-        store = EtcdStore(etcd_server.addr)
+        store = EtcdStore.connect(etcd_server.addr)
         yield store
         await store.close()
 
     @pytest.fixture
     def reopen(self, etcd_server: EtcdServer) -> Callable[[], ConfigStore]:
-        return lambda: EtcdStore(etcd_server.addr)
+        return lambda: EtcdStore.connect(etcd_server.addr)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -57,14 +57,14 @@ class TestEtcdContract(StoreContract):
 
 @pytest.fixture
 async def store(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(etcd_server.addr)
+    store = EtcdStore.connect(etcd_server.addr)
     yield store
     await store.close()
 
 
 @contextlib.asynccontextmanager
 async def opened(addr: str, **kwargs: Any) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(addr, **kwargs)
+    store = EtcdStore.connect(addr, **kwargs)
     try:
         yield store
     finally:
@@ -399,7 +399,7 @@ import asyncio, os, sys
 from corral.store.etcd import EtcdStore
 
 async def main():
-    store = EtcdStore(sys.argv[1])
+    store = EtcdStore.connect(sys.argv[1])
     async with store.register("m", {"pid": os.getpid()}, instance_id="child", ttl=2) as reg:
         while not reg.is_registered:
             await asyncio.sleep(0.01)

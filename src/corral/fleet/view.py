@@ -19,7 +19,7 @@ __all__ = ["fleet_report", "render_table"]
 
 async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
     assert spec.addr, "an etcd spec names an address"
-    store = EtcdStore(spec.addr, **spec.etcd_options())
+    store = EtcdStore.connect(spec.addr, **spec.etcd_options())
     keys = FleetKeys.of(store, name)
     try:
         found = await store.client.txn([], [Op.get(keys.config), Op.get(keys.rollout),

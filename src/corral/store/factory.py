@@ -102,7 +102,7 @@ class DriverSpec:
         return EtcdTLS(self.cacert, self.cert, self.key)
 
     def etcd_options(self) -> EtcdOptions:
-        """``EtcdStore(spec.addr, **spec.etcd_options())``: TLS and auth as configured."""
+        """``EtcdStore.connect(spec.addr, **spec.etcd_options())``: TLS and auth as configured."""
         return EtcdOptions(tls=self.tls, user=self.user, password=self.password)
 
 
@@ -188,7 +188,7 @@ def open_store(spec: DriverSpec) -> ConfigStore:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise UsageError(f"the etcd driver needs: pip install 'corral[etcd]' ({exc})") from None
         assert spec.addr is not None
-        return EtcdStore(spec.addr, **spec.etcd_options())
+        return EtcdStore.connect(spec.addr, **spec.etcd_options())
     from corral.store.toml_file import TomlFileStore
 
     assert spec.path is not None

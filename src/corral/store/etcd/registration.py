@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from corral.errors import StoreUnavailable
-from corral.store.etcd.client import JSON, EtcdClient, LeaseNotFound
+from corral.store.etcd.client import JSON, LeaseNotFound
+from corral.store.etcd.protocol import EtcdAPI
 
 __all__ = ["DEFAULT_TTL", "Registration"]
 
@@ -39,7 +40,7 @@ class Registration:
     """
 
     def __init__(
-        self, client: EtcdClient, key: str, info: Mapping[str, Any], *, ttl: int = DEFAULT_TTL
+        self, client: EtcdAPI, key: str, info: Mapping[str, Any], *, ttl: int = DEFAULT_TTL
     ) -> None:
         self._client = client
         self._key = key

@@ -31,6 +31,7 @@ from corral.store.etcd.client import (
     EtcdTLS,
     KeyValue,
 )
+from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.codec import _escape, _unescape, decode_config, encode_config
 from corral.store.etcd.registration import DEFAULT_TTL, Registration
 
@@ -44,8 +45,15 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 2.0
 class EtcdStore:
     """Configs in etcd at ``<prefix>/configs/<name>``, watched for writes by anyone."""
 
-    def __init__(
-        self,
+    def __init__(self, client: EtcdAPI, prefix: str = "/corral") -> None:
+        """A store on ``client`` (an :class:`EtcdClient`, or anything that speaks its API:
+        the fleet simulation passes an in-memory etcd)."""
+        self._client = client
+        self._prefix = prefix.rstrip("/")
+        self._seen: dict[str, int] = {}  # name -> revision as of which we know its value
+
+    @staticmethod
+    def connect(
         addr: str,
         prefix: str = "/corral",
         *,
@@ -54,20 +62,19 @@ class EtcdStore:
         tls: EtcdTLS | None = None,
         user: str | None = None,
         password: str | None = None,
-    ) -> None:
-        """``tls``, ``user`` and ``password`` go to :class:`EtcdClient` (TLS and etcd auth;
-        without ``password`` a ``user``'s comes from ``$CORRAL_ETCD_PASSWORD``)."""
-        self._client = EtcdClient(addr, timeout=timeout, probe_interval=probe_interval,
-                                  tls=tls, user=user, password=password)
-        self._prefix = prefix.rstrip("/")
-        self._seen: dict[str, int] = {}  # name -> revision as of which we know its value
+    ) -> EtcdStore:
+        """A store on a new :class:`EtcdClient` for ``addr`` (``tls``, ``user`` and
+        ``password`` as there: TLS and etcd auth; without ``password`` a ``user``'s comes
+        from ``$CORRAL_ETCD_PASSWORD``)."""
+        return EtcdStore(EtcdClient(addr, timeout=timeout, probe_interval=probe_interval,
+                                    tls=tls, user=user, password=password), prefix)
 
     @property
     def description(self) -> str:
         return f"etcd {self._client.endpoints} {self._prefix}/configs/"
 
     @property
-    def client(self) -> EtcdClient:
+    def client(self) -> EtcdAPI:
         return self._client
 
     @property
