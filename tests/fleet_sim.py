@@ -122,6 +122,7 @@ class Sim:
         self.records: list[Rollout] = []  # every rollout record written, in order
         self._watcher: asyncio.Task[None] | None = None
         self.final: dict[str, str | None] = {}  # what each live member ran at shutdown
+        self.fails_on: dict[str, set[str]] = {}  # member -> models that fail pre-flight there
 
     # ---- the world ------------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class Sim:
         launcher = FakeLauncher(LoopClock())  # type: ignore[arg-type]
         launcher.behave = behaviour
         checks = FakeChecks(bad_models={f"bad-{k}{api}" for k in range(100)
-                                        for api in ("", "-api")})
+                                        for api in ("", "-api")} | self.fails_on.get(name, set()))
         controller = Controller(NAME, store, startup, SETTINGS, launcher=launcher,
                                 checks=checks, clock=LoopClock())
         fleet = FleetSync(controller, store, etcd, NAME, f"127.0.0.1:{port}", self.rollout,

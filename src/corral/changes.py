@@ -52,6 +52,7 @@ class Outcome(enum.StrEnum):
     REJECTED = "rejected"  # cannot work here; the last good config runs
     NOT_STORED = "not stored"  # worked, but the store refused it; rolled back
     UNAVAILABLE = "unavailable"  # the store is unreachable, or the supervisor is stopping
+    SUPERSEDED = "superseded"  # worked, but a newer fleet config was written meanwhile
 
 
 @dataclass

@@ -60,5 +60,9 @@ class StoreUnavailable(StoreError):
     pass
 
 
+class StoreConflict(StoreError):
+    """A newer config was written while this one was being tried: it is not stored."""
+
+
 class AlreadyRunning(CorralError):
     pass

@@ -28,7 +28,13 @@ from corral.core.steps import (
     Stop,
     Switch,
 )
-from corral.errors import PreflightFailed, StartFailed, StoreError, StoreUnavailable
+from corral.errors import (
+    PreflightFailed,
+    StartFailed,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+)
 from corral.failpoints import failpoint
 from corral.store.base import StoredConfig
 
@@ -139,6 +145,8 @@ def _verdict_of(exc: Exception) -> Verdict:
     tail = exc.log if isinstance(exc, StartFailed) else []
     if isinstance(exc, StoreUnavailable):
         return Verdict(Outcome.UNAVAILABLE, str(exc), tail)
+    if isinstance(exc, StoreConflict):
+        return Verdict(Outcome.SUPERSEDED, str(exc), tail)
     if isinstance(exc, StoreError):
         return Verdict(Outcome.NOT_STORED, str(exc), tail)
     return Verdict(Outcome.REJECTED, str(exc), tail)

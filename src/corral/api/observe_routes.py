@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from corral.api.schemas import ChangeResult, ErrorBody
 from corral.changes import ChangeRecord, Outcome
 from corral.core.args import Change
-from corral.errors import CorralError
+from corral.errors import CorralError, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import Event, EventBus, Line, LineBus
 from corral.observe.operate import REVERT, NoBefore, admit_whole, before_of
@@ -273,7 +273,10 @@ def observe_router(controller: Controller, lines: LineBus, audit: AuditLog | Non
             return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
         record: ChangeRecord
         if fleet is not None:
-            record = await fleet.begin(Change.whole(before))
+            try:
+                record = await fleet.begin(Change.whole(before))
+            except StoreUnavailable:  # etcd went away while a slot was being taken
+                return store_unreachable(controller, "revert")
             record.client = client
         else:
             record = controller.submit(Change.whole(before), source=REVERT, client=client)

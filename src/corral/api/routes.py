@@ -49,7 +49,7 @@ from corral.core.args import (
     parse_change,
     parse_env,
 )
-from corral.errors import CorralError, InvalidArgs
+from corral.errors import CorralError, InvalidArgs, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
 from corral.seams import FleetGate
@@ -78,11 +78,11 @@ def error(status: int, message: str, details: list[Any] | None = None) -> JSONRe
 # The controller's outcomes in HTTP's words: the only place that knows them.
 HTTP_STATUS: dict[Outcome, int] = {
     Outcome.PENDING: 202, Outcome.APPLIED: 200, Outcome.REJECTED: 422,
-    Outcome.NOT_STORED: 500, Outcome.UNAVAILABLE: 503,
+    Outcome.NOT_STORED: 500, Outcome.UNAVAILABLE: 503, Outcome.SUPERSEDED: 409,
 }
 BODY_STATUS: dict[Outcome, ChangeStatus] = {
     Outcome.PENDING: "pending", Outcome.APPLIED: "applied", Outcome.REJECTED: "rejected",
-    Outcome.NOT_STORED: "failed", Outcome.UNAVAILABLE: "failed",
+    Outcome.NOT_STORED: "failed", Outcome.UNAVAILABLE: "failed", Outcome.SUPERSEDED: "failed",
 }
 
 
@@ -190,7 +190,10 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
             note_refusal(controller, audit, "api", client, exc,
                          body.model_dump(exclude_none=True))
             return _refused(controller, client, exc)
-        record = await fleet.begin(change) if fleet else controller.submit(change)
+        try:
+            record = await fleet.begin(change) if fleet else controller.submit(change)
+        except StoreUnavailable:  # etcd went away while a slot was being taken
+            return store_unreachable(controller, "change")
         record.client = client  # for the audit log
         if wait in ("false", "0"):
             response = record_result(record)

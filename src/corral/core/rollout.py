@@ -51,6 +51,7 @@ __all__ = [
     "View",
     "next_step",
     "record_failure",
+    "revert_target",
 ]
 
 
@@ -143,7 +144,7 @@ class Rollout:
     def last_success(self) -> tuple[str | None, int | None]:
         """What a rollout that supersedes this one may revert to."""
         if self.phase is Phase.DONE:
-            return self.config, self.revision
+            return self.config, self.revision or None  # 0: written with its config, unnumbered
         return self.good, self.good_revision
 
     def to_json(self) -> dict[str, Any]:
@@ -174,6 +175,7 @@ class View:
     holders: tuple[str, ...]  # slot keys, oldest first (create_revision order)
     live: frozenset[str]  # registered instances
     in_sync: bool  # this instance runs the target already
+    runs_record: bool = False  # ... runs the record's config (the record may be older)
     max_unavailable: MaxUnavailable = MaxUnavailable()
     canary_seconds: float = 10.0
     running_for: float | None = None  # seconds RUNNING on the current config
@@ -223,12 +225,7 @@ def next_step(v: View, my_config: str | None = None, now: str = "") -> Step:
     if t is None:
         return Step(Do.SEED) if my_config is not None else _release(v)
     if r is None or not r.matches(t):
-        if v.in_sync:
-            return _release(v)
-        good, good_revision = r.last_success() if r is not None else (my_config, None)
-        phase = Phase.CANARY if v.canary_seconds > 0 else Phase.ROLLING
-        return Step(Do.START, Rollout(t.revision, t.digest, t.value, phase, good=good,
-                                      good_revision=good_revision, started_at=now))
+        return _supersede(v, t, r, my_config, now)
     if r.revision == 0:
         return Step(Do.NUMBER, replace(r, revision=t.revision))
     if r.phase is Phase.FAILED:
@@ -250,6 +247,32 @@ def next_step(v: View, my_config: str | None = None, now: str = "") -> Step:
             return Step(Do.FINISH, replace(r, phase=Phase.DONE, ended_at=now))
         return NOTHING
     return _take_part(v)
+
+
+def _supersede(v: View, t: Target, r: Rollout | None, my_config: str | None,
+               now: str) -> Step:
+    """A write that has no record yet. The record still holds the rollout before it: first
+    close its books (who runs it, whether it is done), once nobody is still applying it,
+    so that the new record knows what the fleet really runs; then start the new one."""
+    open_books = r is not None and r.phase in (Phase.CANARY, Phase.ROLLING)
+    if r is not None and open_books:
+        if v.runs_record and r.progress.get(v.me) is None:
+            return Step(Do.MARK_DONE, r.with_progress(v.me, Progress.DONE))
+        if all(r.done_by(i) for i in v.live):
+            return Step(Do.FINISH, replace(r, phase=Phase.DONE, ended_at=now))
+    if v.in_sync:
+        return _release(v)  # nothing to do here; one that must apply starts the record
+    if v.queued:
+        return Step(Do.RELEASE)  # a slot taken for the older revision is not for this one
+    limit = v.max_unavailable.slots(len(v.live))
+    if open_books and any(h != v.me for h in v.holders[:limit]):
+        # A slot holder may be applying the older revision right now: its outcome (or its
+        # lease running out) decides what the fleet runs, and so what to revert to.
+        return NOTHING
+    good, good_revision = revert_target(r, v.live) if r is not None else (my_config, None)
+    phase = Phase.CANARY if v.canary_seconds > 0 else Phase.ROLLING
+    return Step(Do.START, Rollout(t.revision, t.digest, t.value, phase, good=good,
+                                  good_revision=good_revision, started_at=now))
 
 
 def _canary_phase(v: View, r: Rollout, now: str) -> Step:
@@ -285,6 +308,16 @@ def _take_part(v: View) -> Step:
 
 def _release(v: View) -> Step:
     return Step(Do.RELEASE) if v.queued else NOTHING
+
+
+def revert_target(previous: Rollout, runs_it: frozenset[str]) -> tuple[str | None, int | None]:
+    """What a rollout that supersedes ``previous`` reverts to if it fails: ``previous``'s
+    config when every instance in ``runs_it`` (the live ones) has applied it, whether or not
+    its record said ``done`` yet; otherwise the newest config that did reach ``done``."""
+    if (previous.phase in (Phase.CANARY, Phase.ROLLING) and runs_it
+            and all(previous.done_by(i) for i in runs_it)):
+        return previous.config, previous.revision or None
+    return previous.last_success()
 
 
 def record_failure(r: Rollout, me: str, reason: str, now: str = "") -> Rollout:

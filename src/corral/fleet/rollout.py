@@ -13,7 +13,9 @@ failed) is just decided again on the newer facts.
 
 Two guards keep a host that lost etcd from acting on stale facts: an apply starts only
 after a fresh read shows this host still holds its slot (which also proves its lease is
-alive), and every record write is a CAS.
+alive), and every write of the record or the config key is a transaction that compares the
+mod_revision of both with what the decision was made on: a decision taken on a config that
+has been overwritten since, or on a record someone else changed, writes nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from corral.core.rollout import (
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.store.base import StoredConfig
-from corral.store.etcd import EtcdClient, EtcdStore, KeyValue
+from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.client import Compare, Op
+from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.local import LocalStore
 
@@ -75,7 +78,7 @@ class RolloutAgent:
                  probe_interval: float | None = None) -> None:
         self.controller = controller
         self.store = store
-        self.client: EtcdClient = etcd.client
+        self.client: EtcdAPI = etcd.client
         self.keys = keys
         self.me = me
         self.settings = settings
@@ -193,14 +196,38 @@ class RolloutAgent:
         if running:
             mine = encode_config(StoredConfig.now(self.store.shared(c.last_good))).decode()
         record, _ = self.record()
+        runs_record = running and record is not None and self._runs(record)
         view = View(
             me=self.me, target=found[0] if found else None, record=record,
             holders=self.holders(), live=self.live(), in_sync=in_sync,
+            runs_record=runs_record,
             max_unavailable=self.settings.max_unavailable,
             canary_seconds=self.settings.canary_seconds,
             running_for=(c.clock.monotonic() - c.ready_since)
             if running and c.ready_since is not None else None)
         return view, mine
+
+    def _runs(self, record: Rollout) -> bool:
+        """Whether this instance runs ``record``'s config (parsed once per record)."""
+        key = f"{self.keys.rollout}#config"
+        cached = self._parsed.get(key)
+        if cached is None or cached[1][0] != record.config:
+            try:
+                config: LlamaConfig | None = decode_config(record.config.encode(), key).config
+            except StoreCorrupt:
+                config = None
+            cached = (0, (record.config, config))
+            self._parsed[key] = cached
+        parsed = cached[1][1]
+        return parsed is not None and same_config(self.store.overrides.apply(parsed),
+                                                  self.controller.last_good)
+
+    def guards(self, view: View) -> list[Compare]:
+        """What a write decided on ``view`` compares: the config key and the record as seen."""
+        _, record_mod = self.record()
+        config = view.target.revision if view.target is not None else 0
+        return [Compare.unchanged(self.keys.config, config),
+                Compare.unchanged(self.keys.rollout, record_mod)]
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -229,7 +256,6 @@ class RolloutAgent:
         """Do ``step``; returns how long to wait for a change before deciding again
         (None: until something changes, 0: decide at once)."""
         k = self.keys
-        _, record_mod = self.record()
         match step.do:
             case Do.NOTHING:
                 return None
@@ -243,8 +269,7 @@ class RolloutAgent:
                                progress={self.me: "done"}, started_at=now_iso(),
                                ended_at=now_iso())
                 done = await self.client.txn(
-                    [Compare.absent(k.config)],
-                    [Op.put(k.config, mine), Op.put(k.rollout, _dump(seed))])
+                    self.guards(view), [Op.put(k.config, mine), Op.put(k.rollout, _dump(seed))])
                 if done.succeeded:
                     log.info("nothing was stored for fleet %r: stored what runs here", k.name)
             case Do.ENQUEUE:
@@ -260,9 +285,7 @@ class RolloutAgent:
             case Do.REVERT:
                 record, _ = self.record()
                 assert record is not None and record.good is not None and view.target
-                done = await self.client.txn(
-                    [Compare.unchanged(k.config, view.target.revision)],
-                    [Op.put(k.config, record.good)])
+                done = await self.client.txn(self.guards(view), [Op.put(k.config, record.good)])
                 if done.succeeded:
                     log.error("fleet %r: rollout of revision %d failed (%s); the config is "
                               "back to revision %s", k.name, record.revision, record.reason,
@@ -274,12 +297,13 @@ class RolloutAgent:
                     step.record.phase in (Phase.ROLLING, Phase.DONE):
                 # Done, and the slot given back in the same transaction: one round trip
                 # less before the next instance may start.
-                await self.client.txn([Compare.unchanged(k.rollout, record_mod)],
-                                      [Op.put(k.rollout, _dump(step.record)),
-                                       Op.delete(k.slot(self.me))])
+                await self.client.txn(self.guards(view), [Op.put(k.rollout, _dump(step.record)),
+                                                          Op.delete(k.slot(self.me))])
             case _:  # a compare-and-swap of the record
                 assert step.record is not None
-                ok = await self.cas_record(step.record, record_mod)
+                done = await self.client.txn(self.guards(view),
+                                             [Op.put(k.rollout, _dump(step.record))])
+                ok = done.succeeded
                 if ok and step.do in (Do.PROMOTE, Do.FINISH, Do.START, Do.CLAIM_CANARY,
                                       Do.CLEAR_CANARY):
                     _log_step(step, k.name, self.me)
@@ -289,11 +313,6 @@ class RolloutAgent:
                         "rollout", step=step.do.value, revision=r.revision, phase=r.phase.value,
                         canary=r.canary, by=self.me)
         return None
-
-    async def cas_record(self, record: Rollout, mod_revision: int) -> bool:
-        done = await self.client.txn([Compare.unchanged(self.keys.rollout, mod_revision)],
-                                     [Op.put(self.keys.rollout, _dump(record))])
-        return done.succeeded
 
     async def holds_slot(self) -> bool:
         """A fresh read: does this instance hold a slot right now (its lease alive)?"""
@@ -343,15 +362,22 @@ class RolloutAgent:
         reason = change.error or change.outcome.value
         log.error("fleet %r: revision %d failed here: %s", self.keys.name, target.revision,
                   reason)
+        k = self.keys
         for _ in range(10):  # CAS against other progress writes; each retry reads afresh
-            current = await self.client.get(self.keys.rollout)
-            if current is None:
+            found = await self.client.txn([], [Op.get(k.config), Op.get(k.rollout)])
+            config_kv, record_kv = (r.kvs[0] if r.kvs else None for r in found.ranges)
+            if config_kv is None or config_kv.mod_revision != target.revision:
+                break  # overwritten since: whoever starts its rollout sees this host as is
+            if record_kv is None:
                 break
-            record = Rollout.from_json(json.loads(current.value))
+            record = Rollout.from_json(json.loads(record_kv.value))
             if not record.matches(target):
                 break
-            if await self.cas_record(record_failure(record, self.me, reason, now_iso()),
-                                     current.mod_revision):
+            done = await self.client.txn(
+                [Compare.unchanged(k.config, target.revision),
+                 Compare.unchanged(k.rollout, record_kv.mod_revision)],
+                [Op.put(k.rollout, _dump(record_failure(record, self.me, reason, now_iso())))])
+            if done.succeeded:
                 break
         await self.release()
 

@@ -17,19 +17,20 @@ import asyncio
 import json
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from corral.changes import ChangeRecord, Outcome, config_json
 from corral.controller import Controller
-from corral.core.args import Change
-from corral.core.rollout import Phase, Rollout, Target
+from corral.core.args import Change, merge_changes
+from corral.core.rollout import Phase, Rollout, Target, revert_target
 from corral.defaults import instance_id
-from corral.errors import StoreCorrupt
+from corral.errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore
-from corral.store.etcd.client import Op
+from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.local import LocalStore
 
@@ -38,18 +39,31 @@ __all__ = ["FleetSync", "PublishingStore", "RolloutResult", "load_for_start"]
 log = logging.getLogger("corral.fleet")
 
 REGISTRATION_REFRESH_S = 0.5
+_SAVE_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Base:
+    """What an API change is built on: the fleet config's revision when it began (0: none
+    stored) and whether this instance ran that config then."""
+
+    revision: int
+    ran_it: bool
 
 
 class PublishingStore:
     """The etcd store as the controller sees it in a fleet: a save (an API change that now
     runs here) writes the config and a rollout record naming this instance its canary, in
-    one transaction."""
+    one transaction that compares both keys with what the change was built on: a config
+    written meanwhile by anyone wins, and the change is answered ``superseded``
+    (:class:`StoreConflict`), never written over it."""
 
     def __init__(self, etcd: EtcdStore, name: str, me: str, settings: RolloutSettings) -> None:
         self.etcd = etcd
         self.keys = FleetKeys.of(etcd, name)
         self.me = me
         self.settings = settings
+        self.base: Base | None = None  # set by FleetSync.begin for the change being applied
         self.last_published: int | None = None
 
     @property
@@ -64,27 +78,49 @@ class PublishingStore:
         return await load_for_start(self.etcd, name)
 
     async def save(self, name: str, stored: StoredConfig) -> None:
+        base = self.base
+        if base is None:  # every change of a fleet member goes through FleetSync.begin
+            raise StoreError(f"fleet {name!r}: a change not made through the API is not "
+                             "stored")
         k, client = self.keys, self.etcd.client
         value = encode_config(stored).decode()
-        found = await client.txn([], [Op.get(k.config), Op.get(k.rollout)])
-        config_kv = found.ranges[0].kvs[0] if found.ranges[0].kvs else None
-        record_kv = found.ranges[1].kvs[0] if found.ranges[1].kvs else None
-        previous = _record_or_none(record_kv.value if record_kv else None)
-        if previous is not None:
-            good, good_revision = previous.last_success()
-        else:
-            good = config_kv.value.decode() if config_kv else None
-            good_revision = config_kv.mod_revision if config_kv else None
-        canary = self.settings.canary_seconds > 0
-        record = Rollout(0, digest_of(stored.config), value,
-                         Phase.CANARY if canary else Phase.ROLLING,
-                         canary=self.me if canary else None, progress={self.me: "done"},
-                         good=good, good_revision=good_revision, started_at=now_iso())
-        done = await client.txn([], [Op.put(k.config, value),
-                                     Op.put(k.rollout, json.dumps(record.to_json(), indent=1))])
-        self.last_published = done.revision
-        log.info("fleet %r: revision %d written; this instance is its canary", name,
-                 done.revision)
+        for _ in range(_SAVE_ATTEMPTS):  # the record may change under us (others' progress)
+            found = await client.txn([], [Op.get(k.config), Op.get(k.rollout),
+                                          Op.get(k.instances, prefix=True)])
+            config_kv, record_kv = (r.kvs[0] if r.kvs else None for r in found.ranges[:2])
+            written = config_kv.mod_revision if config_kv else 0
+            if written != base.revision:
+                raise StoreConflict(
+                    f"fleet {name!r}: revision {written} of the fleet config was written while "
+                    f"this change was being tried here, and wins: this change is not stored "
+                    f"(this instance goes back to the fleet config; post the change again to "
+                    f"make it on top of the newer one)")
+            live = frozenset(m for kv in found.ranges[2].kvs
+                             if (m := k.member(kv.key, k.instances)) is not None)
+            previous = _record_or_none(record_kv.value if record_kv else None)
+            if previous is not None:
+                good, good_revision = revert_target(
+                    previous, live if base.ran_it else live - {self.me})
+            else:
+                good = config_kv.value.decode() if config_kv else None
+                good_revision = written or None
+            canary = self.settings.canary_seconds > 0
+            record = Rollout(0, digest_of(stored.config), value,
+                             Phase.CANARY if canary else Phase.ROLLING,
+                             canary=self.me if canary else None, progress={self.me: "done"},
+                             good=good, good_revision=good_revision, started_at=now_iso())
+            done = await client.txn(
+                [Compare.unchanged(k.config, written),
+                 Compare.unchanged(k.rollout, record_kv.mod_revision if record_kv else 0)],
+                [Op.put(k.config, value),
+                 Op.put(k.rollout, json.dumps(record.to_json(), indent=1))])
+            if done.succeeded:
+                self.last_published = done.revision
+                log.info("fleet %r: revision %d written; this instance is its canary", name,
+                         done.revision)
+                return
+        raise StoreUnavailable(f"fleet {name!r}: the rollout record kept changing; the "
+                               "change is not stored")
 
     async def close(self) -> None:
         await self.etcd.close()
@@ -150,6 +186,8 @@ class FleetSync:
                                   probe=self.registration.probe,
                                   probe_interval=self.registration.ttl / 3)
         self.agent.on_change = self._publish
+        inner = store.inner
+        self.publisher = inner if isinstance(inner, PublishingStore) else None
         self._pending: set[asyncio.Task[None]] = set()  # API changes still applying
         self._publish()
 
@@ -166,10 +204,22 @@ class FleetSync:
 
     async def begin(self, change: Change) -> ChangeRecord:
         """An API change: take a slot, then apply it here (its Persist step publishes it,
-        naming this instance the canary). Returns once it is submitted."""
+        naming this instance the canary). Returns once it is submitted.
+
+        The change is made on top of the fleet config as this instance knows it (the one it
+        runs, or if a rollout has not reached it yet, the newer one), and it is stored only
+        if that is still the fleet config when it has proved itself here.
+        """
         await self.agent.apply_lock.acquire()
         try:
             await self.agent.acquire()
+            found = self.agent.target()
+            ran_it = self.in_sync()
+            if found is not None and not ran_it:
+                change = merge_changes([Change.whole(self.store.overrides.apply(found[1])),
+                                        change])
+            if self.publisher is not None:
+                self.publisher.base = Base(found[0].revision if found else 0, ran_it)
             record = self.controller.submit(change, source="api")
         except BaseException:
             self.agent.apply_lock.release()
@@ -183,6 +233,8 @@ class FleetSync:
         try:
             await asyncio.shield(record.done)
         finally:
+            if self.publisher is not None:
+                self.publisher.base = None
             self.agent.apply_lock.release()
         if record.outcome is not Outcome.APPLIED or not record.restarted:
             await self.agent.release()  # nothing was published: the slot is not needed

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The log listens to the controller's :class:`~corral.observe.events.EventBus`: every
-``change`` event (a change's outcome: applied, rejected, not stored, unavailable) and every
+``change`` event (a change's outcome: applied, rejected, not stored, unavailable,
+superseded) and every
 ``start-up`` event becomes one line. The API adds the changes it refused before they joined
 a batch (:meth:`AuditLog.refused`). A line says when, who (``source``: ``api``, ``fleet``,
 ``restart``, ``revert``, ``reload``, ``start-up``; ``client``: the API client's address),

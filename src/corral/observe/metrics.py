@@ -56,7 +56,7 @@ log = logging.getLogger("corral.observe")
 # names the 1.0.0 one in recent versions).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT_S = 0.5
-OUTCOMES = ("applied", "rejected", "not_stored", "unavailable")
+OUTCOMES = ("applied", "rejected", "not_stored", "unavailable", "superseded")
 REASONS = ("crash", "hang")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 FRONT_FAILURES = ("held_overflow", "hold_timeout", "refused", "bad_gateway", "bad_request")
