@@ -110,12 +110,12 @@ class Member:
 class Sim:
     """N members and one etcd, driven by a seeded random source; see the module doc."""
 
-    def __init__(self, seed: int, *, max_unavailable: MaxUnavailable = MaxUnavailable(1),
+    def __init__(self, seed: int, *, max_unavailable: MaxUnavailable | None = None,
                  canary_seconds: float = 1.0, lag: float = 0.05, latency: float = 0.005) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.etcd = MemoryEtcd()
-        self.rollout = RolloutSettings(max_unavailable, canary_seconds)
+        self.rollout = RolloutSettings(max_unavailable or MaxUnavailable(1), canary_seconds)
         self.lag, self.latency = lag, latency
         self.members: dict[str, Member] = {}
         self.trace: list[str] = []
@@ -277,7 +277,8 @@ class Sim:
         r, key = self.record, self.key_model
         if r is None or key is None:
             return False
-        ended = ((r.revision == self.key_revision and r.phase is Phase.DONE)
+        ended = ((r.revision == self.key_revision and r.phase is Phase.DONE
+                  and {m.name for m in self.live} <= set(r.progress))
                  or (r.phase is Phase.FAILED and r.revision < self.key_revision))
         registered = {k[len(INSTANCES):] for k in self.etcd.kvs if k.startswith(INSTANCES)}
         return (ended and all(m.model == key for m in self.live)

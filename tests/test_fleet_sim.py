@@ -14,6 +14,7 @@ runs 3,000). A failure prints the seed, the state and the trace of the schedule.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -239,10 +240,10 @@ async def random_schedule(sim: Sim, rng: random.Random, n: int) -> set[str]:
         if moment == "soon":
             await sim.run_for(rng.uniform(0.0, 2.0))
         elif moment == "mid-roll":
-            with_it = rng.randint(1, len(sim.live))
-            await _until_or(sim, lambda: sum(m.model == previous for m in sim.live) >= with_it)
+            await _until_or(sim, functools.partial(_running, sim, previous,
+                                                   rng.randint(1, len(sim.live))))
         elif moment == "after-all-started":
-            await _until_or(sim, lambda: all_started(sim, previous))
+            await _until_or(sim, functools.partial(all_started, sim, previous))
             await sim.run_for(rng.uniform(0.0, 0.8))
         elif moment == "at-rest":
             await _until_or(sim, sim.quiet)
@@ -266,6 +267,10 @@ async def random_schedule(sim: Sim, rng: random.Random, n: int) -> set[str]:
         previous = model
     await asyncio.gather(*pending)
     return faulted
+
+
+def _running(sim: Sim, model: str, at_least: int) -> bool:
+    return sum(m.model == model for m in sim.live) >= at_least
 
 
 async def _until_or(sim: Sim, condition: Callable[[], object], seconds: float = 20.0) -> None:

@@ -91,10 +91,10 @@ class PublishingStore:
             written = config_kv.mod_revision if config_kv else 0
             if written != base.revision:
                 raise StoreConflict(
-                    f"fleet {name!r}: revision {written} of the fleet config was written while "
-                    f"this change was being tried here, and wins: this change is not stored "
-                    f"(this instance goes back to the fleet config; post the change again to "
-                    f"make it on top of the newer one)")
+                    f"fleet {name!r}: the fleet config is at revision {written}, newer than the "
+                    f"one this change was made on ({base.revision or 'none'}); the newer write "
+                    f"wins and this change is not stored (this instance goes back to the fleet "
+                    f"config; post the change again to make it on top of the newer one)")
             live = frozenset(m for kv in found.ranges[2].kvs
                              if (m := k.member(kv.key, k.instances)) is not None)
             previous = _record_or_none(record_kv.value if record_kv else None)
