@@ -7,11 +7,8 @@ What a fleet of agents does with these decisions under random schedules is
 
 from __future__ import annotations
 
-import functools
 import json
-import random
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest

@@ -49,8 +49,8 @@ from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.client import Compare, Op
-from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.codec import decode_config, encode_config
+from corral.store.etcd.protocol import EtcdAPI
 from corral.store.local import LocalStore
 
 __all__ = ["RolloutAgent", "RolloutSettings", "split_slots"]

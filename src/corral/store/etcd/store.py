@@ -31,8 +31,8 @@ from corral.store.etcd.client import (
     EtcdTLS,
     KeyValue,
 )
-from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.codec import _escape, _unescape, decode_config, encode_config
+from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.registration import DEFAULT_TTL, Registration
 
 __all__ = ["EtcdStore"]
