@@ -1,4 +1,5 @@
-"""In-process fakes of the controller's seams (``corral.seams``): time, servers, checks, routing.
+"""In-process fakes of the controller's seams (``corral.seams``): time, servers,
+checks, routing.
 
 With these the controller runs its real loop, decision table and plans in microseconds,
 without a subprocess or a socket. Time moves only when :meth:`FakeClock.run_until` finds
@@ -14,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.controller import Controller
 from corral.core.args import FlagCatalog, LlamaConfig
 from corral.core.backoff import BackoffPolicy
 from corral.core.fit import FitVerdict, SwapMode
 from corral.errors import PreflightFailed, StartFailed, StoreUnavailable
-from corral.settings import Settings, Startup
 from corral.store.base import StoredConfig
 from corral.store.memory import MemoryStore
+from corral.controller import Controller
+from corral.settings import Settings, Startup
 
 SETTLE_HOPS = 50  # loop iterations that let every ready callback run before time moves
 
@@ -106,12 +107,19 @@ class FakeOutput:
         return self.lines[-n:]
 
 
+Journal = list[tuple[Any, ...]]
+"""One ordered record of what the fakes were asked to do, shared by the front door and every
+server: ``("front", call, ...)`` and ``("signal", pid, "TERM"|"KILL")``, so a test can say
+"closed before stopped"."""
+
+
 class FakeServer:
     def __init__(self, config: LlamaConfig, pid: int, generation: int,
-                 behaviour: Behaviour, clock: FakeClock) -> None:
+                 behaviour: Behaviour, clock: FakeClock, journal: Journal | None = None) -> None:
         self.config, self.pid, self.generation = config, pid, generation
         self.behaviour = behaviour
         self.clock = clock
+        self.journal: Journal = [] if journal is None else journal
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.output = FakeOutput([f"fake llama-server {pid} loading {config.get('--model')}"])
         self.signals: list[str] = []
@@ -121,8 +129,12 @@ class FakeServer:
             self.output.lines.append(f"fake crash with code {code}")
             self.exited.set_result(code)
 
+    def _signal(self, name: str) -> None:
+        self.signals.append(name)
+        self.journal.append(("signal", self.pid, name))
+
     async def stop(self, timeout: float) -> int:
-        self.signals.append("TERM")
+        self._signal("TERM")
         if not self.behaviour.ignores_sigterm:
             self.crash(-15)
         else:
@@ -131,14 +143,15 @@ class FakeServer:
         return await self.kill()
 
     async def kill(self) -> int:
-        self.signals.append("KILL")
+        self._signal("KILL")
         self.crash(-9)
         return self.exited.result()
 
 
 class FakeLauncher:
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, journal: Journal | None = None) -> None:
         self.clock = clock
+        self.journal: Journal = [] if journal is None else journal
         self.servers: list[FakeServer] = []
         self.behave: Callable[[LlamaConfig], Behaviour] = lambda config: Behaviour()
         self._pids = itertools.count(4001)
@@ -147,7 +160,8 @@ class FakeLauncher:
         behaviour = self.behave(config)
         if behaviour.spawn_fails:
             raise StartFailed(f"cannot execute {config.binary}: fake spawn failure")
-        server = FakeServer(config, next(self._pids), generation, behaviour, self.clock)
+        server = FakeServer(config, next(self._pids), generation, behaviour, self.clock,
+                            self.journal)
         self.servers.append(server)
         return server
 
@@ -228,31 +242,36 @@ class FakeChecks:
 
 
 class FakeFront:
-    """Records how the controller steers the front door."""
+    """Records how the controller steers the front door (in ``calls`` and the journal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.journal: Journal = [] if journal is None else journal
         self.routed_to: int | None = None
         self.mode = "hold"
 
+    def _record(self, call: tuple[Any, ...]) -> None:
+        self.calls.append(call)
+        self.journal.append(("front", *call))
+
     def route_to(self, server: Any) -> None:
-        self.calls.append(("route", server.pid))
+        self._record(("route", server.pid))
         self.routed_to, self.mode = server.pid, "route"
 
     def hold(self) -> None:
-        self.calls.append(("hold",))
+        self._record(("hold",))
         self.routed_to, self.mode = None, "hold"
 
     def refuse(self, reason: str) -> None:
-        self.calls.append(("refuse", reason))
+        self._record(("refuse", reason))
         self.routed_to, self.mode = None, "refuse"
 
     async def drain(self, server: Any, timeout_s: float) -> int:
-        self.calls.append(("drain", server.pid))
+        self._record(("drain", server.pid))
         return 0
 
     async def close(self, drain_timeout_s: float) -> None:
-        self.calls.append(("close",))
+        self._record(("close",))
 
     def view(self) -> dict[str, Any] | None:
         return {"mode": self.mode}
@@ -286,9 +305,10 @@ class Rig:
     def __init__(self, startup: Startup | None = None, settings: Settings = FAST,
                  swap: SwapMode = SwapMode.STOP_FIRST) -> None:
         self.clock = FakeClock()
-        self.launcher = FakeLauncher(self.clock)
+        self.journal: Journal = []  # front-door calls and server signals, in order
+        self.launcher = FakeLauncher(self.clock, self.journal)
         self.checks = FakeChecks()
-        self.front = FakeFront()
+        self.front = FakeFront(self.journal)
         self.store = FlakyStore()
         settings = Settings(**{**settings.__dict__, "swap": swap})
         self.controller = Controller(

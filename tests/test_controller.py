@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from corral.changes import ChangeRecord, Outcome
 from corral.core.args import Change
 from corral.core.fit import SwapMode
 from corral.errors import StoreError
+from corral.changes import ChangeRecord, Outcome
 from corral.settings import Settings, Startup
 from tests.fakes import FAST, Behaviour, Rig, config
 
@@ -364,6 +364,8 @@ async def test_shutdown_closes_the_front_door_before_stopping_servers() -> None:
         server = rig.active
         await rig.shutdown()
         assert rig.front.calls[-1] == ("close",) and server.signals == ["TERM", "KILL"]
+        assert rig.journal[-3:] == [("front", "close"), ("signal", server.pid, "TERM"),
+                                    ("signal", server.pid, "KILL")]
 
 
 async def test_second_signal_kills_a_server_ignoring_sigterm_at_once() -> None:
