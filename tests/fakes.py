@@ -1,4 +1,4 @@
-"""In-process fakes of the controller's seams (``corral.seams``): time, servers,
+"""In-process fakes of the controller's seams (``corral.supervisor.seams``): time, servers,
 checks, routing.
 
 With these the controller runs its real loop, decision table and plans in microseconds,
@@ -21,8 +21,8 @@ from corral.core.fit import FitVerdict, SwapMode
 from corral.errors import PreflightFailed, StartFailed, StoreUnavailable
 from corral.store.base import StoredConfig
 from corral.store.memory import MemoryStore
-from corral.controller import Controller
-from corral.settings import Settings, Startup
+from corral.supervisor.controller import Controller
+from corral.supervisor.settings import Settings, Startup
 
 SETTLE_HOPS = 50  # loop iterations that let every ready callback run before time moves
 

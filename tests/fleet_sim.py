@@ -1,7 +1,7 @@
 """A simulated fleet that runs the shipped code: N supervisors on one in-memory etcd.
 
 Each member is what ``corral supervise --config-driver etcd --local-port`` builds (see
-``corral.app.supervise``): a real :class:`~corral.controller.Controller` on fake
+``corral.app.supervise``): a real :class:`~corral.supervisor.controller.Controller` on fake
 llama-servers (``tests/fakes.py``), behind a real :class:`~corral.fleet.PublishingStore`
 and :class:`~corral.store.local.LocalStore`, started with the real
 :func:`~corral.app.choose_startup` (so :func:`~corral.fleet.load_for_start` runs), and the
@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.app import choose_startup
-from corral.changes import ChangeRecord
-from corral.controller import Controller
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import BackoffPolicy
 from corral.core.decide import State
@@ -39,11 +37,13 @@ from corral.core.rollout import MaxUnavailable, Phase, Rollout
 from corral.errors import StoreUnavailable
 from corral.fleet import FleetSync, PublishingStore
 from corral.fleet.rollout import RolloutSettings
-from corral.settings import Settings
 from corral.store.etcd import EtcdStore
 from corral.store.etcd.client import Op
 from corral.store.etcd.codec import decode_config
 from corral.store.local import LocalOverrides, LocalStore
+from corral.supervisor.changes import ChangeRecord
+from corral.supervisor.controller import Controller
+from corral.supervisor.settings import Settings
 from tests.fakes import Behaviour, FakeChecks, FakeLauncher
 from tests.memory_etcd import LoopClock, MemoryClient, MemoryEtcd
 

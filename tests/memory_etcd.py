@@ -85,7 +85,7 @@ def run_virtual(main: Coroutine[Any, Any, T]) -> T:
 
 
 class LoopClock:
-    """The controller's clock (``corral.seams.Clock``) on the running loop's time."""
+    """The controller's clock (``corral.supervisor.seams.Clock``) on the running loop's time."""
 
     def monotonic(self) -> float:
         return asyncio.get_running_loop().time()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from corral.changes import config_json
 from corral.core.args import LlamaConfig
 from corral.observe.audit import AuditLog, config_from_json, diff
 from corral.observe.events import EventBus
+from corral.supervisor.changes import config_json
 from tests.fakes import config
 
 

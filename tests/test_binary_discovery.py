@@ -30,8 +30,8 @@ from corral.child.preflight import CatalogCache
 from corral.core.args import LlamaConfig
 from corral.errors import UsageError
 from corral.sense.estimate import Estimator
-from corral.settings import Settings
 from corral.store.factory import DriverSpec
+from corral.supervisor.settings import Settings
 from tests.harness import FAKE, ROOT, SupervisorProcess, make_fake_model, wait_gone
 
 FAKE_SERVER_SCRIPT = f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n"

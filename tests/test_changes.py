@@ -1,4 +1,4 @@
-"""Change ids (corral.changes.ChangeIds): counting within a run, unique across runs."""
+"""Change ids (corral.supervisor.changes.ChangeIds): counting within a run, unique across runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from corral.changes import ChangeIds, run_tag
+from corral.supervisor.changes import ChangeIds, run_tag
 
 T = 1_767_225_600_000  # 2026-01-01 in ms
 

@@ -8,8 +8,8 @@ import pytest
 from corral.core.args import Change
 from corral.core.fit import SwapMode
 from corral.errors import StoreError
-from corral.changes import ChangeRecord, Outcome
-from corral.settings import Settings, Startup
+from corral.supervisor.changes import ChangeRecord, Outcome
+from corral.supervisor.settings import Settings, Startup
 from tests.fakes import FAST, Behaviour, Rig, config
 
 START_FIRST, STOP_FIRST = SwapMode.START_FIRST, SwapMode.STOP_FIRST

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from corral.changes import Outcome
 from corral.child.preflight import Preflight
 from corral.core.args import Change, LlamaConfig
 from corral.core.fit import FitVerdict, SwapMode
 from corral.errors import PreflightFailed
 from corral.sense.estimate import Estimator
-from corral.settings import Startup
+from corral.supervisor.changes import Outcome
+from corral.supervisor.settings import Startup
 from tests.fakes import FakeChecks, Rig
 from tests.sense_helpers import fake_memory, tiny_gemma
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from corral.changes import ChangeRecord, Outcome
 from corral.core.rollout import MaxUnavailable, Phase
+from corral.supervisor.changes import ChangeRecord, Outcome
 from tests.fleet_sim import CONFIG_KEY, OPERATOR, ROLLOUT_KEY, Sim, model_of
 from tests.memory_etcd import run_virtual
 

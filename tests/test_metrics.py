@@ -32,7 +32,7 @@ from corral.observe.metrics import (
     carry_forward,
     model_of,
 )
-from corral.settings import Settings, Startup
+from corral.supervisor.settings import Settings, Startup
 from tests.fakes import FAST, Rig, config
 from tests.front_fakes import FakeUpstream, Req, client, echo, front, response, upstreams
 from tests.harness import wait_for

@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 
 from corral.api.observe_routes import Closing, follow, format_sse, observe_router, replay_start
-from corral.changes import config_json
 from corral.observe.audit import AuditLog
 from corral.observe.events import EventBus, LineBus, LineHandler
+from corral.supervisor.changes import config_json
 from tests.asgi_stream import AsgiStream, other_tasks, parse_sse
 from tests.fakes import Rig, config
 

@@ -11,14 +11,14 @@ import httpx
 from fastapi import FastAPI
 
 from corral.api.observe_routes import observe_router
-from corral.changes import ChangeRecord, Outcome
 from corral.core.args import Change, LlamaConfig
 from corral.core.fit import SwapMode
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
-from corral.observe.operate import Reloader, reload_from_store
-from corral.settings import Startup
 from corral.store.base import StoredConfig
+from corral.supervisor.changes import ChangeRecord, Outcome
+from corral.supervisor.operate import Reloader, reload_from_store
+from corral.supervisor.settings import Startup
 from tests.fakes import Behaviour, Rig, config
 
 

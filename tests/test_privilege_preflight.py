@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.changes import Outcome
 from corral.child.preflight import Preflight
 from corral.child.privilege import build_policy
 from corral.core.args import Change, FlagCatalog, LlamaConfig
 from corral.core.privilege import Judge
 from corral.errors import NotAllowed
+from corral.supervisor.changes import Outcome
 from tests.fakes import FakeChecks, Rig, config
 from tests.harness import make_fake_model
 from tests.test_privilege_api import marker_binary

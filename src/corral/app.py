@@ -30,7 +30,6 @@ from corral.child.locate import default_binary
 from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.child.privilege import RunAs, build_policy
-from corral.controller import Controller
 from corral.core.args import LlamaConfig, parse_argv
 from corral.defaults import TOKEN_ENV, instance_id
 from corral.errors import PreflightFailed, StoreUnavailable, UsageError
@@ -41,13 +40,14 @@ from corral.front.steer import SteeredFront, place_on_loopback
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus, LineHandler
 from corral.observe.metrics import Metrics
-from corral.observe.operate import Reloader
 from corral.observe.systemd import Notifier, inherited_listener
-from corral.settings import Security, Settings, Startup
 from corral.store.base import ConfigStore
 from corral.store.etcd import EtcdStore
 from corral.store.factory import DriverSpec, open_store
 from corral.store.local import LocalOverrides, LocalStore
+from corral.supervisor.controller import Controller
+from corral.supervisor.operate import Reloader
+from corral.supervisor.settings import Security, Settings, Startup
 from corral.transport import server_tls, tokens_from, warn_if_clear_text
 
 if TYPE_CHECKING:

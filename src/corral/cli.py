@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from corral import __version__
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
-from corral.settings import Security
+from corral.supervisor.settings import Security
 
 if TYPE_CHECKING:
     from corral.client import SupervisorClient
@@ -339,8 +339,8 @@ def _run_supervise(ns: argparse.Namespace) -> int:
     from corral.core.fit import SwapMode
     from corral.errors import CorralError
     from corral.front import FrontSettings
-    from corral.settings import Settings
     from corral.store.factory import driver_spec
+    from corral.supervisor.settings import Settings
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """How the management API and the front door meet the network: TLS, tokens, warnings.
 
-Built once at start from the command line (:class:`~corral.settings.Security`); the tokens
-are re-read on ``SIGHUP`` by the composition root.
+Built once at start from the command line (:class:`~corral.supervisor.settings.Security`);
+the tokens are re-read on ``SIGHUP`` by the composition root.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from corral.api.security import Tokens, TokenSource
 from corral.errors import UsageError
-from corral.settings import Security
+from corral.supervisor.settings import Security
 
 log = logging.getLogger("corral")
 

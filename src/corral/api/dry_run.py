@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from corral.api.schemas import ConfigView, DryRunResult, FitView
-from corral.changes import config_json
 from corral.core.args import Change, LlamaConfig, apply_change
 from corral.core.steps import Slot
 from corral.errors import CorralError
+from corral.supervisor.changes import config_json
 
 if TYPE_CHECKING:
-    from corral.controller import Controller
+    from corral.supervisor.controller import Controller
 
 
 async def dry_run(controller: Controller, change: Change) -> DryRunResult:

@@ -30,16 +30,16 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from corral.api.schemas import ChangeResult, ErrorBody
-from corral.changes import ChangeRecord, Outcome
 from corral.core.args import Change
 from corral.errors import CorralError, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import Event, EventBus, Line, LineBus
-from corral.observe.operate import REVERT, NoBefore, admit_whole, before_of
+from corral.supervisor.changes import ChangeRecord, Outcome
+from corral.supervisor.operate import REVERT, NoBefore, admit_whole, before_of
 
 if TYPE_CHECKING:
-    from corral.controller import Controller
-    from corral.seams import FleetGate
+    from corral.supervisor.controller import Controller
+    from corral.supervisor.seams import FleetGate
 
 __all__ = ["Closing", "format_sse", "observe_router", "replay_start"]
 

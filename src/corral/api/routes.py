@@ -38,9 +38,7 @@ from corral.api.schemas import (
     StatusView,
 )
 from corral.api.security import BodyLimit, TokenAuth, Tokens
-from corral.changes import ChangeRecord, Outcome, config_json
 from corral.child.preflight import resolve_binary
-from corral.controller import Controller
 from corral.core.args import (
     BINARY_KEY,
     Change,
@@ -52,7 +50,9 @@ from corral.core.args import (
 from corral.errors import CorralError, InvalidArgs, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
-from corral.seams import FleetGate
+from corral.supervisor.changes import ChangeRecord, Outcome, config_json
+from corral.supervisor.controller import Controller
+from corral.supervisor.seams import FleetGate
 
 if TYPE_CHECKING:
     from corral.observe.metrics import Metrics

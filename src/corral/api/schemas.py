@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from corral.status import Status
+from corral.supervisor.status import Status
 
 FlagName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 FlagValue = Annotated[str, StringConstraints(max_length=4096)] | int | float | bool | None
@@ -101,7 +101,8 @@ class ErrorBody(BaseModel):
     details: list[Any] | None = None
 
 
-# /v1/status is corral.status.Status itself (a dataclass FastAPI serialises): one definition.
+# /v1/status is corral.supervisor.status.Status itself (a dataclass FastAPI serialises): one
+# definition.
 StatusView = Status
 
 

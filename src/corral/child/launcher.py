@@ -1,4 +1,4 @@
-"""The real :class:`~corral.seams.Launcher`: llama-server processes, probed over HTTP.
+"""The real :class:`~corral.supervisor.seams.Launcher`: llama-server processes, probed over HTTP.
 
 A start counts as ready once ``/health`` answers 200 and it stayed up; then ``/props`` is
 compared with what was asked *explicitly*: llama.cpp's ``--fit`` (on by default) shrinks
@@ -23,7 +23,7 @@ from corral.core.args import LlamaConfig, host_of, port_of
 from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
 from corral.errors import StartFailed
 from corral.observe.events import LineBus
-from corral.seams import Server
+from corral.supervisor.seams import Server
 
 log = logging.getLogger("corral")
 

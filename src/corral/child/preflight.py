@@ -106,7 +106,7 @@ def same_address(a: LlamaConfig, b: LlamaConfig) -> bool:
 
 
 class Preflight:
-    """The real :class:`~corral.seams.Checks`.
+    """The real :class:`~corral.supervisor.seams.Checks`.
 
     Stages, and why a check is repeated:
     1. the API checks ``last good ⊕ change`` when it arrives, so a change that cannot work

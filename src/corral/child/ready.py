@@ -15,7 +15,7 @@ from collections.abc import Callable
 import httpx
 
 from corral.errors import StartFailed
-from corral.seams import Server
+from corral.supervisor.seams import Server
 
 log = logging.getLogger("corral.child")
 

@@ -9,10 +9,18 @@ feeding the next event back. A (state, event) pair missing from the table is a b
 raises :class:`IllegalTransition` before anything changes (h11's ``_state.py`` works the
 same way).
 
-The only judgement made outside the table is *which* event a failed start is: whether the
-backoff policy allows another try (``START_FAILED``) or gives up (``GAVE_UP``), and
-whether a failed apply left the old server serving (:func:`apply_failure_event`). Both are
-pure functions here.
+Besides the table, the judgements the controller needs are pure functions here: *which*
+event a failed start is (the backoff policy allows another try, ``START_FAILED``, or gives
+up, ``GAVE_UP``), which one a failed apply is (:func:`apply_failure_event`; a failed apply
+out of FATAL stays FATAL, :func:`failed_apply_gives_up`), what a start that fails while
+rolling back reports (:func:`start_failure_reason`), when liveness is probed
+(:func:`liveness_due`) and when a start skips pre-flight (:func:`needs_preflight`). What a
+batch is (stored or not, a restart or not) is :func:`corral.core.steps.batch_kind`.
+
+Left outside, in the controller, because they are the results of I/O and not judgements: a
+batch that changes nothing while a server serves is answered at once, and a batch that
+fails pre-flight is answered ``rejected``; neither reaches the table, since nothing happens
+to the servers.
 
 States (supervisord's words)::
 
@@ -133,6 +141,30 @@ def apply_failure_event(old_serving: bool, old_was_serving: bool, gives_up: bool
     if old_was_serving:
         return Event.FAILED_OLD_STOPPED
     return start_failure_event(gives_up)
+
+
+def failed_apply_gives_up(prior: State, next_delay: float | None) -> bool:
+    """Whether a failed apply with nothing serving is FATAL: it was FATAL before (a retry by
+    hand that failed again), or the backoff policy has no further delay."""
+    return prior is State.FATAL or next_delay is None
+
+
+def start_failure_reason(state: State, apply_error: str | None, reason: str) -> str:
+    """A start that fails while rolling back reports the apply's failure as well."""
+    if state is State.ROLLING_BACK:
+        return f"{apply_error}; and the rollback failed too: {reason}"
+    return reason
+
+
+def liveness_due(state: State) -> bool:
+    """Liveness probes only a server that serves (not one starting, applying or stopping)."""
+    return state is State.RUNNING
+
+
+def needs_preflight(config: object, proven: object) -> bool:
+    """A config that has run is revived without pre-flight (respawn latency is what we sell,
+    and the estimate can take seconds); a broken one fails its start instead."""
+    return config != proven
 
 
 def is_serving(state: State) -> bool:

@@ -85,6 +85,18 @@ class Plan:
     is_noop: bool
 
 
+RESTART_SOURCE = "restart"  # a change that is a restart (POST /v1/restart)
+FLEET_SOURCE = "fleet"  # a fleet config another supervisor (or etcdctl) stored
+
+
+def batch_kind(sources: Sequence[str]) -> tuple[bool, bool]:
+    """(persist, restart) of a batch whose changes came from ``sources``: a fleet config is
+    stored already and a restart stores nothing new; any restart in it makes the plan run
+    even if the config stays the same."""
+    persist = any(s not in (FLEET_SOURCE, RESTART_SOURCE) for s in sources)
+    return persist, RESTART_SOURCE in sources
+
+
 def desired_config(last_good: LlamaConfig, batch: Sequence[Change]) -> LlamaConfig:
     """``last_good ⊕ merged batch``; ``last_good`` itself if that changes nothing."""
     desired = apply_change(last_good, merge_changes(batch))

@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from corral.changes import ChangeRecord, Outcome
-from corral.controller import Controller
 from corral.core.args import Change, LlamaConfig
 from corral.core.decide import State
 from corral.core.rollout import (
@@ -52,6 +50,8 @@ from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.etcd.protocol import EtcdAPI
 from corral.store.local import LocalStore
+from corral.supervisor.changes import ChangeRecord, Outcome
+from corral.supervisor.controller import Controller
 
 __all__ = ["RolloutAgent", "RolloutSettings", "split_slots"]
 

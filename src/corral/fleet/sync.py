@@ -20,8 +20,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from corral.changes import ChangeRecord, Outcome, config_json
-from corral.controller import Controller
 from corral.core.args import Change, merge_changes
 from corral.core.rollout import Phase, Rollout, Target, revert_target
 from corral.defaults import instance_id
@@ -33,6 +31,8 @@ from corral.store.etcd import EtcdStore
 from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.local import LocalStore
+from corral.supervisor.changes import ChangeRecord, Outcome, config_json
+from corral.supervisor.controller import Controller
 
 __all__ = ["FleetSync", "PublishingStore", "RolloutResult", "load_for_start"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from corral.changes import config_json
 from corral.core.rollout import MaxUnavailable, Rollout
 from corral.fleet.keys import FleetKeys, digest_of
 from corral.fleet.rollout import split_slots
@@ -13,6 +12,7 @@ from corral.store.etcd import EtcdStore
 from corral.store.etcd.client import Op
 from corral.store.etcd.codec import decode_config
 from corral.store.factory import DriverSpec
+from corral.supervisor.changes import config_json
 
 __all__ = ["fleet_report", "render_table"]
 

@@ -1,4 +1,4 @@
-"""The front door as the controller steers it (:class:`corral.seams.Front`): servers in,
+"""The front door as the controller steers it (:class:`corral.supervisor.seams.Front`): servers in,
 upstreams out."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from corral.core.args import LlamaConfig, host_of, port_of
 from corral.front.model import Upstream
 from corral.front.proxy import FrontDoor
-from corral.seams import Server
+from corral.supervisor.seams import Server
 
 LOOPBACK = "127.0.0.1"
 log = logging.getLogger("corral")

@@ -57,7 +57,7 @@ Scheduler = Callable[[float, Callable[[], None]], object]
 def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
     """``{flag: [before, after]}`` for every flag that differs, plus ``binary`` and
     ``env:NAME`` when they do (every value is a pair); ``None`` means not set. Takes the
-    configs in :func:`corral.changes.config_json`'s form."""
+    configs in :func:`corral.supervisor.changes.config_json`'s form."""
     if before is None or after is None:
         return {}
     out: dict[str, Any] = {}
@@ -75,7 +75,7 @@ def diff(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[st
 
 
 def config_from_json(view: dict[str, Any]) -> LlamaConfig:
-    """The inverse of :func:`corral.changes.config_json` (for a config read back from the
+    """The inverse of :func:`corral.supervisor.changes.config_json` (for a config read back from the
     log); raises ValueError if ``view`` is not one."""
     binary, args, env = view.get("binary"), view.get("args"), view.get("env") or {}
     if not isinstance(binary, str) or not isinstance(args, dict) or not isinstance(env, dict):
@@ -249,7 +249,7 @@ class AuditLog:
 
     def find(self, change_id: str) -> dict[str, Any] | None:
         """The newest outcome of change ``change_id`` (ids are unique across runs:
-        :class:`corral.changes.ChangeIds`)."""
+        :class:`corral.supervisor.changes.ChangeIds`)."""
         for entry in self.entries():
             if entry.get("kind") == "change" and entry.get("id") == change_id:
                 return entry

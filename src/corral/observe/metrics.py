@@ -10,7 +10,7 @@ before they joined a batch; restarts by reason; apply and model-load durations; 
 steps) is kept in plain counters and fixed-bucket tallies, so building it imports nothing.
 ``prometheus_client`` is imported at the first scrape (:meth:`Metrics.render`): its own
 :class:`CollectorRegistry` (never the global one) holds one custom collector that turns the
-tallies and a fresh :class:`~corral.status.Status` into metric families, and
+tallies and a fresh :class:`~corral.supervisor.status.Status` into metric families, and
 ``generate_latest`` writes the exposition.
 
 llama-server's own ``/metrics`` (when the running config has ``--metrics``) is fetched by
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from corral.controller import Controller
+    from corral.supervisor.controller import Controller
 
 __all__ = ["CONTENT_TYPE", "Carry", "Metrics", "RssOf", "Tally", "carry_forward"]
 

@@ -3,7 +3,7 @@
 Both end as a whole-config change (:meth:`corral.core.args.Change.whole`) submitted to the
 controller like any API change, so they are batched, pre-flighted, applied (or rejected
 with nothing lost) and stored by the same transaction. A restart is the controller's own
-entry point (:meth:`corral.controller.Controller.restart`).
+entry point (:meth:`corral.supervisor.controller.Controller.restart`).
 
 ``SIGHUP`` must not do I/O in a signal handler: :class:`Reloader` is a task that waits for
 :meth:`Reloader.request` (called from ``loop.add_signal_handler``) and then reads the store.
@@ -15,13 +15,13 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from corral.changes import ChangeRecord
 from corral.core.args import Change, LlamaConfig
 from corral.errors import CorralError
 from corral.observe.audit import AuditLog, config_from_json
+from corral.supervisor.changes import ChangeRecord
 
 if TYPE_CHECKING:
-    from corral.controller import Controller
+    from corral.supervisor.controller import Controller
 
 __all__ = ["RELOAD", "REVERT", "Reloader", "admit_whole", "reload_from_store", "before_of"]
 

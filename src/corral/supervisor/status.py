@@ -9,8 +9,8 @@ from corral.core.args import ArgValue, LlamaConfig, port_of
 from corral.core.steps import Slot
 
 if TYPE_CHECKING:
-    from corral.controller import Controller
-    from corral.seams import Server
+    from corral.supervisor.controller import Controller
+    from corral.supervisor.seams import Server
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from corral.seams import Clock, Launcher, Server
+from corral.supervisor.seams import Clock, Launcher, Server
 
 
 class Liveness:

@@ -1,7 +1,7 @@
 """What the controller needs from the world, as protocols: time, processes, checks, routing.
 
 The controller is written against these and nothing else, so it runs in-process in tests
-with a fake clock, fake servers and a fake front door (``tests/support/fakes.py``), in
+with a fake clock, fake servers and a fake front door (``tests/fakes.py``), in
 microseconds and without a subprocess; the real implementations are
 :class:`SystemClock`, :class:`corral.child.launcher.ProcessLauncher`,
 :class:`corral.child.preflight.Preflight` and the front door (or :class:`NoFront`).
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from corral.changes import ChangeRecord
 from corral.core.args import Change, FlagCatalog, LlamaConfig
 from corral.core.fit import FitVerdict
+from corral.supervisor.changes import ChangeRecord
 
 
 class Clock(Protocol):

@@ -14,8 +14,10 @@ an apply.
 An apply runs the steps :func:`~corral.core.steps.plan_batch` lays out (stop-first or
 start-first); what a failure means (nothing lost, a rollback needed, a failed start) is
 again the table's call. Nothing of a rejected change is kept. Time comes from a
-:class:`~corral.seams.Clock`, processes from a :class:`~corral.seams.Launcher`, so the
-whole loop runs in-process in tests.
+:class:`~corral.supervisor.seams.Clock`, processes from a
+:class:`~corral.supervisor.seams.Launcher`, so the whole loop runs in-process in tests. The
+plan of an apply is carried out by :class:`~corral.supervisor.apply.PlanExecutor`, which
+returns what happened: only this class writes the supervisor's state.
 """
 
 from __future__ import annotations
@@ -26,27 +28,54 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from corral.changes import MAX_CHANGE_RECORDS, ChangeIds, ChangeRecord, Outcome, config_json
 from corral.child.pidfile import PidFile
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import StartHistory
 from corral.core.debounce import Debouncer
-from corral.core.decide import Action, Event, State, decide, is_serving, start_failure_event
+from corral.core.decide import (
+    Action,
+    Event,
+    State,
+    apply_failure_event,
+    decide,
+    failed_apply_gives_up,
+    is_serving,
+    liveness_due,
+    needs_preflight,
+    start_failure_event,
+    start_failure_reason,
+)
 from corral.core.fit import SwapMode, choose_strategy
-from corral.core.steps import Plan, Slot, Strategy, desired_config, plan_batch
-from corral.errors import PreflightFailed, StartFailed
-from corral.liveness import Liveness
+from corral.core.steps import (
+    RESTART_SOURCE,
+    Plan,
+    Slot,
+    Strategy,
+    batch_kind,
+    desired_config,
+    plan_batch,
+)
+from corral.errors import PreflightFailed, StartFailed, StoreError
 from corral.observe.events import EventBus
-from corral.plan_runner import PlanRunner
-from corral.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
-from corral.settings import Settings, Startup
-from corral.slots import Slots
-from corral.status import Status, status_of
-from corral.store.base import ConfigStore
+from corral.store.base import ConfigStore, StoredConfig
+from corral.supervisor.apply import PlanExecutor, Verdict
+from corral.supervisor.changes import (
+    MAX_CHANGE_RECORDS,
+    ChangeIds,
+    ChangeRecord,
+    Outcome,
+    config_json,
+)
+from corral.supervisor.liveness import Liveness
+from corral.supervisor.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
+from corral.supervisor.settings import Settings, Startup
+from corral.supervisor.slots import Slots
+from corral.supervisor.start import Starter
+from corral.supervisor.status import Status, status_of
 
 log = logging.getLogger("corral")
 
-RESTART = "restart"  # the source of a change that is a restart (POST /v1/restart)
+RESTART = RESTART_SOURCE
 
 
 class Controller:
@@ -89,7 +118,12 @@ class Controller:
         self._batch: list[ChangeRecord] = []  # the batch being applied
         self._plan: Plan | None = None
         self._prior = State.STOPPED  # the state the batch found
-        self._runner = PlanRunner(self)
+        self._starter = Starter(self.slots, launcher, checks, self.front, settings, self.events,
+                                self.place, on_active=self.became_active)
+        self._executor = PlanExecutor(name, self.slots, self.front, store, settings,
+                                      self._starter, on_switched=self.became_active,
+                                      on_active_stopped=self._active_stopped)
+        self._verdict = Verdict()  # how the batch being applied ends, once known
         self._killed_hung = False  # the next exit is a hang's, not a crash
         self._actions: dict[Action, Callable[[], Awaitable[Event | None]]] = {
             Action.START_BOOT: self._start_boot, Action.START: self._start_last_good,
@@ -157,6 +191,12 @@ class Controller:
     def status(self) -> Status:
         return status_of(self)
 
+    def active_server(self) -> Server | None:
+        return self.slots.live(Slot.ACTIVE)
+
+    def report_fleet(self, view: dict[str, Any] | None) -> None:
+        self.fleet = view
+
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -206,7 +246,7 @@ class Controller:
             return Event.HUNG if hung else None
         if self.liveness.due is not None and now >= self.liveness.due:
             active = self.slots.live(Slot.ACTIVE)
-            if active is not None and self.state is State.RUNNING:
+            if active is not None and liveness_due(self.state):
                 self.liveness.start(active)
         return None
 
@@ -247,9 +287,7 @@ class Controller:
         batch = self._debouncer.take(now)
         for r in batch:
             r.before = self.last_good
-        # A fleet config is stored already; a restart stores nothing new.
-        persist = any(r.source not in ("fleet", RESTART) for r in batch)
-        restart = any(r.source == RESTART for r in batch)
+        persist, restart = batch_kind([r.source for r in batch])
         changes = [r.change for r in batch]
         desired = desired_config(self.last_good, changes)
         if desired is self.last_good and is_serving(self.state) and not restart:
@@ -285,50 +323,24 @@ class Controller:
 
     # ---- starting ------------------------------------------------------------------------
 
-    async def start_in(self, slot: Slot, config: LlamaConfig) -> Server:
-        """Spawn ``config`` into ``slot``; raise StartFailed/PreflightFailed."""
-        config = self.place(config)
-        await self.checks.check_port(config)  # stage 3: free only once the old one stopped
-        server = await self.slots.start(slot, config)
-        log.info("started llama-server (pid %d, generation %d): %s", server.pid,
-                 server.generation, " ".join(config.argv()))
-        return server
-
-    async def await_ready(self, slot: Slot) -> None:
-        """Wait until the server in ``slot`` is ready; on failure nothing is left of it."""
-        server = self.slots[slot]
-        assert server is not None
-        # Held requests go to an active server at its first /health 200, before min-healthy.
-        on_healthy = (lambda: self.front.route_to(server)) if slot is Slot.ACTIVE else None
-        try:
-            took = await self._launcher.wait_ready(server, self.settings.ready_timeout_s,
-                                                   self.settings.min_healthy_s, on_healthy)
-        except BaseException:
-            if slot is Slot.ACTIVE:
-                self.front.hold()
-            await asyncio.shield(self.slots.stop(slot, self.settings.stop_timeout_s))
-            raise
-        if slot is Slot.ACTIVE:
-            self.became_active()
-        log.info("llama-server (pid %d) is ready after %.1f s", server.pid, took)
-        self.events.emit("ready", pid=server.pid, generation=server.generation,
-                         load_s=round(took, 3), slot=slot.value)
-
     def became_active(self) -> None:
         self.ready_since = self.clock.monotonic()
         self.liveness.restart()
+
+    def _active_stopped(self) -> None:
+        self.ready_since = None
 
     async def _start_config(self, config: LlamaConfig) -> None:
         # A config that has run is revived without pre-flight: respawn latency is what we
         # sell, and the estimate can take seconds. A broken one fails its start instead.
         # The binary rule costs a realpath: a program swapped behind an allowed symlink
         # is not revived either.
-        if config != self.proven:
+        if needs_preflight(config, self.proven):
             await self.check(config)
         else:
             self.checks.admit_binary(config.binary)
-        await self.start_in(Slot.ACTIVE, config)
-        await self.await_ready(Slot.ACTIVE)
+        await self._starter.start_in(Slot.ACTIVE, config)
+        await self._starter.await_ready(Slot.ACTIVE)
         self.proven = config
 
     async def _start_boot(self) -> Event:
@@ -349,7 +361,7 @@ class Controller:
                             "until another config is applied successfully")
             self.last_good = config
             if self._startup.persist_when_ready:
-                await self._runner.persist_quietly(config)
+                await self._persist_quietly(config)
             self._emit_start_up(candidates, config, "; ".join(errors) or None, began)
             return Event.READY
         self._emit_start_up(candidates, None, "; ".join(errors), began)
@@ -374,9 +386,16 @@ class Controller:
             return self._start_failed(str(exc))
         return Event.READY
 
+    async def _persist_quietly(self, config: LlamaConfig) -> None:
+        try:
+            await self.store.save(self.name, StoredConfig.now(config))
+        except StoreError as exc:
+            log.error("could not store the running config: %s", exc)
+
     def _start_failed(self, reason: str) -> Event:
+        reason = start_failure_reason(self.state, self._verdict.error, reason)
         if self.state is State.ROLLING_BACK:
-            reason = self._runner.rollback_failed(reason)
+            self._verdict.error = reason  # the change's answer says both
         self.last_error = reason
         failures = self.history.failed()
         gives_up = self.settings.backoff.delay_after(failures) is None
@@ -417,11 +436,26 @@ class Controller:
         self.front.refuse(f"llama-server is FATAL: {self.last_error}")
 
     async def _run_plan(self) -> Event:
-        assert self._plan is not None
-        return await self._runner.run(self._plan, self._batch, self._prior)
+        plan = self._plan
+        assert plan is not None
+        self.last_strategy = plan.strategy.value
+        applied = await self._executor.run(plan, len(self._batch))
+        self._verdict = applied.verdict
+        if applied.ok:
+            self.last_good = self.proven = plan.desired
+            self.last_error = None
+            return Event.APPLIED
+        self.last_error = applied.verdict.error
+        next_delay = self.settings.backoff.delay_after(self.history.consecutive_failures)
+        return apply_failure_event(applied.old_serving, applied.had_old,
+                                   failed_apply_gives_up(self._prior, next_delay))
 
     async def _answer(self) -> None:
-        self._runner.answer(self._batch)
+        v = self._verdict
+        for record in self._batch:
+            record.finish(v.outcome, self.last_good, v.error, v.log,
+                          restarted=v.outcome is Outcome.APPLIED, strategy=self.last_strategy)
+        self._verdict = Verdict()
         self._batch, self._plan = [], None
 
     async def _answer_pending(self) -> None:

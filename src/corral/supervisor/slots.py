@@ -13,7 +13,7 @@ import logging
 from corral.child.pidfile import PidFile
 from corral.core.args import LlamaConfig
 from corral.core.steps import Slot
-from corral.seams import Clock, Launcher, Server
+from corral.supervisor.seams import Clock, Launcher, Server
 
 log = logging.getLogger("corral")
 
