@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING
 
 from corral.api.schemas import ConfigView, DryRunResult, FitView
 from corral.core.args import Change, LlamaConfig, apply_change
-from corral.core.steps import Slot
 from corral.errors import CorralError
 from corral.supervisor.changes import config_json
 
 if TYPE_CHECKING:
-    from corral.supervisor.controller import Controller
+    from corral.supervisor.view import Supervisor
 
 
-async def dry_run(controller: Controller, change: Change) -> DryRunResult:
+async def dry_run(controller: Supervisor, change: Change) -> DryRunResult:
     merged = apply_change(controller.last_good, change)  # admitted by the route already
-    active = controller.slots.live(Slot.ACTIVE)
+    active = controller.active_server()
     running = active.config if active else None
     fit = await _fit(controller, merged, running)
     view = ConfigView.model_validate(config_json(merged))
@@ -39,7 +38,7 @@ async def dry_run(controller: Controller, change: Change) -> DryRunResult:
                         strategy=strategy.value, strategy_reason=why)
 
 
-async def _fit(controller: Controller, config: LlamaConfig,
+async def _fit(controller: Supervisor, config: LlamaConfig,
                running: LlamaConfig | None) -> FitView:
     verdict = await controller.checks.fit(config, running)
     return FitView.model_validate(verdict, from_attributes=True)

@@ -38,8 +38,8 @@ from corral.supervisor.changes import ChangeRecord, Outcome
 from corral.supervisor.operate import REVERT, NoBefore, admit_whole, before_of
 
 if TYPE_CHECKING:
-    from corral.supervisor.controller import Controller
     from corral.supervisor.seams import FleetGate
+    from corral.supervisor.view import Supervisor
 
 __all__ = ["Closing", "format_sse", "observe_router", "replay_start"]
 
@@ -155,7 +155,7 @@ async def follow(ring: Ring, after: int, closing: Closing,
             pending.cancel()
 
 
-def observe_router(controller: Controller, lines: LineBus, audit: AuditLog | None, *,
+def observe_router(controller: Supervisor, lines: LineBus, audit: AuditLog | None, *,
                    fleet: FleetGate | None = None,
                    keepalive_s: float = KEEPALIVE_S) -> APIRouter:
     """The routes of this module, on ``controller``'s events, the ``lines`` of the logs and

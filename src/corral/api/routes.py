@@ -51,8 +51,8 @@ from corral.errors import CorralError, InvalidArgs, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
 from corral.supervisor.changes import ChangeRecord, Outcome, config_json
-from corral.supervisor.controller import Controller
 from corral.supervisor.seams import FleetGate
+from corral.supervisor.view import Supervisor
 
 if TYPE_CHECKING:
     from corral.observe.metrics import Metrics
@@ -110,7 +110,7 @@ def record_result(record: ChangeRecord, rollout: dict[str, Any] | None = None,
     return JSONResponse(body, status or response.status_code)
 
 
-def store_unreachable(controller: Controller, what: str) -> JSONResponse:
+def store_unreachable(controller: Supervisor, what: str) -> JSONResponse:
     """503: a change that cannot be made durable is not made."""
     return change_result(
         Outcome.UNAVAILABLE, None, controller.last_good,
@@ -118,7 +118,7 @@ def store_unreachable(controller: Controller, what: str) -> JSONResponse:
         "could not be made durable, so nothing was changed")
 
 
-def note_refusal(controller: Controller, audit: AuditLog | None, source: str, client: str,
+def note_refusal(controller: Supervisor, audit: AuditLog | None, source: str, client: str,
                  exc: Exception, request: dict[str, Any]) -> None:
     """A change refused before it joined a batch: an event (metrics) and an audit line."""
     controller.events.emit("refused", source=source, client=client, error=str(exc))
@@ -130,7 +130,7 @@ def note_refusal(controller: Controller, audit: AuditLog | None, source: str, cl
 ROLLOUT_STATUS = {"done": 200, "failed": 422, "timeout": 504}
 
 
-def create_app(controller: Controller, token: Tokens | str | None = None,
+def create_app(controller: Supervisor, token: Tokens | str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, fleet: FleetGate | None = None,
                lines: LineBus | None = None, audit: AuditLog | None = None,
                metrics: Callable[[], Metrics] | None = None) -> Any:
@@ -243,12 +243,12 @@ def create_app(controller: Controller, token: Tokens | str | None = None,
     return TokenAuth(BodyLimit(app, max_body_bytes), token)
 
 
-def _refused(controller: Controller, client: str, exc: CorralError) -> JSONResponse:
+def _refused(controller: Supervisor, client: str, exc: CorralError) -> JSONResponse:
     log.warning("change from %s refused: %s", client, exc)
     return change_result(Outcome.REJECTED, None, controller.last_good, str(exc))
 
 
-async def _validated_change(controller: Controller, body: ParamsRequest) -> Change:
+async def _validated_change(controller: Supervisor, body: ParamsRequest) -> Change:
     change = await _parsed_change(controller, body)
     # Stage 1 (see Preflight). The memory fit waits for the merged batch (stage 2): it can take
     # seconds, which would spread a burst of POSTs over several debounce windows.
@@ -256,7 +256,7 @@ async def _validated_change(controller: Controller, body: ParamsRequest) -> Chan
     return change
 
 
-async def _parsed_change(controller: Controller, body: ParamsRequest) -> Change:
+async def _parsed_change(controller: Supervisor, body: ParamsRequest) -> Change:
     raw: dict[str, Any] = dict(body.args)
     binary = controller.last_good.binary
     if isinstance(raw.get(BINARY_KEY), str) and raw[BINARY_KEY].strip():

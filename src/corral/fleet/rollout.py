@@ -46,12 +46,12 @@ from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
-from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
 from corral.store.etcd.protocol import EtcdAPI
+from corral.store.etcd.wire import Compare, Op
 from corral.store.local import LocalStore
 from corral.supervisor.changes import ChangeRecord, Outcome
-from corral.supervisor.controller import Controller
+from corral.supervisor.view import Supervisor
 
 __all__ = ["RolloutAgent", "RolloutSettings", "split_slots"]
 
@@ -71,7 +71,7 @@ def now_iso() -> str:
 
 
 class RolloutAgent:
-    def __init__(self, controller: Controller, store: LocalStore, etcd: EtcdStore,
+    def __init__(self, controller: Supervisor, store: LocalStore, etcd: EtcdStore,
                  keys: FleetKeys, me: str, settings: RolloutSettings,
                  lease: Callable[[], int | None],
                  probe: Callable[[str], Awaitable[None]] | None = None,

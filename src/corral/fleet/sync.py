@@ -28,11 +28,11 @@ from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore
-from corral.store.etcd.client import Compare, Op
 from corral.store.etcd.codec import decode_config, encode_config
+from corral.store.etcd.wire import Compare, Op
 from corral.store.local import LocalStore
 from corral.supervisor.changes import ChangeRecord, Outcome, config_json
-from corral.supervisor.controller import Controller
+from corral.supervisor.view import Supervisor
 
 __all__ = ["FleetSync", "PublishingStore", "RolloutResult", "load_for_start"]
 
@@ -167,7 +167,7 @@ class RolloutResult:
 
 
 class FleetSync:
-    def __init__(self, controller: Controller, store: LocalStore, etcd: EtcdStore, name: str,
+    def __init__(self, controller: Supervisor, store: LocalStore, etcd: EtcdStore, name: str,
                  api_addr: str, settings: RolloutSettings | None = None,
                  me: str | None = None) -> None:
         self.controller = controller
@@ -177,6 +177,7 @@ class FleetSync:
         self.api_addr = api_addr
         self.instance_id = me or instance_id()
         self.settings = settings or RolloutSettings()
+        self._view: dict[str, Any] = {}  # what this instance reports of the fleet
         self.registration = etcd.register(name, self.info(), instance_id=self.instance_id)
         # The watch's quiet-stream probe renews the registration's lease: an idle
         # supervisor costs etcd one request per TTL/3.
@@ -276,7 +277,7 @@ class FleetSync:
         current = record is not None and found is not None and record.matches(found[0])
         # A revision this host failed, while it is still the fleet's (not reverted).
         mine = record.reasons.get(self.instance_id) if record and current else None
-        self.controller.fleet = {
+        self._view = {
             "instance_id": self.instance_id,
             "in_sync": self.in_sync(),
             "divergence": f"fleet config not applied here: {mine}" if mine else None,
@@ -287,10 +288,11 @@ class FleetSync:
             "canary_seconds": self.settings.canary_seconds,
             "rollout": self.agent.rollout_view(),
         }
+        self.controller.report_fleet(self._view)
 
     def info(self) -> dict[str, Any]:
         status = self.controller.status()
-        fleet = self.controller.fleet or {}
+        fleet = self._view
         return {
             "host": socket.gethostname(), "supervisor": self.api_addr, "port": status.port,
             "state": status.state, "pid": status.pid, "in_sync": fleet.get("in_sync", True),

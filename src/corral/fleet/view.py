@@ -9,8 +9,8 @@ from corral.core.rollout import MaxUnavailable, Rollout
 from corral.fleet.keys import FleetKeys, digest_of
 from corral.fleet.rollout import split_slots
 from corral.store.etcd import EtcdStore
-from corral.store.etcd.client import Op
 from corral.store.etcd.codec import decode_config
+from corral.store.etcd.wire import Op
 from corral.store.factory import DriverSpec
 from corral.supervisor.changes import config_json
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from corral.child.pidfile import PidFile
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import StartHistory
-from corral.core.debounce import Debouncer
 from corral.core.decide import (
     Action,
     Event,
@@ -59,13 +57,12 @@ from corral.errors import PreflightFailed, StartFailed, StoreError
 from corral.observe.events import EventBus
 from corral.store.base import ConfigStore, StoredConfig
 from corral.supervisor.apply import PlanExecutor, Verdict
+from corral.supervisor.boot import boot
 from corral.supervisor.changes import (
-    MAX_CHANGE_RECORDS,
-    ChangeIds,
     ChangeRecord,
     Outcome,
-    config_json,
 )
+from corral.supervisor.inbox import Inbox
 from corral.supervisor.liveness import Liveness
 from corral.supervisor.seams import Checks, Clock, Front, Launcher, NoFront, Server, SystemClock
 from corral.supervisor.settings import Settings, Startup
@@ -108,11 +105,7 @@ class Controller:
         self._launcher = launcher
         self._startup = startup
         self._pidfile = pidfile
-        self._debouncer: Debouncer[ChangeRecord] = Debouncer(
-            settings.debounce_s, settings.max_batch_age_s)
-        self._records: OrderedDict[str, ChangeRecord] = OrderedDict()
-        self._ids = ChangeIds()  # unique across runs: a revert finds the right one
-        self._wake = asyncio.Event()
+        self._inbox = Inbox(settings, self.clock, self.events)
         self.liveness = Liveness(launcher, self.clock, settings.liveness_interval_s,
                                  settings.liveness_failures)
         self._batch: list[ChangeRecord] = []  # the batch being applied
@@ -142,16 +135,7 @@ class Controller:
                client: str | None = None) -> ChangeRecord:
         """Add ``change`` to the open batch; ``source`` says who asked (api, fleet, restart,
         revert, reload), ``client`` the API client's address (both for the audit log)."""
-        loop = asyncio.get_running_loop()
-        record = ChangeRecord(self._ids.next(), change, self.clock.wall(),
-                              loop.create_future(), source=source, client=client)
-        self._records[record.id] = record
-        record.done.add_done_callback(lambda _: self._emit_outcome(record))
-        while len(self._records) > MAX_CHANGE_RECORDS:
-            self._records.popitem(last=False)
-        self._debouncer.add(record, self.clock.monotonic())
-        self._wake.set()
-        return record
+        return self._inbox.submit(change, source, client)
 
     def restart(self, client: str | None = None) -> ChangeRecord:
         """Restart llama-server with the config in effect (out of BACKOFF and FATAL too).
@@ -162,17 +146,8 @@ class Controller:
         """
         return self.submit(Change(None, ()), source=RESTART, client=client)
 
-    def _emit_outcome(self, r: ChangeRecord) -> None:
-        took = (r.finished_at or r.received_at) - r.received_at
-        self.events.emit(
-            "change", change=r.id, source=r.source, client=r.client, outcome=r.outcome.value,
-            error=r.error, restarted=r.restarted, strategy=r.strategy,
-            duration_s=round(took, 3),
-            before=config_json(r.before) if r.before is not None else None,
-            after=config_json(r.config) if r.config is not None else None)
-
     def record(self, change_id: str) -> ChangeRecord | None:
-        return self._records.get(change_id)
+        return self._inbox.record(change_id)
 
     @property
     def store_connected(self) -> bool:
@@ -181,7 +156,7 @@ class Controller:
 
     @property
     def pending_changes(self) -> int:
-        return self._debouncer.pending
+        return self._inbox.pending
 
     async def check(self, config: LlamaConfig, *, fit: bool = True) -> None:
         """Pre-flight ``config`` against what runs now; raise PreflightFailed."""
@@ -239,7 +214,7 @@ class Controller:
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
             return Event.RETRY_DUE
-        if self._debouncer.is_due(now):
+        if self._inbox.batches.is_due(now):
             return await self._take_batch(now)
         if self.liveness.probe is not None and self.liveness.probe.done():
             hung = self.liveness.take_result() and self.slots.live(Slot.ACTIVE) is not None
@@ -251,13 +226,13 @@ class Controller:
         return None
 
     async def _wait_for_work(self) -> None:
-        wake = asyncio.ensure_future(self._wake.wait())
+        wake = asyncio.ensure_future(self._inbox.wake.wait())
         waits: set[asyncio.Future[Any]] = {wake}
         if (active := self.slots[Slot.ACTIVE]) is not None:
             waits.add(active.exited)
         if self.liveness.probe is not None:
             waits.add(self.liveness.probe)
-        deadlines = [d for d in (self._debouncer.deadline(), self.retry_at,
+        deadlines = [d for d in (self._inbox.batches.deadline(), self.retry_at,
                                  self.liveness.due) if d is not None]
         timer = None
         if deadlines:
@@ -270,7 +245,7 @@ class Controller:
             for own in (wake, timer):
                 if own is not None:
                     own.cancel()
-        self._wake.clear()
+        self._inbox.wake.clear()
 
     def _on_exit(self, server: Server, code: int, ran_s: float) -> None:
         self.liveness.cancel()
@@ -284,7 +259,7 @@ class Controller:
         log.error("%s; reviving with the last good config", self.last_error)
 
     async def _take_batch(self, now: float) -> Event | None:
-        batch = self._debouncer.take(now)
+        batch = self._inbox.batches.take(now)
         for r in batch:
             r.before = self.last_good
         persist, restart = batch_kind([r.source for r in batch])
@@ -344,40 +319,17 @@ class Controller:
         self.proven = config
 
     async def _start_boot(self) -> Event:
-        errors = []
-        candidates = self._startup.candidates()
-        began = self.clock.monotonic()
-        for config in candidates:
-            try:
-                await self._start_config(config)
-            except (StartFailed, PreflightFailed) as exc:
-                errors.append(str(exc))
-                if config is not candidates[-1]:
-                    log.error("stored config failed to start (%s); FALLING BACK to the "
-                              "command-line config", exc)
-                continue
-            if config != self.last_good:
-                log.warning("running the command-line config; the stored config is kept "
-                            "until another config is applied successfully")
-            self.last_good = config
-            if self._startup.persist_when_ready:
-                await self._persist_quietly(config)
-            self._emit_start_up(candidates, config, "; ".join(errors) or None, began)
-            return Event.READY
-        self._emit_start_up(candidates, None, "; ".join(errors), began)
-        return self._start_failed("; ".join(errors))
-
-    def _emit_start_up(self, candidates: list[LlamaConfig], ran: LlamaConfig | None,
-                       error: str | None, began: float) -> None:
-        """What the start-up ran (the stored config, or the command line's after it failed),
-        for the audit log."""
-        fell_back = ran is not None and ran is not candidates[0]
-        self.events.emit(
-            "start-up", source="start-up", outcome="applied" if ran else "failed",
-            error=error, restarted=ran is not None, strategy=None,
-            duration_s=round(self.clock.monotonic() - began, 3), fell_back=fell_back,
-            before=config_json(candidates[0]) if fell_back else None,
-            after=config_json(ran) if ran is not None else None)
+        ran, error = await boot(self._startup.candidates(), self._start_config, self.clock,
+                                self.events)
+        if ran is None:
+            return self._start_failed(error or "no config to start")
+        if ran != self.last_good:
+            log.warning("running the command-line config; the stored config is kept "
+                        "until another config is applied successfully")
+        self.last_good = ran
+        if self._startup.persist_when_ready:
+            await self._persist_quietly(ran)
+        return Event.READY
 
     async def _start_last_good(self) -> Event:
         try:
@@ -459,7 +411,7 @@ class Controller:
         self._batch, self._plan = [], None
 
     async def _answer_pending(self) -> None:
-        for record in [*self._batch, *self._debouncer.take(float("inf"))]:
+        for record in [*self._batch, *self._inbox.batches.take(float("inf"))]:
             record.finish(Outcome.UNAVAILABLE, self.last_good, "the supervisor is shutting down")
 
     async def _close_front(self) -> None:

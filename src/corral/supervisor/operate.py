@@ -21,7 +21,7 @@ from corral.observe.audit import AuditLog, config_from_json
 from corral.supervisor.changes import ChangeRecord
 
 if TYPE_CHECKING:
-    from corral.supervisor.controller import Controller
+    from corral.supervisor.view import Supervisor
 
 __all__ = ["RELOAD", "REVERT", "Reloader", "admit_whole", "reload_from_store", "before_of"]
 
@@ -31,7 +31,7 @@ REVERT = "revert"  # ChangeRecord.source of a revert
 RELOAD = "reload"  # ... and of a config re-read from the store on SIGHUP
 
 
-async def admit_whole(controller: Controller, config: LlamaConfig) -> None:
+async def admit_whole(controller: Supervisor, config: LlamaConfig) -> None:
     """The checks an API change passes before it joins a batch (least-privilege rules,
     then stage-1 pre-flight); raises CorralError."""
     controller.checks.admit_binary(config.binary)
@@ -43,7 +43,7 @@ class NoBefore(CorralError):
     """The change is known, but no config was in effect before it (it never ran)."""
 
 
-def before_of(controller: Controller, audit: AuditLog | None,
+def before_of(controller: Supervisor, audit: AuditLog | None,
               change_id: str) -> LlamaConfig | None:
     """The config that was in effect when change ``change_id``'s batch was taken: from the
     controller's record, else from the audit log. None if the change is unknown; raises
@@ -67,12 +67,12 @@ def before_of(controller: Controller, audit: AuditLog | None,
                        f"{exc}") from None
 
 
-async def reload_from_store(controller: Controller,
+async def reload_from_store(controller: Supervisor,
                             audit: AuditLog | None = None) -> ChangeRecord | None:
     """Read the stored config again (a hand edit of the TOML file) and submit it as a
     whole-config change; None when there is nothing to do or it is refused (logged, and
     audited as a refusal)."""
-    if controller.fleet is not None:
+    if controller.status().fleet is not None:
         log.info("SIGHUP: in a fleet a new config arrives as a rollout; nothing re-read")
         return None
     try:
@@ -112,7 +112,7 @@ class Reloader:
     """Runs :func:`reload_from_store` after each :meth:`request` (one at a time; requests
     made meanwhile are folded into one more read)."""
 
-    def __init__(self, controller: Controller, audit: AuditLog | None = None) -> None:
+    def __init__(self, controller: Supervisor, audit: AuditLog | None = None) -> None:
         self.controller = controller
         self.audit = audit
         self._wake = asyncio.Event()

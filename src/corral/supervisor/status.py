@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from corral.core.args import ArgValue, LlamaConfig, port_of
+from corral.core.backoff import StartHistory
+from corral.core.decide import State
 from corral.core.steps import Slot
-
-if TYPE_CHECKING:
-    from corral.supervisor.controller import Controller
-    from corral.supervisor.seams import Server
+from corral.store.base import ConfigStore
+from corral.supervisor.seams import Checks, Clock, Front, Server
+from corral.supervisor.slots import Slots
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,45 @@ class Status:
     memory: dict[str, Any] | None = None  # estimate of the running config, memory available
 
 
-def status_of(c: Controller) -> Status:
+class Reported(Protocol):
+    """What a status is made of: the controller's own fields, read (never written) here."""
+
+    name: str
+    state: State
+    last_good: LlamaConfig
+    restarts: int
+    ready_since: float | None
+    retry_at: float | None
+    last_error: str | None
+    last_strategy: str | None
+    fleet: dict[str, Any] | None
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def slots(self) -> Slots: ...
+
+    @property
+    def history(self) -> StartHistory: ...
+
+    @property
+    def store(self) -> ConfigStore: ...
+
+    @property
+    def store_connected(self) -> bool: ...
+
+    @property
+    def pending_changes(self) -> int: ...
+
+    @property
+    def front(self) -> Front: ...
+
+    @property
+    def checks(self) -> Checks: ...
+
+
+def status_of(c: Reported) -> Status:
     now = c.clock.monotonic()
     active = c.slots.live(Slot.ACTIVE)
     return Status(
@@ -84,12 +123,12 @@ def status_of(c: Controller) -> Status:
     )
 
 
-def _memory(c: Controller) -> dict[str, Any] | None:
+def _memory(c: Reported) -> dict[str, Any] | None:
     """The checks' view of memory for the running config (cached: cheap)."""
     return c.checks.memory_view(c.last_good)
 
 
-def _server_status(c: Controller, server: Server | None) -> ServerStatus | None:
+def _server_status(c: Reported, server: Server | None) -> ServerStatus | None:
     if server is None:
         return None
     return ServerStatus(server.pid, port_of(server.config), server.generation,
