@@ -11,13 +11,11 @@ current state. Actions that take time (a start, an apply) end by feeding the nex
 back. Because nothing else touches the servers, a revival can never run in the middle of
 an apply.
 
-An apply runs the steps :func:`~corral.core.steps.plan_batch` lays out (stop-first or
-start-first); what a failure means (nothing lost, a rollback needed, a failed start) is
-again the table's call. Nothing of a rejected change is kept. Time comes from a
-:class:`~corral.supervisor.seams.Clock`, processes from a
-:class:`~corral.supervisor.seams.Launcher`, so the whole loop runs in-process in tests. The
-plan of an apply is carried out by :class:`~corral.supervisor.apply.PlanExecutor`, which
-returns what happened: only this class writes the supervisor's state.
+An apply runs the steps :func:`~corral.core.steps.plan_batch` lays out, carried out by
+:class:`~corral.supervisor.apply.PlanExecutor`, which returns what happened (only this class
+writes the supervisor's state); what a failure means is again the table's call. Time and
+processes come through seams (:mod:`corral.supervisor.seams`): the loop runs in-process in
+tests.
 """
 
 from __future__ import annotations
@@ -43,20 +41,17 @@ from corral.core.decide import (
     start_failure_event,
     start_failure_reason,
 )
-from corral.core.fit import SwapMode, choose_strategy
 from corral.core.steps import (
     RESTART_SOURCE,
     Plan,
     Slot,
     Strategy,
-    batch_kind,
-    desired_config,
-    plan_batch,
 )
 from corral.errors import PreflightFailed, StartFailed, StoreError
 from corral.observe.events import EventBus
 from corral.store.base import ConfigStore, StoredConfig
 from corral.supervisor.apply import PlanExecutor, Verdict
+from corral.supervisor.batching import plan_of, swap_for
 from corral.supervisor.boot import boot
 from corral.supervisor.changes import (
     ChangeRecord,
@@ -126,8 +121,7 @@ class Controller:
             Action.HOLD: self._hold, Action.REFUSE: self._refuse,
             Action.RUN_PLAN: self._run_plan, Action.ANSWER: self._answer,
             Action.ANSWER_PENDING: self._answer_pending, Action.CLOSE_FRONT: self._close_front,
-            Action.STOP_ALL: self._stop_all,
-        }
+            Action.STOP_ALL: self._stop_all}
 
     # ---- what the API calls -------------------------------------------------------------
 
@@ -138,12 +132,9 @@ class Controller:
         return self._inbox.submit(change, source, client)
 
     def restart(self, client: str | None = None) -> ChangeRecord:
-        """Restart llama-server with the config in effect (out of BACKOFF and FATAL too).
-
-        A batch like any other (so it never runs beside an apply), whose plan runs even
-        though it changes nothing; it is not stored again. Merged with real changes, it is
-        simply their apply.
-        """
+        """Restart llama-server with the config in effect (out of BACKOFF and FATAL too): a
+        batch like any other (never beside an apply) whose plan runs though it changes
+        nothing, not stored again; merged with real changes, it is simply their apply."""
         return self.submit(Change(None, ()), source=RESTART, client=client)
 
     def record(self, change_id: str) -> ChangeRecord | None:
@@ -160,7 +151,7 @@ class Controller:
 
     async def check(self, config: LlamaConfig, *, fit: bool = True) -> None:
         """Pre-flight ``config`` against what runs now; raise PreflightFailed."""
-        active = self.slots.live(Slot.ACTIVE)
+        active = self.active_server()
         await self.checks.check(config, active.config if active else None, fit=fit)
 
     def status(self) -> Status:
@@ -260,41 +251,17 @@ class Controller:
 
     async def _take_batch(self, now: float) -> Event | None:
         batch = self._inbox.batches.take(now)
-        for r in batch:
-            r.before = self.last_good
-        persist, restart = batch_kind([r.source for r in batch])
-        changes = [r.change for r in batch]
-        desired = desired_config(self.last_good, changes)
-        if desired is self.last_good and is_serving(self.state) and not restart:
-            log.info("batch of %d change(s) leaves the config as it is: no restart", len(batch))
-            for r in batch:
-                r.finish(Outcome.APPLIED, self.last_good)
-            return None
-        try:
-            # Stage 2: the merged batch (see Preflight); it also caches the memory estimate
-            # that --swap auto then weighs.
-            await self.check(desired)
-        except PreflightFailed as exc:
-            log.warning("batch of %d change(s) rejected before any restart: %s", len(batch), exc)
-            for r in batch:
-                r.finish(Outcome.REJECTED, self.last_good, str(exc))
-            return None
-        strategy, why = self.strategy_for(desired, restart=restart)
-        if self.settings.swap is SwapMode.AUTO:
-            log.info("--swap auto chose %s: %s", strategy.value, why)
-        plan = plan_batch(self.last_good, is_serving(self.state), changes, strategy, persist)
+        plan = await plan_of(batch, self.last_good, is_serving(self.state), self.check,
+                             self.strategy_for, self.settings.swap)
+        if plan is None:
+            return None  # answered already: a no-op, or rejected at pre-flight
         self._batch, self._plan, self._prior = batch, plan, self.state
         return Event.BATCH
 
     def strategy_for(self, desired: LlamaConfig, restart: bool = False) -> tuple[Strategy, str]:
         """How an apply of ``desired`` (or a restart) would swap servers now, and why."""
-        mode, active = self.settings.swap, self.slots.live(Slot.ACTIVE)
-        if mode is not SwapMode.AUTO:
-            return choose_strategy(mode, None), f"--swap {mode.value}"
-        if active is None or (desired == self.last_good and not restart):
-            return choose_strategy(mode, None), "no server is running"
-        verdict = self.checks.side_by_side(active.config, desired)
-        return choose_strategy(mode, verdict), f"--swap auto: {verdict.reason}"
+        return swap_for(self.settings.swap, self.slots.live(Slot.ACTIVE), self.last_good,
+                        desired, restart, self.checks)
 
     # ---- starting ------------------------------------------------------------------------
 
@@ -306,10 +273,8 @@ class Controller:
         self.ready_since = None
 
     async def _start_config(self, config: LlamaConfig) -> None:
-        # A config that has run is revived without pre-flight: respawn latency is what we
-        # sell, and the estimate can take seconds. A broken one fails its start instead.
-        # The binary rule costs a realpath: a program swapped behind an allowed symlink
-        # is not revived either.
+        # Without pre-flight (needs_preflight says why), the binary rule still costs a
+        # realpath: a program swapped behind an allowed symlink is not revived either.
         if needs_preflight(config, self.proven):
             await self.check(config)
         else:
