@@ -29,6 +29,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from corral.api.answers import (
+    change_result,
+    error,
+    note_refusal,
+    record_result,
+    store_unreachable,
+)
 from corral.api.schemas import ChangeResult, ErrorBody
 from corral.core.args import Change
 from corral.errors import CorralError, StoreUnavailable
@@ -160,14 +167,6 @@ def observe_router(controller: Supervisor, lines: LineBus, audit: AuditLog | Non
                    keepalive_s: float = KEEPALIVE_S) -> APIRouter:
     """The routes of this module, on ``controller``'s events, the ``lines`` of the logs and
     the ``audit`` log (None: no history kept, and ``/v1/changes`` answers 404)."""
-    from corral.api.routes import (  # here: no import cycle
-        change_result,
-        error,
-        note_refusal,
-        record_result,
-        store_unreachable,
-    )
-
     router = APIRouter()
     closing = Closing()
     controller.events.listen(closing.on_event)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -23,13 +22,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.api.answers import (
+    change_result,
+    error,
+    note_refusal,
+    record_result,
+    store_unreachable,
+)
 from corral.api.dry_run import dry_run
 from corral.api.metrics_routes import metrics_router
+from corral.api.observe_routes import observe_router
 from corral.api.page_routes import page_router
 from corral.api.schemas import (
     ChangeResult,
-    ChangeStatus,
-    ConfigView,
     DryRunResult,
     ErrorBody,
     HealthView,
@@ -42,7 +47,6 @@ from corral.child.preflight import resolve_binary
 from corral.core.args import (
     BINARY_KEY,
     Change,
-    LlamaConfig,
     apply_change,
     parse_change,
     parse_env,
@@ -50,7 +54,7 @@ from corral.core.args import (
 from corral.errors import CorralError, InvalidArgs, StoreUnavailable
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus
-from corral.supervisor.changes import ChangeRecord, Outcome, config_json
+from corral.supervisor.changes import Outcome, config_json
 from corral.supervisor.seams import FleetGate
 from corral.supervisor.view import Supervisor
 
@@ -68,62 +72,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "Wrong token"},
     413: {"model": ErrorBody, "description": "Body too large"},
 }
-
-
-def error(status: int, message: str, details: list[Any] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=message, details=details).model_dump(exclude_none=True),
-                        status_code=status)
-
-
-# The controller's outcomes in HTTP's words: the only place that knows them.
-HTTP_STATUS: dict[Outcome, int] = {
-    Outcome.PENDING: 202, Outcome.APPLIED: 200, Outcome.REJECTED: 422,
-    Outcome.NOT_STORED: 500, Outcome.UNAVAILABLE: 503, Outcome.SUPERSEDED: 409,
-}
-BODY_STATUS: dict[Outcome, ChangeStatus] = {
-    Outcome.PENDING: "pending", Outcome.APPLIED: "applied", Outcome.REJECTED: "rejected",
-    Outcome.NOT_STORED: "failed", Outcome.UNAVAILABLE: "failed", Outcome.SUPERSEDED: "failed",
-}
-
-
-def config_view(config: LlamaConfig) -> ConfigView:
-    return ConfigView.model_validate(config_json(config))
-
-
-def change_result(outcome: Outcome, change_id: str | None, config: LlamaConfig | None,
-                  error: str | None = None, log: list[str] | None = None,
-                  restarted: bool = False, strategy: str | None = None) -> JSONResponse:
-    body = ChangeResult(status=BODY_STATUS[outcome], change_id=change_id, error=error,
-                        log=log or [], restarted=restarted, strategy=strategy,
-                        config=config_view(config) if config else None)
-    return JSONResponse(body.model_dump(), HTTP_STATUS[outcome])
-
-
-def record_result(record: ChangeRecord, rollout: dict[str, Any] | None = None,
-                  status: int | None = None) -> JSONResponse:
-    response = change_result(record.outcome, record.id, record.config, record.error,
-                             record.log, record.restarted, record.strategy)
-    if rollout is None and status is None:
-        return response
-    body = json.loads(bytes(response.body))
-    body["rollout"] = rollout
-    return JSONResponse(body, status or response.status_code)
-
-
-def store_unreachable(controller: Supervisor, what: str) -> JSONResponse:
-    """503: a change that cannot be made durable is not made."""
-    return change_result(
-        Outcome.UNAVAILABLE, None, controller.last_good,
-        f"the config store is unreachable ({controller.store.description}); the {what} "
-        "could not be made durable, so nothing was changed")
-
-
-def note_refusal(controller: Supervisor, audit: AuditLog | None, source: str, client: str,
-                 exc: Exception, request: dict[str, Any]) -> None:
-    """A change refused before it joined a batch: an event (metrics) and an audit line."""
-    controller.events.emit("refused", source=source, client=client, error=str(exc))
-    if audit is not None:
-        audit.refused(client, str(exc), request)
 
 
 # How ?wait=rollout ends, in HTTP's words.
@@ -234,8 +182,6 @@ def create_app(controller: Supervisor, token: Tokens | str | None = None,
         return {"status": "ok", "state": controller.state.value}
 
     if lines is not None:
-        from corral.api.observe_routes import observe_router
-
         app.include_router(observe_router(controller, lines, audit, fleet=fleet))
     app.include_router(page_router())
     if metrics is not None:
