@@ -4,8 +4,8 @@ Each member is what ``corral supervise --config-driver etcd --local-port`` build
 ``corral.app.supervise``): a real :class:`~corral.supervisor.controller.Controller` on fake
 llama-servers (``tests/fakes.py``), behind a real :class:`~corral.fleet.PublishingStore`
 and :class:`~corral.store.local.LocalStore`, started with the real
-:func:`~corral.app.choose_startup` (so :func:`~corral.fleet.load_for_start` runs), and the
-real :class:`~corral.fleet.FleetSync` with its :class:`~corral.fleet.rollout.RolloutAgent`
+:func:`~corral.supervisor.startup.choose_startup` (so
+:func:`~corral.fleet.load_for_start` runs), and the real :class:`~corral.fleet.FleetSync` with its :class:`~corral.fleet.rollout.RolloutAgent`
 and registration, all talking to :class:`tests.memory_etcd.MemoryEtcd` through a client of
 their own that adds latency and watch lag. Time is virtual (``VirtualTimeLoop``), so a
 schedule of minutes runs in milliseconds.
@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.app import choose_startup
 from corral.core.args import Change, LlamaConfig
 from corral.core.backoff import BackoffPolicy
 from corral.core.decide import State
@@ -38,14 +37,16 @@ from corral.errors import StoreUnavailable
 from corral.fleet import FleetSync, PublishingStore
 from corral.fleet.rollout import RolloutSettings
 from corral.store.etcd import EtcdStore
-from corral.store.etcd.client import Op
 from corral.store.etcd.codec import decode_config
+from corral.store.etcd.wire import Op
 from corral.store.local import LocalOverrides, LocalStore
 from corral.supervisor.changes import ChangeRecord
 from corral.supervisor.controller import Controller
 from corral.supervisor.settings import Settings
+from corral.supervisor.startup import choose_startup
 from tests.fakes import Behaviour, FakeChecks, FakeLauncher
 from tests.memory_etcd import LoopClock, MemoryClient, MemoryEtcd
+from tests.waiting import until
 
 NAME = "f"
 CONFIG_KEY = f"/corral/configs/{NAME}"
@@ -235,18 +236,17 @@ class Sim:
     # ---- waiting --------------------------------------------------------------------------
 
     async def until(self, condition: Callable[[], object], seconds: float, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while not condition():
+        """:func:`tests.waiting.until`, failing also when a member's task failed, and
+        explaining the fleet's history when it times out."""
+        def holds() -> object:
             for member in self.live:
                 for task in member.tasks:
                     if task.done() and not task.cancelled() and task.exception():
                         raise AssertionError(f"{task.get_name()} failed: "
                                              f"{task.exception()!r}") from task.exception()
-            if loop.time() > deadline:
-                raise AssertionError(f"never happened within {seconds} s: {what}\n"
-                                     + self.explain())
-            await asyncio.sleep(0.05)
+            return condition()
+
+        await until(holds, seconds, what, interval=0.05, explain=self.explain)
 
     async def run_for(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

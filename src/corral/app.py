@@ -32,7 +32,7 @@ from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.child.privilege import RunAs, build_policy
 from corral.core.args import LlamaConfig, parse_argv
 from corral.defaults import TOKEN_ENV, instance_id
-from corral.errors import PreflightFailed, StoreUnavailable, UsageError
+from corral.errors import PreflightFailed, UsageError
 from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
@@ -47,7 +47,8 @@ from corral.store.factory import DriverSpec, open_store
 from corral.store.local import LocalOverrides, LocalStore
 from corral.supervisor.controller import Controller
 from corral.supervisor.operate import Reloader
-from corral.supervisor.settings import Security, Settings, Startup
+from corral.supervisor.settings import Security, Settings
+from corral.supervisor.startup import choose_startup
 from corral.transport import server_tls, tokens_from, warn_if_clear_text
 
 if TYPE_CHECKING:
@@ -181,38 +182,6 @@ async def cli_config(opts: Options, catalogs: CatalogCache) -> LlamaConfig:
     else:
         args.setdefault("--port", "8080")
     return LlamaConfig(binary, tuple(args.items()))
-
-
-async def choose_startup(store: ConfigStore, name: str, from_cli: LlamaConfig,
-                         fleet: bool = False) -> Startup:
-    """The stored config of ``name`` wins; the command line is the fallback.
-
-    In a fleet nothing is stored from here: the rollout agent stores what runs if the key
-    is still empty once this instance runs (so two first starts cannot both write).
-    """
-    try:
-        stored = await store.load(name)
-    except StoreUnavailable as exc:
-        log.warning("config store unreachable (%s): running the command-line config", exc)
-        return Startup(from_cli, None, persist_when_ready=False)
-    if stored is None:
-        log.info("nothing stored under %r yet: running the command-line config, stored once "
-                 "ready", name)
-        return Startup(from_cli, None, persist_when_ready=not fleet)
-    if stored.config != from_cli:
-        log.warning("the stored config %r (applied %s) wins over the command line; it differs "
-                    "in: %s", name, stored.applied_at or "at an unknown time",
-                    ", ".join(differences(stored.config, from_cli)))
-    return Startup(stored.config, from_cli)
-
-
-def differences(a: LlamaConfig, b: LlamaConfig) -> Iterator[str]:
-    if a.binary != b.binary:
-        yield f"binary ({a.binary} vs {b.binary})"
-    da, db = a.as_dict(), b.as_dict()
-    for key in dict.fromkeys([*da, *db]):
-        if da.get(key) != db.get(key):
-            yield f"{key} ({da.get(key, '-')} vs {db.get(key, '-')})"
 
 
 def instance_files(state_dir: Path, store: ConfigStore, name: str,
