@@ -5,8 +5,8 @@ Each member is what ``corral supervise --config-driver etcd --local-port`` build
 llama-servers (``tests/fakes.py``), behind a real :class:`~corral.fleet.PublishingStore`
 and :class:`~corral.store.local.LocalStore`, started with the real
 :func:`~corral.supervisor.startup.choose_startup` (so
-:func:`~corral.fleet.load_for_start` runs), and the real :class:`~corral.fleet.FleetSync` with its :class:`~corral.fleet.rollout.RolloutAgent`
-and registration, all talking to :class:`tests.memory_etcd.MemoryEtcd` through a client of
+:func:`~corral.fleet.load_for_start` runs), and the real :class:`~corral.fleet.FleetSync`
+with its :class:`~corral.fleet.rollout.RolloutAgent` and registration, all talking to :class:`tests.memory_etcd.MemoryEtcd` through a client of
 their own that adds latency and watch lag. Time is virtual (``VirtualTimeLoop``), so a
 schedule of minutes runs in milliseconds.
 
