@@ -4,11 +4,12 @@ Each member is what ``corral supervise --config-driver etcd --local-port`` build
 ``corral.app.supervise``): a real :class:`~corral.supervisor.controller.Controller` on fake
 llama-servers (``tests/fakes.py``), behind a real :class:`~corral.fleet.PublishingStore`
 and :class:`~corral.store.local.LocalStore`, started with the real
-:func:`~corral.supervisor.startup.choose_startup` (so
-:func:`~corral.fleet.load_for_start` runs), and the real :class:`~corral.fleet.FleetSync`
-with its :class:`~corral.fleet.rollout.RolloutAgent` and registration, all talking to :class:`tests.memory_etcd.MemoryEtcd` through a client of
-their own that adds latency and watch lag. Time is virtual (``VirtualTimeLoop``), so a
-schedule of minutes runs in milliseconds.
+:func:`~corral.supervisor.startup.choose_startup` (so :func:`~corral.fleet.load_for_start`
+runs), and the real :class:`~corral.fleet.FleetSync` with its
+:class:`~corral.fleet.rollout.RolloutAgent` and registration, all talking to
+:class:`tests.memory_etcd.MemoryEtcd` through a client of their own that adds latency and
+watch lag. Time is virtual (``VirtualTimeLoop``), so a schedule of minutes runs in
+milliseconds.
 
 Models name what a fake llama-server does with them: ``good-*`` starts, ``bad-*`` fails
 pre-flight (a truncated GGUF), ``crash-*`` exits while loading.
