@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from corral import cli, client
+from corral import cli
+from corral.cli import client
 from corral.defaults import TOKEN_ENV
 
 REAL_CLIENT = client.SupervisorClient

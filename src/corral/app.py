@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -25,13 +24,19 @@ import uvicorn
 
 from corral.api.routes import create_app
 from corral.api.security import Tokens
+from corral.api.transport import (
+    check_api_exposure,
+    server_tls,
+    tokens_from,
+    warn_if_clear_text,
+)
 from corral.child.launcher import ProcessLauncher
 from corral.child.locate import default_binary
 from corral.child.pidfile import InstanceLock, PidFile
 from corral.child.preflight import CatalogCache, Preflight, resolve_binary
 from corral.child.privilege import RunAs, build_policy
 from corral.core.args import LlamaConfig, parse_argv
-from corral.defaults import TOKEN_ENV, instance_id
+from corral.defaults import instance_id
 from corral.errors import PreflightFailed, UsageError
 from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
@@ -49,7 +54,6 @@ from corral.supervisor.controller import Controller
 from corral.supervisor.operate import Reloader
 from corral.supervisor.settings import Security, Settings
 from corral.supervisor.startup import choose_startup
-from corral.transport import server_tls, tokens_from, warn_if_clear_text
 
 if TYPE_CHECKING:
     from corral.fleet import FleetSync
@@ -126,20 +130,6 @@ def parse_addr(addr: str, flag: str = "--supervisor-addr") -> tuple[str, int]:
         raise UsageError(f"{flag} must be host:port, got {addr!r}")
     host = host.strip("[]") or "127.0.0.1"
     return ("127.0.0.1" if host == "localhost" else host), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_api_exposure(host: str, token: str | None) -> None:
-    if not is_loopback(host) and not token:
-        raise UsageError(
-            f"refusing to serve the management API on {host} without a token: it can start "
-            f"programs. Set --api-token or {TOKEN_ENV}, or bind to 127.0.0.1")
 
 
 def bind_api(host: str, port: int) -> socket.socket:

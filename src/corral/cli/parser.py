@@ -1,21 +1,17 @@
-"""Command line: argument parsing only; the work happens in :mod:`corral.app`."""
+"""The command line's parser: every subcommand, its flags and its ``--help``; nothing runs
+here (:mod:`.commands` runs what was asked)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral import __version__
-from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, token_from_env
-from corral.supervisor.settings import Security
+from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV
 
 if TYPE_CHECKING:
-    from corral.client import SupervisorClient
-    from corral.store.factory import DriverSpec
+    pass
 
 EPILOG_SUPERVISE = f"""\
 examples:
@@ -67,7 +63,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     f.add_argument("--name", default="default", help="config name (default: %(default)s)")
     f.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_etcd_security(f)
-    f.set_defaults(func=_run_fleet)
+    f.set_defaults(runner="fleet")
 
 
 def _add_etcd_security(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -77,27 +73,6 @@ def _add_etcd_security(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--etcd-key", metavar="PEM", help="key of --etcd-cert")
     p.add_argument("--etcd-user", metavar="NAME", help="etcd user (auth enabled); the "
                    "password comes from $CORRAL_ETCD_PASSWORD")
-
-
-def _etcd_spec(ns: argparse.Namespace, spec: DriverSpec) -> DriverSpec:
-    return spec.with_tls(cacert=ns.etcd_cacert, cert=ns.etcd_cert, key=ns.etcd_key,
-                         user=ns.etcd_user)
-
-
-def _run_fleet(ns: argparse.Namespace) -> int:
-    from corral import client
-    from corral.errors import CorralError
-    from corral.fleet.view import render_table
-    from corral.store.factory import driver_spec
-
-    try:
-        spec = _etcd_spec(ns, driver_spec(None, None, ns.etcd, ns.name))
-        report = client.fleet(spec, ns.name)
-    except CorralError as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2) if ns.json else render_table(report))
-    return 0
 
 
 def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -227,7 +202,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    help="do not echo llama-server's output (it is still kept for errors)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="(default: info)")
-    p.set_defaults(func=_run_supervise)
+    p.set_defaults(runner="supervise")
 
 
 def _add_privilege(p: argparse.ArgumentParser) -> None:
@@ -310,167 +285,11 @@ def _add_target(c: argparse.ArgumentParser) -> None:
     """The options every client command shares: which supervisor, and its token."""
     c.add_argument("--supervisor-addr", default=SUPERVISOR_ADDR, metavar="HOST:PORT")
     c.add_argument("--api-token", help=f"(default: ${TOKEN_ENV})")
-    c.set_defaults(func=_run_client)
+    c.set_defaults(runner="client")
 
 
-def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, []
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    head, extra = _split_extra(argv)
-    args = build_parser().parse_args(head)
-    args.extra = extra
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-
-
-def _run_supervise(ns: argparse.Namespace) -> int:
-    import asyncio
-
-    from corral.app import Options, supervise
-    from corral.core.backoff import BackoffPolicy
-    from corral.core.fit import SwapMode
-    from corral.errors import CorralError
-    from corral.front import FrontSettings
-    from corral.store.factory import driver_spec
-    from corral.supervisor.settings import Settings
-
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    log = logging.getLogger("corral")
-    binary, extra = ns.binary, list(ns.extra)
-    if ns.args:
-        if binary:
-            print("corral: use --binary or --args BINARY ..., not both", file=sys.stderr)
-            return 2
-        binary, extra = ns.args[0], [*ns.args[1:], *extra]
-    import platformdirs
-
-    from corral.core.rollout import MaxUnavailable
-    from corral.fleet.rollout import RolloutSettings
-
-    try:
-        rollout = RolloutSettings(MaxUnavailable.parse(ns.max_unavailable),
-                                  max(0.0, ns.canary_seconds))
-    except ValueError as exc:
-        log.error("--max-unavailable: %s", exc)
-        return 2
-    if ns.swap == "start-first" and not ns.listen:
-        log.error("--swap start-first needs --listen: without the front door the new server "
-                  "cannot take the old one's port while it still serves")
-        return 2
-    try:
-        settings = Settings(
-            ready_timeout_s=ns.ready_timeout, stop_timeout_s=ns.stop_timeout,
-            min_healthy_s=ns.min_healthy, debounce_s=ns.debounce_ms / 1000,
-            max_batch_age_s=ns.max_batch_ms / 1000, liveness_interval_s=ns.monitoring_interval,
-            backoff=BackoffPolicy(max_failures=max(1, ns.max_start_failures)),
-            echo_output=not ns.quiet_llama, drain_timeout_s=ns.drain_timeout,
-            swap=SwapMode(ns.swap) if ns.listen else SwapMode.STOP_FIRST,
-            fit_margin=ns.fit_margin / 100, allow_degraded=ns.allow_degraded)
-        opts = Options(
-            supervisor_addr=ns.supervisor_addr, binary=binary or None,
-            model=ns.model, port=ns.port, extra_args=extra,
-            driver=_etcd_spec(ns, driver_spec(ns.config_driver, ns.config_file, ns.etcd,
-                                              ns.name)),
-            settings=settings,
-            state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
-            api_token=token_from_env(ns.api_token), listen=ns.listen,
-            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout),
-            rollout=rollout, local_port=ns.local_port, security=_security(ns))
-        return asyncio.run(supervise(opts))
-    except CorralError as exc:
-        log.error("%s", exc)
-        return 2
-
-
-def _security(ns: argparse.Namespace) -> Security:
-    return Security(
-        allow_binaries=tuple(ns.allow_binary or ()),
-        allow_model_dirs=tuple(ns.allow_model_dir or ()), allow_flags=tuple(ns.allow_flag or ()),
-        allow_env=tuple(e for e in ns.allow_env if e) if ns.allow_env is not None else None,
-        user=ns.user, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
-        api_token_file=ns.api_token_file, read_token=ns.read_token,
-        read_token_file=ns.read_token_file)
-
-
-def _run_client(ns: argparse.Namespace) -> int:
-    from corral.client import SupervisorClient, change_body
-    from corral.errors import CorralError, UsageError
-
-    supervisor = SupervisorClient(ns.supervisor_addr, token_from_env(ns.api_token))
-    try:
-        if ns.command in ("logs", "events"):
-            return _run_stream(ns, supervisor)
-        if ns.command == "apply":
-            reply = supervisor.apply(change_body(ns.body, ns.extra))
-        elif ns.command == "restart":
-            reply = supervisor.restart()
-        elif ns.command == "revert":
-            reply = supervisor.revert(ns.change_id)
-        elif ns.command == "history":
-            reply = supervisor.history(max(1, min(ns.n, 1000)))
-        else:
-            reply = supervisor.status() if ns.command == "status" else supervisor.params()
-    except CorralError as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
-    print(_readable(ns, reply.body) if reply.ok else json.dumps(reply.body, indent=2))
-    return 0 if reply.ok else 1
-
-
-def _readable(ns: argparse.Namespace, body: object) -> str:
-    """What a person reads; ``--json`` (and every command without a text form) keeps the
-    API's JSON."""
-    from corral.observe.render import render_history, render_status
-
-    if ns.command == "status" and not ns.json and isinstance(body, dict):
-        return render_status(body)
-    if ns.command == "history" and not ns.json and isinstance(body, dict):
-        return render_history(list(body.get("changes") or []))
-    return json.dumps(body, indent=2)
-
-
-def _run_stream(ns: argparse.Namespace, supervisor: SupervisorClient) -> int:
-    """``logs`` and ``events``: print as things come; Ctrl-C or the supervisor ending the
-    stream exit 0."""
-    from corral.observe.render import render_event, render_line
-
-    try:
-        if ns.command == "logs" and not ns.follow:
-            reply = supervisor.logs(ns.tail)
-            if not reply.ok or not isinstance(reply.body, list):
-                print(json.dumps(reply.body, indent=2))
-                return 1
-            for line in reply.body:
-                print(render_line(line))
-            return 0
-        stream = (supervisor.follow_logs(ns.tail) if ns.command == "logs"
-                  else supervisor.events(ns.since))
-        for message in stream:
-            if message.event == "gap":
-                gap = message.json()
-                missed = gap.get("missed")
-                print(f"corral: {'some' if missed is None else missed} "
-                      f"{'line' if ns.command == 'logs' else 'event'}(s) missed "
-                      "(no longer kept)", file=sys.stderr, flush=True)
-                continue
-            data = message.json()
-            if ns.command == "logs":
-                print(render_line(data), flush=True)
-            else:
-                print(json.dumps(data) if ns.json else render_event(data), flush=True)
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # | head
-        sys.stderr.close()
-        return 0
-    return 0

@@ -12,6 +12,7 @@ import ssl
 from pathlib import Path
 
 from corral.api.security import Tokens, TokenSource
+from corral.defaults import TOKEN_ENV
 from corral.errors import UsageError
 from corral.supervisor.settings import Security
 
@@ -51,13 +52,26 @@ def server_tls(security: Security, what: str) -> ssl.SSLContext | None:
     return context
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_exposure(host: str, token: str | None) -> None:
+    """The management API can start programs: off loopback it needs a token."""
+    if not is_loopback(host) and not token:
+        raise UsageError(
+            f"refusing to serve the management API on {host} without a token: it can start "
+            f"programs. Set --api-token or {TOKEN_ENV}, or bind to 127.0.0.1")
+
+
 def warn_if_clear_text(host: str, tokens: Tokens, tls: bool) -> None:
     """A token sent over a network in clear can be read by anyone on the way: say so."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if tokens.required and not tls and not loopback:
+    if tokens.required and not tls and not is_loopback(host):
         log.warning("!!! the management API on %s takes its token WITHOUT TLS: anyone on the "
                     "network path can read the token and then change what runs. Give "
                     "--tls-cert/--tls-key, or bind to 127.0.0.1 behind a TLS proxy. !!!", host)
