@@ -27,15 +27,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from corral.errors import StoreUnavailable
-from corral.store.etcd.client import (
-    Compare,
-    KeyValue,
-    LeaseNotFound,
-    Op,
-    Range,
-    TxnResult,
-    WatchEvent,
-)
+from corral.store.etcd.failures import LeaseNotFound
+from corral.store.etcd.wire import Compare, KeyValue, Op, Range, TxnResult, WatchEvent
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from corral.errors import UsageError
 from corral.store.base import ConfigStore
 
 if TYPE_CHECKING:
-    from corral.store.etcd.client import EtcdTLS
+    from corral.store.etcd.tls import EtcdTLS
 
 DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -97,7 +97,7 @@ class DriverSpec:
         """The etcd TLS settings, or None for plain http."""
         if not (self.cacert or self.cert or self.key):
             return None
-        from corral.store.etcd.client import EtcdTLS
+        from corral.store.etcd.tls import EtcdTLS
 
         return EtcdTLS(self.cacert, self.cert, self.key)
 

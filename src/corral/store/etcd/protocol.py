@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
-from corral.store.etcd.client import Compare, KeyValue, Op, Range, TxnResult, WatchEvent
+from corral.store.etcd.wire import Compare, KeyValue, Op, Range, TxnResult, WatchEvent
 
 __all__ = ["EtcdAPI"]
 

@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from corral.errors import StoreUnavailable
-from corral.store.etcd.client import JSON, LeaseNotFound
+from corral.store.etcd.failures import LeaseNotFound
 from corral.store.etcd.protocol import EtcdAPI
+from corral.store.etcd.wire import JSON
 
 __all__ = ["DEFAULT_TTL", "Registration"]
 

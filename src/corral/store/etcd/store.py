@@ -23,17 +23,12 @@ from typing import Any
 from corral import defaults
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.store.base import StoredConfig
-from corral.store.etcd.client import (
-    DEFAULT_PROBE_INTERVAL,
-    DEFAULT_TIMEOUT,
-    JSON,
-    EtcdClient,
-    EtcdTLS,
-    KeyValue,
-)
+from corral.store.etcd.client import DEFAULT_PROBE_INTERVAL, DEFAULT_TIMEOUT, EtcdClient
 from corral.store.etcd.codec import _escape, _unescape, decode_config, encode_config
 from corral.store.etcd.protocol import EtcdAPI
 from corral.store.etcd.registration import DEFAULT_TTL, Registration
+from corral.store.etcd.tls import EtcdTLS
+from corral.store.etcd.wire import JSON, KeyValue
 
 __all__ = ["EtcdStore"]
 
