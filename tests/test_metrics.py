@@ -23,15 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.metrics_routes import CONTENT_TYPE, metrics_router
 from corral.core.args import Change, LlamaConfig
-from corral.observe.metrics import (
-    Carry,
-    LlamaExport,
-    Metrics,
-    RssOf,
-    Tally,
-    carry_forward,
-    model_of,
-)
+from corral.observe.llama_metrics import Carry, LlamaExport, carry_forward, model_of
+from corral.observe.metrics import Metrics, Tally
+from corral.sense.rss import RssOf
 from corral.supervisor.settings import Settings, Startup
 from tests.fakes import FAST, Rig, config
 from tests.front_fakes import FakeUpstream, Req, client, echo, front, response, upstreams

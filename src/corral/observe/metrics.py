@@ -13,49 +13,36 @@ steps) is kept in plain counters and fixed-bucket tallies, so building it import
 tallies and a fresh :class:`~corral.supervisor.status.Status` into metric families, and
 ``generate_latest`` writes the exposition.
 
-llama-server's own ``/metrics`` (when the running config has ``--metrics``) is fetched by
-:meth:`Metrics.render` before the collector runs (asynchronously, with a short timeout, from
-the active server: with ``--listen`` that is its private loopback port), parsed with
-``prometheus_client.parser`` and re-exported with a ``model`` label (the model file's stem).
-llama-server's counters start from zero with every server; :func:`carry_forward` keeps each
-re-exported counter growing across restarts: per series, an offset (the sum of the last
-values seen from the servers before) is added to what the current server says. A new server
-is recognised by its (pid, generation) or by a value that went down. So ``rate()`` never
-sees a false reset; what a dying server counted after the last scrape is lost, as it would
-be without Corral.
+llama-server's own ``/metrics`` are fetched first and re-exported
+(:mod:`corral.observe.llama_metrics`); the RSS of the active server's process tree is read
+at scrape time (:class:`corral.sense.rss.RssOf`).
 """
 
 from __future__ import annotations
 
 import bisect
-import logging
 import math
-import re
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from corral.core.args import host_of, port_of
 from corral.core.decide import State
 from corral.core.steps import Slot
 from corral.observe.events import Event, EventBus
+from corral.observe.llama_metrics import SCRAPE_TIMEOUT_S, LlamaScrape
+from corral.sense.rss import RssOf
 
 if TYPE_CHECKING:
-    import httpx
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
     from corral.supervisor.controller import Controller
 
-__all__ = ["CONTENT_TYPE", "Carry", "Metrics", "RssOf", "Tally", "carry_forward"]
-
-log = logging.getLogger("corral.observe")
+__all__ = ["CONTENT_TYPE", "Metrics", "Tally"]
 
 # The 0.0.4 text format generate_latest writes (prometheus_client's CONTENT_TYPE_LATEST
 # names the 1.0.0 one in recent versions).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SCRAPE_TIMEOUT_S = 0.5
 OUTCOMES = ("applied", "rejected", "not_stored", "unavailable", "superseded")
 REASONS = ("crash", "hang")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -64,40 +51,6 @@ ROLLOUT_PHASES = ("canary", "rolling", "done", "failed")
 ROLLOUT_STEPS = ("start", "promote", "finish", "fail", "revert", "reopen")
 APPLY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 LOAD_BUCKETS = APPLY_BUCKETS
-
-
-# ---- carrying llama-server's counters across restarts (pure) -------------------------------
-
-
-@dataclass(frozen=True)
-class Carry:
-    """One re-exported counter series: what the servers before the current one counted
-    (``offset``), the current server and the last value it reported."""
-
-    offset: float
-    server: Hashable
-    last: float
-
-    @property
-    def value(self) -> float:
-        return self.offset + self.last
-
-
-def carry_forward(prev: Carry | None, server: Hashable, value: float) -> Carry:
-    """The series after ``server`` reported ``value``; ``.value`` is what to export.
-
-    A new server (another identity) or a value below the last one (the same identity
-    restarted, or the counter was reset) starts a new segment: the last value seen is added
-    to the offset. A negative or NaN value counts as 0, so the export never goes down.
-    """
-    value = value if value > 0 else 0.0  # NaN > 0 is False
-    if math.isinf(value):
-        value = prev.last if prev is not None else 0.0
-    if prev is None:
-        return Carry(0.0, server, value)
-    if server != prev.server or value < prev.last:
-        return Carry(prev.offset + prev.last, server, value)
-    return Carry(prev.offset, server, value)
 
 
 # ---- tallies fed by events -----------------------------------------------------------------
@@ -145,16 +98,14 @@ class Metrics:
     def __init__(self, controller: Controller, bus: EventBus, *,
                  scrape_timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.controller = controller
-        self.scrape_timeout_s = scrape_timeout_s
         self.applies: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.restarts: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.rollout_steps: dict[str, int] = dict.fromkeys(ROLLOUT_STEPS, 0)
         self.apply_duration = Tally(APPLY_BUCKETS)
         self.model_load = Tally(LOAD_BUCKETS)
-        self.llama = LlamaExport()
+        self.llama = LlamaScrape(scrape_timeout_s)
         self.rss_of = RssOf()
         self._registry: CollectorRegistry | None = None
-        self._http: httpx.AsyncClient | None = None
         bus.listen(self.on_event)
 
     # ---- events -------------------------------------------------------------------------
@@ -196,41 +147,11 @@ class Metrics:
         """The exposition (text format 0.0.4), llama-server's own metrics fetched first."""
         from prometheus_client.exposition import generate_latest
 
-        await self.refresh_llama()
+        await self.llama.refresh(self.controller.slots.live(Slot.ACTIVE))
         return generate_latest(self.registry)
 
-    async def refresh_llama(self) -> None:
-        """Fetch the active llama-server's ``/metrics`` when its config has ``--metrics``."""
-        active = self.controller.slots.live(Slot.ACTIVE)
-        if active is None:  # between servers: the counters stay, at their last values
-            self.llama.no_scrape(self.llama.model)
-            return
-        if not metrics_enabled(active.config.get("--metrics"), dict(active.config.env)):
-            self.llama.no_scrape(None)
-            return
-        model = model_of(active.config)
-        url = f"http://{host_of(active.config)}:{port_of(active.config)}/metrics"
-        try:
-            response = await self._client().get(url)
-            response.raise_for_status()
-            text = response.text
-        except Exception as exc:  # noqa: BLE001 - a scrape must answer whatever llama-server does
-            log.debug("llama-server metrics at %s: %s", url, exc)
-            self.llama.no_scrape(model)
-            return
-        self.llama.update(text, (active.pid, active.generation), model)
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(timeout=self.scrape_timeout_s, trust_env=False)
-        return self._http
-
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        await self.llama.aclose()
 
     # ---- the families, at scrape time ---------------------------------------------------
 
@@ -298,42 +219,6 @@ def _histogram(family: Callable[..., Metric], name: str, doc: str, tally: Tally)
     return family(name, doc, buckets=tally.cumulative(), sum_value=tally.sum)
 
 
-class RssOf:
-    """RSS of a process and all its descendants. Finding the descendants makes psutil read
-    every process's stat (~10 ms): they are looked up again every ``refresh_s`` only."""
-
-    def __init__(self, refresh_s: float = 10.0,
-                 clock: Callable[[], float] | None = None) -> None:
-        import time
-
-        self.refresh_s = refresh_s
-        self.clock = clock or time.monotonic
-        self._pid: int | None = None
-        self._family: list[int] = []
-        self._until = 0.0
-
-    def __call__(self, pid: int) -> float | None:
-        """Bytes; None if ``pid`` is gone."""
-        import psutil
-
-        now = self.clock()
-        if pid != self._pid or now >= self._until:
-            try:
-                kids = psutil.Process(pid).children(recursive=True)
-            except psutil.Error:
-                return None
-            self._pid, self._until = pid, now + self.refresh_s
-            self._family = [pid, *(k.pid for k in kids)]
-        total = 0
-        for i, p in enumerate(self._family):
-            try:
-                total += psutil.Process(p).memory_info().rss
-            except psutil.Error:
-                if i == 0:
-                    return None
-        return float(total)
-
-
 def _front(front: Mapping[str, Any], door: object) -> Iterator[Metric]:
     from prometheus_client.metrics_core import (
         CounterMetricFamily,
@@ -388,90 +273,3 @@ def _fleet(fleet: Mapping[str, Any], steps: Mapping[str, int]) -> Iterator[Metri
                     "rollout steps this instance carried out, by step", "step", steps)
 
 
-# ---- llama-server's own metrics ------------------------------------------------------------
-
-
-def metrics_enabled(flag: object, env: Mapping[str, str]) -> bool:
-    on = env.get("LLAMA_ARG_ENDPOINT_METRICS", "").lower() in ("1", "true", "on", "enabled")
-    return flag is not None or on
-
-
-def model_of(config: Any) -> str:
-    """The label of a config's model: the model file's stem (the alias, else "unknown")."""
-    for key in ("--model", "--alias", "--hf-repo", "--model-url"):
-        value = config.get(key)
-        if isinstance(value, str) and value:
-            return PurePath(value.rstrip("/")).stem or value
-    return "unknown"
-
-
-# "counter"s whose name does not end in _total are not counts (llamacpp:n_tokens_max is the
-# largest sequence seen): read as gauges, under their own name, and not carried forward.
-_NOT_A_COUNT = re.compile(r"^# TYPE (\S+?)(?<!_total) counter$", re.MULTILINE)
-
-SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
-
-
-@dataclass
-class _Series:
-    family: str
-    doc: str
-    labels: dict[str, str]
-    carry: Carry
-
-
-class LlamaExport:
-    """llama-server's families from the last scrape, with counters carried forward."""
-
-    def __init__(self) -> None:
-        self.series: dict[SeriesKey, _Series] = {}
-        self.others: list[Metric] = []  # gauges etc. of the last successful scrape
-        self.model: str | None = None
-
-    def update(self, text: str, server: Hashable, model: str) -> None:
-        from prometheus_client.metrics_core import Metric
-        from prometheus_client.parser import text_string_to_metric_families
-
-        self.model = model
-        text = _NOT_A_COUNT.sub(r"# TYPE \1 gauge", text)
-        others: list[Metric] = []
-        try:
-            families = list(text_string_to_metric_families(text))
-        except ValueError as exc:
-            log.debug("llama-server metrics unreadable: %s", exc)
-            families = []
-        for fam in families:
-            if fam.type == "counter":
-                for s in fam.samples:
-                    if s.name.endswith("_created"):
-                        continue
-                    labels = {**s.labels, "model": model}
-                    key = (s.name, tuple(sorted(labels.items())))
-                    old = self.series.get(key)
-                    carried = carry_forward(old.carry if old else None, server, s.value)
-                    self.series[key] = _Series(fam.name, fam.documentation, labels, carried)
-                continue
-            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            for s in fam.samples:
-                out.add_sample(s.name, {**s.labels, "model": model}, s.value)
-            others.append(out)
-        self.others = others
-
-    def no_scrape(self, model: str | None) -> None:
-        """Nothing to read now (no server, no --metrics, or it did not answer): the
-        counters stay at their last values, the gauges are gone."""
-        self.model = model
-        self.others = []
-
-    def families(self) -> Sequence[Metric]:
-        from prometheus_client.metrics_core import Metric
-
-        counters: dict[str, Metric] = {}
-        for (sample, _), series in self.series.items():
-            if series.labels.get("model") != self.model:
-                continue
-            metric = counters.get(series.family)
-            if metric is None:
-                metric = counters[series.family] = Metric(series.family, series.doc, "counter")
-            metric.add_sample(sample, series.labels, series.carry.value)
-        return [*counters.values(), *self.others]
