@@ -7,7 +7,9 @@ format, ``--model/--port/--host/-np/-c/-cb``, ``GET /health`` (503 while "loadin
 (:func:`slot_context`). Its misbehaviours are flags of its own (so the API can switch them
 on like any flag): slow load, never ready, exit at start, crash after ready, ignore
 SIGTERM, a grandchild, an output flood, a freeze; it can also log the /health probes it
-answers. Standard library only.
+answers. Every run appends its command line to the file named by ``$FAKE_LLAMA_STARTS``
+(when set), so a test can count starts without sampling /proc or reading the supervisor's log.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ HELP = """\
 --metrics                               enable prometheus compatible metrics endpoint
 """
 HEALTH_LOGGED = "fake: GET /health"
+STARTS_ENV = "FAKE_LLAMA_STARTS"  # a file: one line (the arguments) per run
 N_CTX_TRAIN = 4096  # the fake model's training context: what -c 0 means
 CTX_PAD = 256  # llama.cpp pads the context, and each slot's share, up to a multiple of this
 
@@ -118,6 +121,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main() -> None:
+    if starts := os.environ.get(STARTS_ENV):  # every run on record, before anything can fail
+        try:
+            with open(starts, "a") as f:
+                f.write(" ".join(sys.argv[1:]) + "\n")
+        except OSError:  # run as another user (--user): that user cannot write the record
+            pass
     ns = parse(sys.argv[1:])
     if ns.help:
         print(HELP)

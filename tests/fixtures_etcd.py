@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from tests import procfs
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 
 READY_DEADLINE = 15.0
 ROOT_PASSWORD = "root-secret"
@@ -261,13 +261,11 @@ class EtcdServer:
         pid = self.proc.pid
         if not procfs.threads(pid):
             return  # no procfs: best effort
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
+        def reached() -> bool:
             states = [procfs.state(pid, tid) for tid in procfs.threads(pid)]
-            if all((state == "T") == stopped for state in states if state):
-                return
-            time.sleep(0.002)
-        raise RuntimeError(f"etcd did not {'stop' if stopped else 'continue'} in {deadline} s")
+            return all((state == "T") == stopped for state in states if state)
+        wait_for(reached, deadline, f"etcd {'stopped' if stopped else 'continued'}",
+                 interval=0.002)
 
     def etcdctl(self, *args: str, check: bool = True, user: str | None = None,
                 endpoints: str | None = None) -> str:

@@ -119,16 +119,6 @@ class FakeUpstream:
         await self.server.wait_closed()
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Wait for ``predicate`` (checked every millisecond), or fail naming ``what``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
-
-
 @dataclass
 class Door:
     door: FrontDoor

@@ -1,8 +1,9 @@
 """Running ``corral supervise`` as a real process in tests, and waiting on conditions.
 
-Every wait here has a deadline and polls a condition; nothing sleeps a fixed time to
-"let things settle". :class:`SupervisorProcess` remembers every llama-server pid it saw so
-the fixture can assert that none is left behind. The benchmarks (``bench/``) use it too.
+Every wait here has a deadline and polls a condition (``wait_for``, from
+:mod:`tests.waiting`, re-exported); nothing sleeps a fixed time to "let things settle".
+:class:`SupervisorProcess` remembers every llama-server pid it saw so the fixture can assert
+that none is left behind. The benchmarks (``bench/``) use it too.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
 from corral.child.process import death_signal_prefix
+from tests.fake_llama_server import STARTS_ENV
 from tests.procfs import is_alive as pid_alive
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_llama_server.py"
@@ -47,24 +49,6 @@ def end_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str,
-             interval: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except Exception as exc:  # noqa: BLE001 - conditions may fail while things start
-            last_exc = exc
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def wait_gone(pids: Iterable[int], timeout: float, what: str) -> None:
@@ -131,7 +115,8 @@ class SupervisorProcess:
             cmd += ["--", *llama_args]
         self.cmd = cmd
         self.pass_fds = tuple(pass_fds)
-        self.env = {**os.environ, **(env or {})}
+        self.starts_path = tmp / f"llama-starts-{self.api_port}"  # the fake's runs (STARTS_ENV)
+        self.env = {**os.environ, STARTS_ENV: str(self.starts_path), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -205,6 +190,18 @@ class SupervisorProcess:
         pid = self.status()["pid"]
         assert pid, self.status()
         return int(pid)
+
+    def started_with(self, marker: str) -> int:
+        """How many fake llama-servers this supervisor ran with ``marker`` in their
+        arguments (from the fake's own record of its runs, ``STARTS_ENV``)."""
+        if not self.starts_path.exists():
+            return 0
+        return sum(marker in line for line in self.starts_path.read_text().splitlines())
+
+    def starts(self) -> list[str]:
+        """The arguments of every fake llama-server this supervisor ran, in order (``--help``
+        runs included)."""
+        return self.starts_path.read_text().splitlines() if self.starts_path.exists() else []
 
     def leftovers(self) -> list[int]:
         return [p for p in self.seen_pids if pid_alive(p)]

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.waiting import wait_for
+
 # Runs as ``python -c ACTIVATE PROGRAM ARGS...``: moves the fds listed in
 # $CORRAL_TEST_PASS_FDS to 3, 4, ..., sets LISTEN_FDS and LISTEN_PID (this very process,
 # which exec keeps) as systemd does, and execs PROGRAM.
@@ -141,12 +143,8 @@ class NotifyReceiver:
     def wait_for(self, condition: Callable[[list[str]], bool], timeout: float,
                  what: str) -> list[str]:
         """Wait until ``condition(all datagrams so far)`` holds; fail after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while not condition(self.drain()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
-                                     f"received: {self.texts}")
-            select.select([self.sock], [], [], 0.02)
+        wait_for(lambda: condition(self.drain()), timeout, what,
+                 explain=lambda: f"received: {self.texts}")
         return self.texts
 
     def wait_message(self, key: str, value: str | None = None, timeout: float = 30,

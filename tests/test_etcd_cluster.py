@@ -22,6 +22,7 @@ from corral.core.args import LlamaConfig
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore
 from tests.fixtures_etcd import EtcdCluster, EtcdServer
+from tests.waiting import until
 
 pytestmark = pytest.mark.etcd
 
@@ -55,12 +56,6 @@ async def watching(store: EtcdStore, name: str) -> AsyncIterator[list[int]]:
             await task
 
 
-async def until_seen(seen: list[int], value: int, deadline: float = 15.0) -> None:
-    async with asyncio.timeout(deadline):
-        while value not in seen:
-            await asyncio.sleep(0.01)
-
-
 def key_version(cluster: EtcdCluster, key: str) -> int:
     """How many times ``key`` was written since it was created (etcd's ``version``)."""
     out = json.loads(cluster.etcdctl("get", key, "--write-out=json"))
@@ -91,14 +86,14 @@ async def test_writes_and_watch_survive_a_killed_member(etcd_cluster: EtcdCluste
         async with watching(store, "c") as seen:
             for n in range(1, WRITES + 1):
                 await store.save("c", config(n))
-            await until_seen(seen, WRITES)
+            await until(lambda: WRITES in seen, 15.0, f"write {WRITES} seen")
             assert in_use(etcd_cluster, store) is first
 
             killed = leader if victim.startswith("leader") else first
             etcd_cluster.kill(killed)
             for n in range(WRITES + 1, 2 * WRITES + 1):
                 await store.save("c", config(n))
-            await until_seen(seen, 2 * WRITES)
+            await until(lambda: 2 * WRITES in seen, 15.0, f"write {2 * WRITES} seen")
 
             assert await store.load("c") == config(2 * WRITES)
             assert key_version(etcd_cluster, "/corral/configs/c") == 2 * WRITES

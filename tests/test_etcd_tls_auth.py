@@ -22,6 +22,7 @@ from corral.errors import StoreUnavailable, UsageError
 from corral.store.base import StoredConfig
 from corral.store.etcd import AuthFailed, EtcdClient, EtcdTLS
 from corral.store.factory import driver_spec, open_store
+from tests.etcd_helpers import next_of, opened, watching
 from tests.fixtures_etcd import (
     EtcdServer,
     TLSFiles,
@@ -31,7 +32,6 @@ from tests.fixtures_etcd import (
     reaped,
 )
 from tests.harness import FAKE, make_fake_model, supervisor, wait_for
-from tests.test_store_etcd import next_of, opened, watching
 
 pytestmark = pytest.mark.etcd
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_etcd import EtcdServer
+from tests.fleet_helpers import etcd_args, fleet_json, stored
 from tests.harness import (
     FAKE,
     SupervisorProcess,
@@ -24,25 +25,6 @@ from tests.harness import (
 )
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
-
-
-def etcd_args(etcd: EtcdServer, name: str = "fleet", *, local_port: bool = True,
-              canary_s: float = 0.2) -> list[str]:
-    """Several supervisors on one machine: each keeps its own port (--local-port)."""
-    return ["--config-driver", json.dumps({"type": "etcd", "addr": etcd.addr, "name": name}),
-            "--canary-seconds", str(canary_s), *(["--local-port"] if local_port else [])]
-
-
-def stored(etcd: EtcdServer, name: str = "fleet") -> dict | None:
-    out = etcd.etcdctl("get", f"/corral/configs/{name}", "--print-value-only").strip()
-    return json.loads(out) if out else None
-
-
-def fleet_json(etcd: EtcdServer, name: str = "fleet") -> dict:
-    out = subprocess.run([sys.executable, "-m", "corral", "fleet", "--etcd", etcd.addr,
-                          "--name", name, "--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_the_stored_config_wins_port_included(tmp_path: Path, etcd_server: EtcdServer) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -30,9 +30,7 @@ CONFIG_KEY = f"/corral/configs/{NAME}"
 ROLLOUT_KEY = f"/corral/rollouts/{NAME}"
 
 
-def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``wait_for`` for conditions that return what they found (a record, a status)."""
-    return wait_for(condition, timeout, what)
+
 
 
 def get(cluster: EtcdCluster, key: str) -> tuple[dict[str, Any], int] | None:
@@ -108,7 +106,7 @@ def test_leader_killed_mid_rollout_the_rollout_completes_and_each_applies_once(
         assert written is not None
         revision = written[1]
 
-        claimed = until(lambda: (r := record(etcd_cluster)) and r["revision"] == revision
+        claimed = wait_for(lambda: (r := record(etcd_cluster)) and r["revision"] == revision
                         and r["canary"] and r["phase"] == moment and r, 20,
                         f"the rollout in phase {moment} (a canary claimed it)")
         # raft may have moved the leadership meanwhile (a loaded machine, 100 ms elections)
@@ -125,7 +123,7 @@ def test_leader_killed_mid_rollout_the_rollout_completes_and_each_applies_once(
         assert during is not None and during["phase"] in ("canary", "rolling"), \
             f"the leader was killed during the rollout, not after: {during}"
 
-        done = until(lambda: (r := record(etcd_cluster)) and r["revision"] == revision
+        done = wait_for(lambda: (r := record(etcd_cluster)) and r["revision"] == revision
                         and r["phase"] in ("done", "failed") and r, 45, "the rollout ended")
         assert done["phase"] == "done", done
         assert done["canary"] == claimed["canary"], "the canary never changed"

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -45,9 +45,7 @@ ROLLOUT_KEY = f"/corral/rollouts/{NAME}"
 APPLYING = re.compile(r"applying revision (\d+) here")
 
 
-def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``wait_for`` for conditions that return what they found (a record, a status)."""
-    return wait_for(condition, timeout, what)
+
 
 
 # etcd, read and written from the test process (the root namespace reaches etcd's host) ----
@@ -189,7 +187,7 @@ def test_a_partitioned_host_applies_nothing_and_catches_up_or_keeps_the_last_goo
                 served.append(repr(exc))
             return phase_of(etcd, revision, "done")
 
-        done = until(done_while_serving, TTL_S + 20,
+        done = wait_for(done_while_serving, TTL_S + 20,
                      f"the rollout of revision {revision} done without {cut_host.name}")
         assert cut_id not in done["progress"], done
         assert len(served) >= 2 and set(served) == {(200, 1)}, served
@@ -208,7 +206,7 @@ def test_a_partitioned_host_applies_nothing_and_catches_up_or_keeps_the_last_goo
 
         # ... and catches up once the link is back: one apply, of the latest revision
         cut_host.heal()
-        status = until(lambda: in_sync_at(cut, revision), 30,
+        status = wait_for(lambda: in_sync_at(cut, revision), 30,
                           f"{cut_host.name} in sync with revision {revision} after the heal")
         assert status["config"]["args"]["--parallel"] == "4"
         assert status["generation"] == boot[cut_host.name]["generation"] + 1
@@ -222,11 +220,11 @@ def test_a_partitioned_host_applies_nothing_and_catches_up_or_keeps_the_last_goo
         # 2. cut off again while a bad config fails at its canary and is reverted
         cut_host.partition()
         bad = put_config(etcd, fake_exit_at_start="2")
-        failed = until(lambda: phase_of(etcd, bad, "failed"), 30,
+        failed = wait_for(lambda: phase_of(etcd, bad, "failed"), 30,
                           f"the rollout of revision {bad} failed")
         assert "exited with code 2" in failed["reason"], failed
         assert failed["canary"] in {instance_id(s) for s in sups[:2]}, failed
-        reverted_config, reverted = until(
+        reverted_config, reverted = wait_for(
             lambda: (c := stored(etcd))[1] > bad and c, 10, "the key reverted")
         assert "--fake-exit-at-start" not in dict(reverted_config["args"])
         assert dict(reverted_config["args"])["--parallel"] == "4"
@@ -238,7 +236,7 @@ def test_a_partitioned_host_applies_nothing_and_catches_up_or_keeps_the_last_goo
         assert cut.status_inside()["pid"] == good[cut_host.name]["pid"]
 
         cut_host.heal()
-        status = until(lambda: in_sync_at(cut, reverted), 30,
+        status = wait_for(lambda: in_sync_at(cut, reverted), 30,
                           f"{cut_host.name} in sync with the reverted revision {reverted}")
         # it stayed on the last good config: never started the bad one, never restarted
         assert status["pid"] == good[cut_host.name]["pid"]
@@ -269,7 +267,7 @@ def test_a_canary_partitioned_mid_rollout_is_replaced_and_the_rollout_ends_done(
         by_id = {instance_id(s): s for s in sups}
         boot = {i: s.status() for i, s in by_id.items()}
         revision = put_config(etcd, parallel="3", fake_load_s=str(load_s))
-        first = until(lambda: (r := record(etcd)) and r["revision"] == revision
+        first = wait_for(lambda: (r := record(etcd)) and r["revision"] == revision
                          and r["canary"] and r, 10, "a canary claimed the new revision")
         canary = by_id[first["canary"]]
         assert first["canary"] in slot_holders(etcd)
@@ -279,14 +277,14 @@ def test_a_canary_partitioned_mid_rollout_is_replaced_and_the_rollout_ends_done(
         # its lease expires: its slot returns and another instance becomes the canary
         wait_for(lambda: first["canary"] not in slot_holders(etcd), TTL_S + 2,
                  "the partitioned canary's slot back within the lease TTL")
-        second = until(lambda: (r := record(etcd)) and r["canary"] not in (
+        second = wait_for(lambda: (r := record(etcd)) and r["canary"] not in (
             None, first["canary"]) and r, TTL_S + 3 - (time.monotonic() - cut_at),
             "another canary within the lease TTL (and a margin)")
         assert second["revision"] == revision and second["phase"] == "canary", second
         others = [s for s in sups if s is not canary]
         # then: the new canary's load and proof, the last instance's load
         budget = TTL_S + 2 * load_s + canary_s + 15  # the margin: a loaded 2-core machine
-        done = until(lambda: phase_of(etcd, revision, "done"),
+        done = wait_for(lambda: phase_of(etcd, revision, "done"),
                         budget - (time.monotonic() - cut_at), "the rollout done")
         assert done["canary"] == second["canary"]
         assert {i for i, p in done["progress"].items() if p == "done"} >= {
@@ -299,7 +297,7 @@ def test_a_canary_partitioned_mid_rollout_is_replaced_and_the_rollout_ends_done(
 
         # the cut-off canary finished its own apply alone, and converges after the heal
         canary.host.heal()
-        status = until(lambda: in_sync_at(canary, revision), 30,
+        status = wait_for(lambda: in_sync_at(canary, revision), 30,
                           "the former canary in sync after the heal")
         assert status["config"]["args"]["--parallel"] == "3"
         assert status["generation"] == boot[first["canary"]]["generation"] + 1
@@ -333,7 +331,7 @@ def test_corral_fleet_lists_the_hosts_by_their_addresses(
             return done.stdout
 
         # wait for the registrations to carry the new config (refreshed every 0.5 s)
-        report = until(lambda: (r := json.loads(corral_fleet("--json")))["instances"]
+        report = wait_for(lambda: (r := json.loads(corral_fleet("--json")))["instances"]
                           and all(i["runs_fleet_config"] for i in r["instances"]) and r,
                           10, "every host on the fleet config in the report")
         assert report["revision"] == revision

@@ -6,7 +6,6 @@ every llama-server's /health is probed every 50 ms while a rollout runs.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,55 +13,20 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_etcd import EtcdServer
+from tests.fleet_helpers import (
+    etcd_args,
+    fleet_json,
+    instance_of,
+    phase,
+    probing,
+    stored,
+    watching_proc,
+)
 from tests.harness import SupervisorProcess, corrupt_gguf, props, supervisor, wait_for
-from tests.test_fleet import etcd_args, fleet_json, stored
-from tests.test_fleet_rollout import instance_of, phase, probing
 
 pytestmark = [pytest.mark.etcd, pytest.mark.real, pytest.mark.slow]
 
 NAME = "real"
-
-
-class ProcWatch:
-    """Every llama-server whose command line mentions ``marker``, seen by scanning /proc
-    every 20 ms (other programs that read the model, such as the memory estimate's
-    llama-fit-params, are not servers)."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker.encode()
-        self.pids: set[int] = set()
-        self.others: set[tuple[int, str]] = set()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        for _ in range(10_000):  # bounded: 200 s at most
-            if self.stop.is_set():
-                return
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        argv = (entry / "cmdline").read_bytes().split(b"\0")
-                        if self.marker in b" ".join(argv):
-                            program = Path(argv[0].decode()).name
-                            if program == "llama-server":
-                                self.pids.add(int(entry.name))
-                            else:
-                                self.others.add((int(entry.name), program))
-                    except OSError:
-                        continue
-            self.stop.wait(0.02)
-
-
-@contextmanager
-def watching_proc(marker: str) -> Iterator[ProcWatch]:
-    watch = ProcWatch(marker)
-    thread = threading.Thread(target=watch.run, daemon=True)
-    thread.start()
-    try:
-        yield watch
-    finally:
-        watch.stop.set()
-        thread.join(5)
 
 
 @contextmanager

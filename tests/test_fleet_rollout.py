@@ -9,87 +9,27 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from tests.fixtures_etcd import EtcdServer
+from tests.fleet_helpers import (
+    etcd_args,
+    fleet_json,
+    instance_of,
+    phase,
+    probing,
+    put_config,
+    record,
+    stored,
+)
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor, wait_for
-from tests.test_fleet import etcd_args, fleet_json, stored
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
-
-
-def record(etcd: EtcdServer, name: str = "fleet") -> dict[str, Any] | None:
-    out = etcd.etcdctl("get", f"/corral/rollouts/{name}", "--print-value-only").strip()
-    return json.loads(out) if out else None
-
-
-def phase(etcd: EtcdServer, wanted: str, name: str = "fleet") -> dict[str, Any] | None:
-    r = record(etcd, name)
-    return r if r is not None and r["phase"] == wanted else None
-
-
-def put_config(etcd: EtcdServer, args: list[list[str]], name: str = "fleet") -> None:
-    etcd.etcdctl("put", f"/corral/configs/{name}",
-                 json.dumps({"binary": str(FAKE), "args": args}))
-
-
-def instance_of(sup: SupervisorProcess) -> str:
-    return str(sup.status()["fleet"]["instance_id"])
-
-
-@dataclass
-class Probes:
-    """Each instance's llama-server /health every 50 ms, from a thread, with timestamps."""
-
-    ports: list[int]
-    samples: list[tuple[float, list[bool]]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        with httpx.Client(timeout=0.5, trust_env=False) as http:
-            for _ in range(3000):  # bounded: 150 s at most
-                if self.stop.is_set():
-                    return
-                up = []
-                for port in self.ports:
-                    try:
-                        up.append(http.get(f"http://127.0.0.1:{port}/health").status_code
-                                  == 200)
-                    except httpx.HTTPError:
-                        up.append(False)
-                self.samples.append((time.monotonic(), up))
-                self.stop.wait(0.05)
-
-    def min_serving(self) -> int:
-        return min(sum(up) for _, up in self.samples)
-
-    def first_down(self, i: int) -> float | None:
-        return next((t for t, up in self.samples if not up[i]), None)
-
-    def back_up(self, i: int) -> float | None:
-        down = self.first_down(i)
-        return next((t for t, up in self.samples if down and t > down and up[i]), None)
-
-
-@contextmanager
-def probing(ports: list[int]) -> Iterator[Probes]:
-    probes = Probes(ports)
-    thread = threading.Thread(target=probes.run, daemon=True)
-    thread.start()
-    try:
-        yield probes
-    finally:
-        probes.stop.set()
-        thread.join(5)
 
 
 @contextmanager
@@ -109,11 +49,6 @@ def fleet_of(tmp_path: Path, etcd: EtcdServer, n: int = 3, *, extra: list[str] |
         wait_for(lambda: (r := record(etcd)) and r["revision"] > 0
                  and len(r["progress"]) == n, 20, "the boot config stored, all in sync")
         yield sups, model
-
-
-def started_with(sup: SupervisorProcess, marker: str) -> int:
-    """How many llama-servers this supervisor started with ``marker`` in their argv."""
-    return len(re.findall(rf"started llama-server \(pid \d+.*{re.escape(marker)}", sup.log()))
 
 
 @pytest.mark.timing  # asserts on wall-clock durations: run alone
@@ -160,7 +95,7 @@ def test_a_config_that_fails_at_the_canary_is_reverted_and_tried_nowhere_else(
         wait_for(lambda: stored(etcd_server) == before, 10, "the key reverted")
         for s in sups:
             s.wait_running()
-        assert sum(started_with(s, "--fake-exit-at-start") for s in sups) == 1
+        assert sum(s.started_with("--fake-exit-at-start") for s in sups) == 1
         canary = [instance_of(s) for s in sups].index(failed["canary"])
         for i, s in enumerate(sups):
             if i != canary:
@@ -181,7 +116,7 @@ def test_a_canary_killed_mid_apply_hands_over(tmp_path: Path, etcd_server: EtcdS
                                  ["--fake-load-s", "3"]])
         first = wait_for(lambda: (r := record(etcd_server)) and r["canary"], 30, "a canary")
         victim = sups[ids.index(first)]
-        wait_for(lambda: started_with(victim, "--fake-load-s 3"), 10, "the canary loading")
+        wait_for(lambda: victim.started_with("--fake-load-s 3"), 10, "the canary loading")
         victim.kill()
         killed_at = time.monotonic()
         second = wait_for(lambda: (r := record(etcd_server)) and r["canary"] not in (None, first)
@@ -233,11 +168,12 @@ def test_a_late_joiner_starts_the_last_good_config_then_takes_part(
         d = tmp_path / "late"
         d.mkdir()
         with supervisor(d, FAKE, model, store_args=etcd_args(etcd_server, canary_s=8.0)) as late:
-            late.wait_running()
-            assert "still rolling out; starting the last config that succeeded" in late.log(), \
-                record(etcd_server)
-            assert re.search(r"started llama-server \(pid \d+, generation 1\): \S+ --model "
-                             rf"{re.escape(str(model))} --port \d+\n", late.log()), late.log()
+            status = late.wait_running()
+            assert status["generation"] == 1 and "--parallel" not in status["config"]["args"], \
+                (status, record(etcd_server))
+            first = next(line for line in late.starts() if "--model" in line)
+            assert re.fullmatch(rf"--model {re.escape(str(model))} --port \d+", first), \
+                late.starts()
             wait_for(lambda: phase(etcd_server, "done"), 60, "rollout done")
             wait_for(lambda: late.status()["config"]["args"].get("--parallel") == "6", 20,
                      "the late joiner took part")

@@ -14,6 +14,7 @@ runs 3,000). A failure prints the seed, the state and the trace of the schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import random
@@ -26,6 +27,7 @@ from corral.core.rollout import MaxUnavailable, Phase
 from corral.supervisor.changes import ChangeRecord, Outcome
 from tests.fleet_sim import CONFIG_KEY, OPERATOR, ROLLOUT_KEY, Sim, model_of
 from tests.memory_etcd import run_virtual
+from tests.waiting import until
 
 SEEDS = int(os.environ.get("CORRAL_SIM_SEEDS", "240"))
 CHUNKS = 8  # test functions the seeds are spread over (pytest-xdist runs them in parallel)
@@ -275,10 +277,9 @@ def _running(sim: Sim, model: str, at_least: int) -> bool:
 
 async def _until_or(sim: Sim, condition: Callable[[], object], seconds: float = 20.0) -> None:
     """Until ``condition`` or ``seconds`` (a moment that may never come in this schedule)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition() and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(AssertionError):  # the moment not come: go on regardless
+        await until(condition, seconds, "a moment of this schedule", interval=0.05)
+    condition()  # but a condition that fails (raises) fails the test
 
 
 async def _heal_later(sim: Sim, name: str, seconds: float) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ import psutil
 import pytest
 
 from tests.fixtures_etcd import EtcdServer
+from tests.fleet_helpers import etcd_args, probing
 from tests.harness import (
     FAKE,
     SupervisorProcess,
@@ -33,8 +33,6 @@ from tests.harness import (
     supervisor,
     wait_for,
 )
-from tests.test_fleet import etcd_args
-from tests.test_fleet_rollout import probing
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -142,7 +140,7 @@ def test_a_second_write_is_never_lost_fake(tmp_path: Path, etcd_server: EtcdServ
         failed = wait_for(lambda: _failed_record_of(etcd_server, b_revision), 5,
                           "B's failure on record")
         assert key(etcd_server)[1]["args"] == back_to, (key(etcd_server), failed)
-        assert sum(_started_with(s, "--fake-exit-at-start") for s in sups) == 1
+        assert sum(s.started_with("--fake-exit-at-start") for s in sups) == 1
         running = [" ".join(psutil.Process(s.llama_pid()).cmdline()) for s in sups]
         assert all(("--parallel 2" in argv) == (moment == "all-applied") for argv in running)
 
@@ -151,10 +149,6 @@ def _failed_record_of(etcd: EtcdServer, revision: int) -> dict[str, Any] | None:
     """The record as it is, if it is B's and failed, or a later one whose revert says so."""
     r = record(etcd)
     return r if r is not None and r["revision"] >= revision else None
-
-
-def _started_with(sup: SupervisorProcess, marker: str) -> int:
-    return len(re.findall(rf"started llama-server \(pid \d+.*{re.escape(marker)}", sup.log()))
 
 
 @pytest.mark.real

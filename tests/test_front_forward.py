@@ -16,9 +16,9 @@ from tests.front_fakes import (
     front,
     raw,
     response,
-    until,
     upstreams,
 )
+from tests.waiting import until
 
 
 async def test_methods_headers_and_bodies_pass_through() -> None:
@@ -135,7 +135,7 @@ async def test_a_client_that_hangs_up_closes_its_upstream_connection() -> None:
                         b"Content-Length: 0\r\n\r\n", until_bytes=b"hello")
         assert b"hello" in got   # raw() closed the client connection after that
         await asyncio.wait_for(upstream_saw_close.wait(), DEADLINE)
-        await until(lambda: d.door.in_flight() == 0, "in-flight to drop to 0")
+        await until(lambda: d.door.in_flight() == 0, DEADLINE, "in-flight to drop to 0")
 
 
 async def test_head_204_304_and_1xx_end_where_they_should() -> None:

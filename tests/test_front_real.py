@@ -7,7 +7,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from corral.front import FrontDoor, FrontSettings, Upstream
-from tests.harness import end_process, free_port
+from tests.harness import end_process, free_port, wait_for
 
 pytestmark = [pytest.mark.real, pytest.mark.timing]  # latency figures
 DEADLINE = 60.0
@@ -30,11 +29,10 @@ def llama(real_binary: Path, real_model: Path) -> Iterator[Upstream]:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(port):
+        def ready() -> bool:
             assert proc.poll() is None, f"llama-server exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "llama-server not ready within 120 s"
-            time.sleep(0.05)  # polling a condition with a deadline, not a settle sleep
+            return _healthy(port)
+        wait_for(ready, 120, "llama-server ready", interval=0.05)
         yield Upstream("127.0.0.1", port, 1)
     finally:
         end_process(proc)

@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from corral.front import FrontSettings, Upstream
-from tests.front_fakes import DEADLINE, Door, Req, echo, front, openai_error, until, upstreams
+from tests.front_fakes import DEADLINE, Door, Req, echo, front, openai_error, upstreams
+from tests.waiting import until
 
 
 def get(d: Door, path: str = "/health", **kw: object) -> asyncio.Task[httpx.Response]:
@@ -27,7 +28,8 @@ async def test_held_requests_wait_then_go_in_arrival_order() -> None:
         tasks = []
         for i in range(5):
             tasks.append(get(d, f"/r{i}"))
-            await until(lambda i=i: d.door.stats().held_now == i + 1, f"{i + 1} held")
+            await until(lambda i=i: d.door.stats().held_now == i + 1, DEADLINE,
+                        f"{i + 1} held")
         assert not any(t.done() for t in tasks)
         d.door.route_to(up.upstream)
         assert d.door.stats().held_now == 0 and d.door.in_flight(up.upstream) == 5
@@ -40,7 +42,7 @@ async def test_held_requests_wait_then_go_in_arrival_order() -> None:
 async def test_past_max_held_the_answer_is_503_at_once() -> None:
     async with front(FrontSettings(max_held=2, retry_after_s=7)) as d:
         held = [get(d), get(d)]
-        await until(lambda: d.door.stats().held_now == 2, "2 held")
+        await until(lambda: d.door.stats().held_now == 2, DEADLINE, "2 held")
         async with httpx.AsyncClient(base_url=d.url, timeout=DEADLINE) as c:
             r = await c.post("/v1/chat/completions", json={"messages": []})
         assert "waiting" in openai_error(r, 503)
@@ -62,7 +64,7 @@ async def test_a_request_held_past_hold_timeout_gets_503() -> None:
 async def test_refuse_answers_held_and_new_requests_with_the_reason() -> None:
     async with front() as d:
         held = get(d)
-        await until(lambda: d.door.stats().held_now == 1, "1 held")
+        await until(lambda: d.door.stats().held_now == 1, DEADLINE, "1 held")
         d.door.refuse("FATAL: 5 failed starts")
         assert openai_error(await held, 503) == "FATAL: 5 failed starts"
         assert openai_error(await get(d, "/v1/models"), 503) == "FATAL: 5 failed starts"
@@ -87,7 +89,7 @@ async def test_no_byte_from_a_crashed_upstream_means_one_retry_on_the_next() -> 
         d.door.route_to(a.upstream)
         async with httpx.AsyncClient(base_url=d.url, timeout=DEADLINE) as c:
             task = asyncio.create_task(c.post("/completion", content=b"prompt"))
-            await until(lambda: d.door.stats().retried == 1, "the retry")
+            await until(lambda: d.door.stats().retried == 1, DEADLINE, "the retry")
             assert d.door.stats().held_now == 1   # parked: a is still the active upstream
             d.door.hold()                          # the controller noticed the crash
             d.door.route_to(b.upstream)            # ... and revived it
@@ -101,7 +103,7 @@ async def test_a_second_failure_is_a_502() -> None:
     async with upstreams(slam, slam) as [a, b], front() as d:
         d.door.route_to(a.upstream)
         task = get(d)
-        await until(lambda: d.door.stats().retried == 1, "the retry")
+        await until(lambda: d.door.stats().retried == 1, DEADLINE, "the retry")
         d.door.route_to(b.upstream)
         assert "failed before answering" in openai_error(await task, 502)
         assert d.door.stats().failed == {"bad_gateway": 1}
@@ -146,7 +148,7 @@ async def test_drain_waits_for_the_last_in_flight_request() -> None:
     async with upstreams(gated(gate), echo) as [old, new], front() as d:
         d.door.route_to(old.upstream)
         slow = get(d)
-        await until(lambda: len(old.requests) == 1, "the request upstream")
+        await until(lambda: len(old.requests) == 1, DEADLINE, "the request upstream")
         d.door.route_to(new.upstream)        # start-first: switch, then drain the old one
         assert (await get(d)).status_code == 200
         drain = asyncio.create_task(d.door.drain(old.upstream, DEADLINE))
@@ -154,7 +156,8 @@ async def test_drain_waits_for_the_last_in_flight_request() -> None:
         gate.set()
         assert await drain == 0
         assert (await slow).status_code == 200
-        await until(lambda: old.closed == 1, "the old upstream's connection closed")
+        await until(lambda: old.closed == 1, DEADLINE,
+                    "the old upstream's connection closed")
 
 
 async def test_drain_times_out_and_says_how_many_were_left() -> None:
@@ -162,7 +165,7 @@ async def test_drain_times_out_and_says_how_many_were_left() -> None:
     async with upstreams(gated(gate)) as [up], front() as d:
         d.door.route_to(up.upstream)
         slow = get(d)
-        await until(lambda: d.door.in_flight(up.upstream) == 1, "one in flight")
+        await until(lambda: d.door.in_flight(up.upstream) == 1, DEADLINE, "one in flight")
         d.door.hold()
         assert await d.door.drain(up.upstream, 0.05) == 1
         gate.set()
@@ -174,10 +177,10 @@ async def test_close_lets_in_flight_finish_then_answers_held_503() -> None:
     async with upstreams(gated(gate)) as [up], front() as d:
         d.door.route_to(up.upstream)
         in_flight = get(d)
-        await until(lambda: d.door.in_flight() == 1, "one in flight")
+        await until(lambda: d.door.in_flight() == 1, DEADLINE, "one in flight")
         d.door.hold()
         held = get(d)
-        await until(lambda: d.door.stats().held_now == 1, "one held")
+        await until(lambda: d.door.stats().held_now == 1, DEADLINE, "one held")
         closing = asyncio.create_task(d.door.close(DEADLINE))
         await asyncio.sleep(0)
         assert not closing.done() and not held.done()

@@ -30,6 +30,7 @@ from corral.supervisor.settings import Settings, Startup
 from tests.fakes import FAST, Rig, config
 from tests.front_fakes import FakeUpstream, Req, client, echo, front, response, upstreams
 from tests.harness import wait_for
+from tests.waiting import until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -236,9 +237,11 @@ def test_rss_counts_the_children_and_looks_them_up_again_later() -> None:
 
 async def test_front_door_counters_and_histograms() -> None:
     """With a real front door: requests by class, held ones, the request-duration and
-    held-time histograms the door keeps."""
+    held-time histograms the door keeps, timed on a clock the test moves."""
+    clock = StepClock()
     async with upstreams(echo) as [up], front() as d:
         door = d.door
+        door.timing.clock = clock
         async with Rig() as rig:
             rig.front.door = door  # type: ignore[attr-defined]
             rig.front.view = lambda: _front_view(door)  # type: ignore[method-assign]
@@ -246,10 +249,10 @@ async def test_front_door_counters_and_histograms() -> None:
             await rig.until_state("RUNNING")
             async with client(d) as c:
                 held = asyncio.ensure_future(c.get("/held"))
-                await _until(lambda: door.stats().held_now == 1)
+                await until(lambda: door.stats().held_now == 1, 5.0, "one held", interval=0.001)
                 s = await scrape(metrics)
                 assert value(s, "corral_front_held_now") == 1
-                await asyncio.sleep(0.06)
+                clock.now += 0.06
                 door.route_to(up.upstream)
                 assert (await held).status_code == 200
                 for _ in range(3):
@@ -268,11 +271,21 @@ async def test_front_door_counters_and_histograms() -> None:
         assert value(s, "corral_front_cut_total") == 0
         assert value(s, "corral_front_in_flight") == 0
         assert value(s, "corral_front_request_duration_seconds_count") == 5
-        assert value(s, "corral_front_request_duration_seconds_sum") >= 0.05
+        assert value(s, "corral_front_request_duration_seconds_sum") == pytest.approx(0.06)
         assert value(s, "corral_front_held_seconds_count") == 1
-        assert value(s, "corral_front_held_seconds_sum") >= 0.05
+        assert value(s, "corral_front_held_seconds_sum") == pytest.approx(0.06)
         assert value(s, "corral_front_held_seconds_bucket", le="0.01") == 0
         assert value(s, "corral_front_held_seconds_bucket", le="+Inf") == 1
+
+
+class StepClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
 
 
 def _front_view(door: Any) -> dict[str, Any]:
@@ -281,22 +294,16 @@ def _front_view(door: Any) -> dict[str, Any]:
     return dataclasses.asdict(door.stats())
 
 
-async def _until(cond: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.001)
-
-
 async def test_a_client_that_leaves_while_held_leaves_no_timing_behind() -> None:
     async with front() as d:
         async with client(d) as c:
             task = asyncio.ensure_future(c.get("/held"))
-            await _until(lambda: d.door.stats().held_now == 1)
+            await until(lambda: d.door.stats().held_now == 1, 5.0, "one held", interval=0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        await _until(lambda: d.door.stats().held_now == 0)
-        assert not d.door._began and not d.door._held_since
+        await until(lambda: d.door.stats().held_now == 0, 5.0, "none held", interval=0.001)
+        assert d.door.timing.pending == 0
         timings = d.door.timings()
         assert timings["held_seconds"][2][-1] + sum(timings["held_seconds"][2][:-1]) == 1
         assert sum(timings["request_duration_seconds"][2]) == 0

@@ -19,12 +19,12 @@ import pytest
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from corral.api.security import is_open
 from tests import browser
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, wait_gone
 from tests.page_stub import StubServer
+from tests.waiting import wait_for
 
 FOUND = browser.chromium()
 needs_chromium = pytest.mark.skipif(isinstance(FOUND, str), reason=str(FOUND))
@@ -142,10 +142,10 @@ class Page:
             return ""
 
     def until(self, what: str, condition: Callable[[], Any]) -> Any:
+        """``wait_for`` on the page; a screenshot and the page's state when it times out."""
         try:
-            return WebDriverWait(self.d, WAIT_S, poll_frequency=0.05).until(
-                lambda _: condition())
-        except Exception as exc:
+            return wait_for(condition, WAIT_S, what, interval=0.05)
+        except AssertionError as exc:
             self.shot(f"timeout-{what}")
             raise AssertionError(f"timed out waiting for {what}; state "
                                  f"{self.text('#state')!r}, outcome "

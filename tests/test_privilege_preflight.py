@@ -14,7 +14,7 @@ from corral.errors import NotAllowed
 from corral.supervisor.changes import Outcome
 from tests.fakes import FakeChecks, Rig, config
 from tests.harness import make_fake_model
-from tests.test_privilege_api import marker_binary
+from tests.privilege_helpers import marker_binary
 
 
 @pytest.mark.parametrize("fit", [True, False])

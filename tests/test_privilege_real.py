@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import props, supervisor
-from tests.test_privilege_api import Unchanged, marker_binary
+from tests.privilege_helpers import Unchanged, marker_binary
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

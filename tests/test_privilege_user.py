@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor
-from tests.test_privilege_api import refused
+from tests.privilege_helpers import refused
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="--user needs the supervisor to run as root"),

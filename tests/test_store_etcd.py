@@ -7,7 +7,6 @@ while etcd is frozen).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -21,9 +20,11 @@ from corral.core.args import LlamaConfig
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.store.base import ConfigStore, StoredConfig, WatchableStore
 from corral.store.etcd import EtcdStore, decode_config
+from tests.etcd_helpers import next_of, opened, watching
 from tests.fixtures_etcd import EtcdServer
 from tests.harness import free_port
 from tests.store_contract import StoreContract
+from tests.waiting import until
 
 pytestmark = pytest.mark.etcd
 
@@ -60,51 +61,6 @@ async def store(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
     store = EtcdStore.connect(etcd_server.addr)
     yield store
     await store.close()
-
-
-@contextlib.asynccontextmanager
-async def opened(addr: str, **kwargs: Any) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore.connect(addr, **kwargs)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@contextlib.asynccontextmanager
-async def watching(store: EtcdStore, name: str) -> AsyncIterator[asyncio.Queue[StoredConfig]]:
-    """Runs ``store.watch(name)`` in a task that feeds a queue."""
-    queue: asyncio.Queue[StoredConfig] = asyncio.Queue()
-
-    async def collect() -> None:
-        async for stored in store.watch(name):
-            queue.put_nowait(stored)
-
-    task = asyncio.create_task(collect())
-    try:
-        yield queue
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def next_of(queue: asyncio.Queue[StoredConfig], deadline: float = 10.0) -> StoredConfig:
-    return await asyncio.wait_for(queue.get(), deadline)
-
-
-async def until(condition: Callable[[], Any], deadline: float, what: str) -> float:
-    """Polls ``condition`` (sync or async) until true; returns the seconds it took."""
-    start = time.monotonic()
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > deadline:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def config_key(name: str) -> str:
@@ -424,10 +380,10 @@ async def test_registration_vanishes_within_ttl_when_holder_is_killed(
         assert list(await store.list_instances("m")) == ["child"]
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
-        took = await until(
-            lambda: _instances_are(store, {}), 2 + 1.5, "registration expires within the TTL"
-        )
-        assert took <= 3.5
+        killed_at = time.monotonic()
+        await until(lambda: _instances_are(store, {}), 2 + 1.5,
+                    "registration expires within the TTL")
+        assert time.monotonic() - killed_at <= 3.5
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -38,6 +38,7 @@ from tests.systemd_helpers import (
     parse,
     tcp_listener,
 )
+from tests.waiting import until
 
 S = State
 
@@ -152,12 +153,6 @@ async def test_watchdog_pings_at_half_the_period_while_alive(receiver: NotifyRec
     def alive() -> bool:
         state["checks"] += 1
         return bool(state["alive"])
-
-    async def until(condition: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():  # type: ignore[operator]
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.005)
 
     def pings() -> list[float]:
         receiver.drain()
