@@ -15,14 +15,40 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
 if TYPE_CHECKING:
     from corral.front.model import Upstream
-    from corral.front.proxy import FrontDoor
-    from corral.front.upstream import UpstreamConn
+
+
+class ClientEvents(Protocol):
+    """What a client connection tells the front door (which implements this)."""
+
+    def client_opened(self, client: ClientConn) -> None: ...
+
+    def pump(self, ex: Exchange) -> None: ...
+
+    def bad_request(self, client: ClientConn, message: str) -> None: ...
+
+    def client_lost(self, client: ClientConn) -> None: ...
+
+
+class AttemptConn(Protocol):
+    """The upstream connection an exchange's attempt runs on (``upstream.UpstreamConn``)."""
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    def send(self, ex: Exchange) -> None: ...
+
+    def set_reading(self, on: bool) -> None: ...
+
+    def unbind(self) -> None: ...
 
 
 class Exchange:
@@ -48,7 +74,7 @@ class Exchange:
         self.body_done = False
         self.submitted = False
         self.upstream: Upstream | None = None   # set while an attempt counts as in flight
-        self.conn: UpstreamConn | None = None
+        self.conn: AttemptConn | None = None
         self.attempt = 0                # bumped per attempt: a late connect finds it stale
         self.responded = False          # a response byte came: no retry any more
         self.retried = False            # the one crash retry was used
@@ -74,7 +100,7 @@ class Exchange:
 class ClientConn(asyncio.Protocol):
     """One client connection: parses requests, queues them, hands them to the door."""
 
-    def __init__(self, door: FrontDoor) -> None:
+    def __init__(self, door: ClientEvents) -> None:
         self.door = door
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.parser = httptools.HttpRequestParser(self)

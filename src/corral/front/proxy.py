@@ -37,43 +37,22 @@ controller's calls are synchronous and cheap.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import socket
 import ssl
-import time
 from collections import Counter
 
 from corral.front.client import ClientConn, Exchange
+from corral.front.idle import IdleWaiters
 from corral.front.model import FrontSettings, FrontStats, Upstream
 from corral.front.responses import CONTINUE, error_response
 from corral.front.router import Decision, Held, Rejected, Router
+from corral.front.timings import MonotonicClock, Timings
 from corral.front.upstream import Pool, UpstreamConn
 
 log = logging.getLogger("corral.front")
 
 __all__ = ["FrontDoor"]
-
-# Histogram buckets (upper bounds, seconds) for /metrics: a request (head received to its
-# response's end, streams included), and the wait of a held request.
-REQUEST_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                  120.0, 300.0)
-HELD_BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-class _Durations:
-    """Per-bucket counts and the sum of observed seconds (read by corral.observe.metrics)."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
 
 
 class FrontDoor:
@@ -83,7 +62,9 @@ class FrontDoor:
     """
 
     def __init__(self, sock: socket.socket, settings: FrontSettings | None = None, *,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 clock: MonotonicClock | None = None) -> None:
+        """``clock``: where request durations and waits are read (the system's by default)."""
         self.settings = settings or FrontSettings()
         self._tls = tls  # --tls-cert/--tls-key: clients speak HTTPS to the front door
         self._sock = sock
@@ -94,7 +75,7 @@ class FrontDoor:
         self._clients: set[ClientConn] = set()
         self._connecting: set[asyncio.Task[None]] = set()
         self._draining: set[Upstream] = set()
-        self._waiters: dict[Upstream | None, list[asyncio.Future[None]]] = {}
+        self._idle = IdleWaiters(self._router.in_flight)
         self._server: asyncio.Server | None = None
         self._closed: asyncio.Future[None] | None = None
         self._closing = False
@@ -102,10 +83,7 @@ class FrontDoor:
         self._cut = 0
         self._failed: Counter[str] = Counter()
         self._classes = [0] * 6
-        self._began: dict[Exchange, float] = {}  # head received -> monotonic time
-        self._held_since: dict[Exchange, float] = {}  # waiting (held or parked) since
-        self._durations = _Durations(REQUEST_BOUNDS)
-        self._held_time = _Durations(HELD_BOUNDS)
+        self.timing = Timings(clock)
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -129,7 +107,7 @@ class FrontDoor:
         for client in list(self._clients):
             if client.is_idle():
                 client.transport.close()
-        await self._wait_idle(None, drain_timeout_s)
+        await self._idle.wait(None, drain_timeout_s)
         self.refuse("Corral is shutting down")
         self._abort_all()
         if self._closed is not None and not self._closed.done():
@@ -174,7 +152,7 @@ class FrontDoor:
         how many still are. Its idle connections are closed, and no more are kept."""
         self._draining.add(upstream)
         self._pool.close_idle(upstream)
-        return await self._wait_idle(upstream, timeout_s)
+        return await self._idle.wait(upstream, timeout_s)
 
     def cut(self, upstream: Upstream) -> int:
         """Cut every request still in flight on ``upstream`` (its drain timed out), so its
@@ -207,39 +185,8 @@ class FrontDoor:
             requests_total=classes)
 
     def timings(self) -> dict[str, tuple[str, tuple[float, ...], list[int], float]]:
-        """Histograms for /metrics: name -> (help, upper bounds, per-bucket counts with
-        +Inf last, sum of seconds)."""
-        return {name: (doc, d.bounds, list(d.counts), d.sum) for name, doc, d in (
-            ("request_duration_seconds", "client requests, head received to response end "
-             "(the front door's own answers included)", self._durations),
-            ("held_seconds", "time requests waited for a ready llama-server (held or parked "
-             "for a retry), counted when they leave the wait", self._held_time))}
-
-    def _waited(self, ex: Exchange) -> None:
-        since = self._held_since.pop(ex, None)
-        if since is not None:
-            self._held_time.observe(time.monotonic() - since)
-
-    async def _wait_idle(self, upstream: Upstream | None, timeout_s: float) -> int:
-        if self._router.in_flight(upstream) == 0:
-            return 0
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(upstream, [])
-        waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
-            pass
-        finally:
-            waiters.remove(fut)
-            if not waiters:
-                del self._waiters[upstream]
-        return self._router.in_flight(upstream)
-
-    def _wake(self, upstream: Upstream | None) -> None:
-        for fut in self._waiters.get(upstream, ()):
-            if not fut.done():
-                fut.set_result(None)
+        """Histograms for /metrics: see :meth:`Timings.histograms`."""
+        return self.timing.histograms()
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -247,7 +194,7 @@ class FrontDoor:
         """The client's current exchange has news: submit it, or send what arrived."""
         if not ex.submitted:
             ex.submitted = True
-            self._began[ex] = time.monotonic()
+            self.timing.began(ex)
             decision = self._router.admit(ex)
             if ex.expect_continue and not ex.body_done and type(decision) is not Rejected:
                 ex.client.write(CONTINUE)
@@ -259,10 +206,10 @@ class FrontDoor:
         if type(decision) is Upstream:
             self._start(ex, decision)
         elif decision is Held.QUEUED:
-            self._held_since.setdefault(ex, time.monotonic())
+            self.timing.waits(ex)
             self._hold_timer(ex)
         elif decision is Held.PARKED:
-            self._held_since.setdefault(ex, time.monotonic())
+            self.timing.waits(ex)
             ex.cancel_timer()
             loop = asyncio.get_running_loop()
             ex.timer = loop.call_later(self.settings.retry_grace_s, self._grace_over, ex)
@@ -288,8 +235,7 @@ class FrontDoor:
             self._decide(ex, decision)
 
     def _start(self, ex: Exchange, upstream: Upstream, fresh: bool = False) -> None:
-        if self._held_since:
-            self._waited(ex)
+        self.timing.waited(ex)
         self._router.started(upstream)
         ex.upstream = upstream
         ex.attempt += 1
@@ -324,10 +270,7 @@ class FrontDoor:
             return
         ex.upstream = None
         ex.conn = None
-        if self._router.finished(upstream) == 0:
-            self._wake(upstream)
-        if None in self._waiters and self._router.in_flight() == 0:
-            self._wake(None)
+        self._idle.finished(upstream, self._router.finished(upstream))
 
     def _attempt_failed(self, ex: Exchange, upstream: Upstream, reused: bool, why: str) -> None:
         self._end_attempt(ex)
@@ -349,7 +292,7 @@ class FrontDoor:
 
     def _fail(self, ex: Exchange, status: int, cause: str, message: str) -> None:
         """Answer ``ex`` from the front door itself."""
-        self._waited(ex)
+        self.timing.waited(ex)
         self._failed[cause] += 1
         self.count_status(status)
         close = not ex.body_done or not ex.keep_alive or self._closing
@@ -368,9 +311,7 @@ class FrontDoor:
     def _client_done(self, ex: Exchange, close: bool) -> None:
         client = ex.client
         ex.gone = True
-        began = self._began.pop(ex, None)
-        if began is not None:
-            self._durations.observe(time.monotonic() - began)
+        self.timing.ended(ex)
         if client.queue and client.queue[0] is ex:
             client.queue.popleft()
         if close or client.closing or self._closing:
@@ -396,8 +337,8 @@ class FrontDoor:
         for ex in client.queue:
             ex.gone = True
             ex.cancel_timer()
-            self._waited(ex)
-            self._began.pop(ex, None)
+            self.timing.waited(ex)
+            self.timing.forget(ex)
             self._router.withdraw(ex)
             conn = ex.conn
             self._end_attempt(ex)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -19,17 +19,26 @@ from corral.front.model import Upstream
 
 if TYPE_CHECKING:
     from corral.front.client import Exchange
-    from corral.front.proxy import FrontDoor
 
 log = logging.getLogger("corral.front")
 
 MAX_IDLE_PER_UPSTREAM = 64
 
 
+class UpstreamEvents(Protocol):
+    """What an upstream connection tells the front door (which implements this)."""
+
+    def response_done(self, ex: Exchange, conn: UpstreamConn) -> None: ...
+
+    def upstream_lost(self, conn: UpstreamConn, exc: Exception | None) -> None: ...
+
+    def count_status(self, status: int) -> None: ...
+
+
 class UpstreamConn(asyncio.Protocol):
     """A connection to one upstream."""
 
-    def __init__(self, door: FrontDoor, upstream: Upstream) -> None:
+    def __init__(self, door: UpstreamEvents, upstream: Upstream) -> None:
         self.door = door
         self.upstream = upstream
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
