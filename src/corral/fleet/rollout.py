@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -44,6 +43,7 @@ from corral.core.rollout import (
 )
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
+from corral.fleet.records import dump_record, parse_record, split_slots, step_words
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.codec import decode_config, encode_config
@@ -53,7 +53,7 @@ from corral.store.local import LocalStore
 from corral.supervisor.changes import ChangeRecord, Outcome
 from corral.supervisor.view import Supervisor
 
-__all__ = ["RolloutAgent", "RolloutSettings", "split_slots"]
+__all__ = ["RolloutAgent", "RolloutSettings"]
 
 log = logging.getLogger("corral.fleet")
 
@@ -149,11 +149,9 @@ class RolloutAgent:
         cached = self._parsed.get(kv.key)
         if cached is not None and cached[0] == kv.mod_revision:
             return cached[1], kv.mod_revision
-        try:
-            record: Rollout | None = Rollout.from_json(json.loads(kv.value))
-        except (ValueError, KeyError, TypeError):
+        record = parse_record(kv.value)
+        if record is None:
             log.warning("ignoring %s: not a rollout record", kv.key)
-            record = None
         self._parsed[kv.key] = (kv.mod_revision, record)
         return record, kv.mod_revision
 
@@ -268,8 +266,8 @@ class RolloutAgent:
                 seed = Rollout(0, digest_of(config), mine, Phase.DONE,
                                progress={self.me: "done"}, started_at=now_iso(),
                                ended_at=now_iso())
-                done = await self.client.txn(
-                    self.guards(view), [Op.put(k.config, mine), Op.put(k.rollout, _dump(seed))])
+                done = await self.client.txn(self.guards(view), [
+                    Op.put(k.config, mine), Op.put(k.rollout, dump_record(seed))])
                 if done.succeeded:
                     log.info("nothing was stored for fleet %r: stored what runs here", k.name)
             case Do.ENQUEUE:
@@ -297,16 +295,16 @@ class RolloutAgent:
                     step.record.phase in (Phase.ROLLING, Phase.DONE):
                 # Done, and the slot given back in the same transaction: one round trip
                 # less before the next instance may start.
-                await self.client.txn(self.guards(view), [Op.put(k.rollout, _dump(step.record)),
-                                                          Op.delete(k.slot(self.me))])
+                await self.client.txn(self.guards(view), [
+                    Op.put(k.rollout, dump_record(step.record)), Op.delete(k.slot(self.me))])
             case _:  # a compare-and-swap of the record
                 assert step.record is not None
                 done = await self.client.txn(self.guards(view),
-                                             [Op.put(k.rollout, _dump(step.record))])
+                                             [Op.put(k.rollout, dump_record(step.record))])
                 ok = done.succeeded
                 if ok and step.do in (Do.PROMOTE, Do.FINISH, Do.START, Do.CLAIM_CANARY,
                                       Do.CLEAR_CANARY):
-                    _log_step(step, k.name, self.me)
+                    log.info("fleet %r: %s", k.name, step_words(step, self.me))
                 if ok:
                     r = step.record
                     self.controller.events.emit(
@@ -370,13 +368,14 @@ class RolloutAgent:
                 break  # overwritten since: whoever starts its rollout sees this host as is
             if record_kv is None:
                 break
-            record = Rollout.from_json(json.loads(record_kv.value))
-            if not record.matches(target):
+            record = parse_record(record_kv.value)
+            if record is None or not record.matches(target):
                 break
             done = await self.client.txn(
                 [Compare.unchanged(k.config, target.revision),
                  Compare.unchanged(k.rollout, record_kv.mod_revision)],
-                [Op.put(k.rollout, _dump(record_failure(record, self.me, reason, now_iso())))])
+                [Op.put(k.rollout,
+                        dump_record(record_failure(record, self.me, reason, now_iso())))])
             if done.succeeded:
                 break
         await self.release()
@@ -396,25 +395,3 @@ class RolloutAgent:
         """Until ``predicate`` holds (re-checked at every change of the facts)."""
         while not predicate():
             await self.changed_since(self.version, None)
-
-
-def split_slots(holders: list[str], limit: MaxUnavailable, live: int) -> dict[str, list[str]]:
-    """Slot keys in order: the first ``limit`` may apply now, the rest wait their turn."""
-    n = limit.slots(live)
-    return {"applying": holders[:n], "queued": holders[n:]}
-
-
-def _dump(record: Rollout) -> str:
-    return json.dumps(record.to_json(), indent=1)
-
-
-def _log_step(step: Step, name: str, me: str) -> None:
-    r = step.record
-    assert r is not None
-    words = {Do.START: f"rollout of revision {r.revision} started",
-             Do.CLAIM_CANARY: f"{me} is the canary of revision {r.revision}",
-             Do.CLEAR_CANARY: f"the canary of revision {r.revision} is gone; another takes over",
-             Do.PROMOTE: f"canary {r.canary} proved revision {r.revision}: rolling on",
-             Do.FINISH: f"rollout of revision {r.revision} done"}
-    log.info("fleet %r: %s", name, words[step.do])
-

@@ -14,7 +14,6 @@ than the one still being proved (:func:`load_for_start`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from corral.core.rollout import Phase, Rollout, Target, revert_target
 from corral.defaults import instance_id
 from corral.errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
+from corral.fleet.records import dump_record, parse_record
 from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore
@@ -97,7 +97,7 @@ class PublishingStore:
                     f"config; post the change again to make it on top of the newer one)")
             live = frozenset(m for kv in found.ranges[2].kvs
                              if (m := k.member(kv.key, k.instances)) is not None)
-            previous = _record_or_none(record_kv.value if record_kv else None)
+            previous = parse_record(record_kv.value if record_kv else None)
             if previous is not None:
                 good, good_revision = revert_target(
                     previous, live if base.ran_it else live - {self.me})
@@ -113,7 +113,7 @@ class PublishingStore:
                 [Compare.unchanged(k.config, written),
                  Compare.unchanged(k.rollout, record_kv.mod_revision if record_kv else 0)],
                 [Op.put(k.config, value),
-                 Op.put(k.rollout, json.dumps(record.to_json(), indent=1))])
+                 Op.put(k.rollout, dump_record(record))])
             if done.succeeded:
                 self.last_published = done.revision
                 log.info("fleet %r: revision %d written; this instance is its canary", name,
@@ -126,15 +126,6 @@ class PublishingStore:
         await self.etcd.close()
 
 
-def _record_or_none(raw: bytes | None) -> Rollout | None:
-    if raw is None:
-        return None
-    try:
-        return Rollout.from_json(json.loads(raw))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 async def load_for_start(etcd: EtcdStore, name: str) -> StoredConfig | None:
     """The config to start with: the fleet config, unless it is still being rolled out,
     then the last one that succeeded (a late joiner does not become an untried canary)."""
@@ -144,7 +135,7 @@ async def load_for_start(etcd: EtcdStore, name: str) -> StoredConfig | None:
         return None
     config_kv = found.ranges[0].kvs[0]
     stored = decode_config(config_kv.value, config_kv.key)
-    record = _record_or_none(found.ranges[1].kvs[0].value if found.ranges[1].kvs else None)
+    record = parse_record(found.ranges[1].kvs[0].value if found.ranges[1].kvs else None)
     target = Target(config_kv.mod_revision, digest_of(stored.config))
     if (record is not None and record.matches(target)
             and record.phase in (Phase.CANARY, Phase.ROLLING) and record.good):

@@ -7,7 +7,7 @@ from typing import Any
 
 from corral.core.rollout import MaxUnavailable, Rollout
 from corral.fleet.keys import FleetKeys, digest_of
-from corral.fleet.rollout import split_slots
+from corral.fleet.records import split_slots
 from corral.store.etcd import EtcdStore
 from corral.store.etcd.codec import decode_config
 from corral.store.etcd.wire import Op
