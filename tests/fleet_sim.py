@@ -96,6 +96,7 @@ class Member:
     launcher: FakeLauncher
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     alive: bool = True
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is killed
 
     @property
     def model(self) -> str | None:
@@ -179,6 +180,7 @@ class Sim:
             task.cancel()
         await asyncio.gather(*member.tasks, return_exceptions=True)
         member.alive = False
+        member.gone.set()
         self.log(f"{name} killed")
 
     def partition(self, name: str) -> None:
@@ -199,7 +201,13 @@ class Sim:
         except StoreUnavailable as exc:
             self.log(f"API change to {model} on {name}: 503 {exc}")
             return None
-        await asyncio.shield(record.done)
+        # A member killed meanwhile never answers (the client's connection is reset).
+        gone = asyncio.ensure_future(member.gone.wait())
+        await asyncio.wait({record.done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not record.done.done():
+            self.log(f"API change to {model} on {name}: no answer, the member was killed")
+            return None
         self.log(f"API change to {model} on {name}: {record.outcome.value} {record.error}")
         return record
 

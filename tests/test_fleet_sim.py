@@ -30,6 +30,7 @@ from tests.memory_etcd import run_virtual
 from tests.waiting import until
 
 SEEDS = int(os.environ.get("CORRAL_SIM_SEEDS", "240"))
+SCHEDULE_LIMIT_S = 900.0  # virtual: a schedule that has not come to rest by then is stuck
 CHUNKS = 8  # test functions the seeds are spread over (pytest-xdist runs them in parallel)
 LIMITS = [MaxUnavailable(1), MaxUnavailable(2), MaxUnavailable(percent=50)]
 
@@ -40,7 +41,11 @@ def simulate(scenario: Callable[[Sim], Awaitable[Any]], seed: int = 0, **options
         sim = Sim(seed, **options)
         sim.etcd.guarded = frozenset({CONFIG_KEY, ROLLOUT_KEY})
         try:
-            await scenario(sim)
+            async with asyncio.timeout(SCHEDULE_LIMIT_S):
+                await scenario(sim)
+        except TimeoutError:
+            raise AssertionError(f"no rest within {SCHEDULE_LIMIT_S} s of virtual time\n"
+                                 + sim.explain()) from None
         finally:
             await sim.shutdown()
         return sim

@@ -321,10 +321,20 @@ class RolloutAgent:
         limit = self.settings.max_unavailable.slots(live)
         return self.me in self.holders(kvs)[:limit]
 
-    async def acquire(self) -> None:
-        """Queue for a slot and wait until this instance holds one (for an API change)."""
+    async def acquire(self, unreachable_s: float = 5.0) -> None:
+        """Queue for a slot and wait until this instance holds one (for an API change);
+        StoreUnavailable once etcd has been out of reach for ``unreachable_s`` (a slot wait
+        may be long while others apply, but not one that cannot end)."""
+        loop = asyncio.get_running_loop()
+        cut_off_since: float | None = None
         while True:
             seen = self.version
+            if self.synced:
+                cut_off_since = None
+            elif cut_off_since is None:
+                cut_off_since = loop.time()
+            elif loop.time() - cut_off_since > unreachable_s:
+                raise StoreUnavailable("etcd is out of reach: no rollout slot can be taken")
             if self.synced and self.me not in self.holders():
                 lease = self._lease()
                 if lease is not None:
