@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from corral.core.decide import State
+from corral.front.activation import inherited_listener, listen_fds
 from corral.observe.systemd import (
     EXIT_FATAL_AT_START,
     Notifier,
     NotifyMemory,
-    inherited_listener,
-    listen_fds,
     monotonic_usec,
     transition_messages,
     watchdog_interval,
@@ -301,7 +300,7 @@ def test_listen_fds_is_for_this_process_only() -> None:
 
 CHILD = """
 import json, os, socket, sys
-from corral.observe.systemd import inherited_listener, listen_fds_with_names
+from corral.front.activation import inherited_listener, listen_fds_with_names
 want = sys.argv[1]
 if want == "names":
     found = listen_fds_with_names()

@@ -41,11 +41,12 @@ from corral.errors import PreflightFailed, UsageError
 from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
+from corral.front.activation import inherited_listener
 from corral.front.steer import SteeredFront, place_on_loopback
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus, LineHandler
 from corral.observe.metrics import Metrics
-from corral.observe.systemd import Notifier, inherited_listener
+from corral.observe.systemd import Notifier
 from corral.store.base import ConfigStore
 from corral.store.etcd import EtcdStore
 from corral.store.factory import DriverSpec, open_store

@@ -43,7 +43,7 @@ from corral.core.rollout import (
 )
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
-from corral.fleet.records import dump_record, parse_record, split_slots, step_words
+from corral.fleet.records import dump_record, parse_record, step_words
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.codec import decode_config, encode_config
@@ -389,17 +389,6 @@ class RolloutAgent:
             if done.succeeded:
                 break
         await self.release()
-
-    def rollout_view(self) -> dict[str, Any] | None:
-        record, _ = self.record()
-        if record is None:
-            return None
-        found = self.target()
-        return {**{k: v for k, v in record.to_json().items() if k not in ("config", "good")},
-                "current": found is not None and record.matches(found[0]),
-                **split_slots(list(self.holders()), self.settings.max_unavailable,
-                              len(self.live())),
-                "live": sorted(self.live())}
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Until ``predicate`` holds (re-checked at every change of the facts)."""

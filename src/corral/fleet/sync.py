@@ -24,7 +24,7 @@ from corral.core.rollout import Phase, Rollout, Target, revert_target
 from corral.defaults import instance_id
 from corral.errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
 from corral.fleet.keys import FleetKeys, digest_of, same_config
-from corral.fleet.records import dump_record, parse_record
+from corral.fleet.records import dump_record, parse_record, split_slots
 from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore
@@ -235,7 +235,7 @@ class FleetSync:
         """The rollout ``record`` started, if it published one."""
         if record.outcome is not Outcome.APPLIED or not record.restarted:
             return None
-        return self.agent.rollout_view()
+        return self.rollout_view()
 
     async def wait_rollout(self, record: ChangeRecord, timeout: float) -> RolloutResult:
         """Until the rollout of what ``record`` published ends, or ``timeout`` seconds."""
@@ -250,12 +250,25 @@ class FleetSync:
             async with asyncio.timeout(timeout):
                 await self.agent.wait_for(ended)
         except TimeoutError:
-            return RolloutResult("timeout", self.agent.rollout_view())
+            return RolloutResult("timeout", self.rollout_view())
         current, _ = self.agent.record()
         assert current is not None
-        return RolloutResult(current.phase.value, self.agent.rollout_view())
+        return RolloutResult(current.phase.value, self.rollout_view())
 
     # ---- what others see ----------------------------------------------------------------
+
+    def rollout_view(self) -> dict[str, Any] | None:
+        """The rollout record as status pages show it: progress, slots, who is live."""
+        agent = self.agent
+        record, _ = agent.record()
+        if record is None:
+            return None
+        found = agent.target()
+        return {**{k: v for k, v in record.to_json().items() if k not in ("config", "good")},
+                "current": found is not None and record.matches(found[0]),
+                **split_slots(list(agent.holders()), self.settings.max_unavailable,
+                              len(agent.live())),
+                "live": sorted(agent.live())}
 
     def in_sync(self) -> bool:
         found = self.agent.target()
@@ -277,7 +290,7 @@ class FleetSync:
             "etcd_connected": self.etcd.is_connected,
             "max_unavailable": str(self.settings.max_unavailable),
             "canary_seconds": self.settings.canary_seconds,
-            "rollout": self.agent.rollout_view(),
+            "rollout": self.rollout_view(),
         }
         self.controller.report_fleet(self._view)
 
