@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral.core.decide import State
-from corral.core.steps import Slot
 from corral.observe.events import Event, EventBus
 from corral.observe.llama_metrics import SCRAPE_TIMEOUT_S, LlamaScrape
 from corral.sense.rss import RssOf
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from corral.supervisor.controller import Controller
+    from corral.supervisor.view import Supervisor
 
 __all__ = ["CONTENT_TYPE", "Metrics", "Tally"]
 
@@ -95,7 +94,7 @@ def _label(value: str) -> str:
 class Metrics:
     """What ``GET /metrics`` says about ``controller``; listens to ``bus`` from now on."""
 
-    def __init__(self, controller: Controller, bus: EventBus, *,
+    def __init__(self, controller: Supervisor, bus: EventBus, *,
                  scrape_timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.controller = controller
         self.applies: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -147,7 +146,7 @@ class Metrics:
         """The exposition (text format 0.0.4), llama-server's own metrics fetched first."""
         from prometheus_client.exposition import generate_latest
 
-        await self.llama.refresh(self.controller.slots.live(Slot.ACTIVE))
+        await self.llama.refresh(self.controller.active_server())
         return generate_latest(self.registry)
 
     async def aclose(self) -> None:
