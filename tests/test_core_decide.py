@@ -15,7 +15,11 @@ from corral.core.decide import (
     State,
     apply_failure_event,
     decide,
+    failed_apply_gives_up,
     is_serving,
+    liveness_due,
+    needs_preflight,
+    start_failure_reason,
 )
 
 S, E, A = State, Event, Action
@@ -99,3 +103,32 @@ def test_apply_failure_event(old_serving: bool, old_was_serving: bool, gives_up:
 def test_only_running_is_serving() -> None:
     """A batch equal to the last good config is a no-op only in RUNNING."""
     assert [s for s in State if is_serving(s)] == [S.RUNNING]
+
+
+@pytest.mark.parametrize(("prior", "next_delay", "gives_up"), [
+    (S.FATAL, 0.5, True),  # a retry by hand out of FATAL that fails stays FATAL
+    (S.BACKOFF, None, True),  # the backoff policy has no further delay
+    (S.BACKOFF, 0.5, False), (S.RUNNING, 2.0, False),
+])
+def test_failed_apply_gives_up(prior: State, next_delay: float | None, gives_up: bool) -> None:
+    """A failed apply with nothing serving is FATAL out of FATAL, or when backoff is spent."""
+    assert failed_apply_gives_up(prior, next_delay) is gives_up
+
+
+def test_a_start_that_fails_while_rolling_back_reports_both_failures() -> None:
+    """The rollback's failure is added to the apply's; any other failed start says its own."""
+    assert start_failure_reason(S.ROLLING_BACK, "bad flag", "exit 1") == \
+        "bad flag; and the rollback failed too: exit 1"
+    assert start_failure_reason(S.STARTING, "bad flag", "exit 1") == "exit 1"
+
+
+def test_liveness_probes_only_a_serving_server() -> None:
+    """Probes run in RUNNING alone: not while starting, applying, rolling back or stopping."""
+    assert [s for s in State if liveness_due(s)] == [S.RUNNING]
+
+
+def test_a_config_that_ran_is_revived_without_preflight() -> None:
+    """Pre-flight is skipped only for the config that last became ready."""
+    assert not needs_preflight("a", "a")
+    assert needs_preflight("b", "a") and needs_preflight("a", None)
+

@@ -15,6 +15,7 @@ from corral.core.steps import (
     Stop,
     Strategy,
     Switch,
+    batch_kind,
     plan_batch,
 )
 
@@ -100,3 +101,14 @@ def test_stop_first_drains_before_it_stops() -> None:
     """llama-server does not exit on SIGTERM with requests in flight: drain comes first."""
     steps = plan_batch(GOOD, True, [ch(model="b.gguf")], Strategy.STOP_FIRST).steps
     assert steps.index(Drain(A)) < steps.index(Stop(A))
+
+
+@pytest.mark.parametrize(("sources", "kind"), [
+    (["api"], (True, False)), (["fleet"], (False, False)), (["restart"], (False, True)),
+    (["fleet", "restart"], (False, True)), (["api", "restart"], (True, True)),
+    (["revert", "fleet"], (True, False)), ([], (False, False)),
+])
+def test_batch_kind(sources: list[str], kind: tuple[bool, bool]) -> None:
+    """A fleet config is stored already and a restart stores nothing; any restart runs the plan."""
+    assert batch_kind(sources) == kind
+
