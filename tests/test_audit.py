@@ -130,6 +130,7 @@ def test_an_unwritable_log_does_not_raise(tmp_path: Path,
 
 
 def test_diff_of_identical_configs_is_empty() -> None:
+    """The diff of a config with itself, or from nothing, is empty."""
     view = config_json(config())
     assert diff(view, view) == {}
     assert diff(None, view) == {}

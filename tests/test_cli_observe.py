@@ -97,6 +97,7 @@ def test_status_is_a_readable_summary(mock: Mock, capsys: pytest.CaptureFixture[
 
 
 def test_status_json_is_the_raw_answer(mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """status --json prints the API's answer as indented JSON, unchanged."""
     mock.routes["/v1/status"] = answer(STATUS)
     assert cli.main(["status", "--json"]) == 0
     assert capsys.readouterr().out == json.dumps(STATUS, indent=2) + "\n"
@@ -104,6 +105,7 @@ def test_status_json_is_the_raw_answer(mock: Mock, capsys: pytest.CaptureFixture
 
 def test_status_refused_prints_the_reason(mock: Mock,
                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused status exits 1 and prints the error the API gave."""
     mock.routes["/v1/status"] = answer({"status": "error", "error": "wrong API token"}, 403)
     assert cli.main(["status"]) == 1
     assert json.loads(capsys.readouterr().out)["error"] == "wrong API token"
@@ -111,6 +113,7 @@ def test_status_refused_prints_the_reason(mock: Mock,
 
 def test_restart_and_revert_post_and_print_the_outcome(
         mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """restart and revert POST with the token and print the outcome; a rejection exits 1."""
     mock.routes["/v1/restart"] = answer({"status": "applied", "pid": 7, "generation": 2})
     mock.routes["/v1/changes/c3/revert"] = answer(
         {"status": "rejected", "error": "model file gone"}, 422)
@@ -134,6 +137,7 @@ HISTORY = {"changes": [
 
 
 def test_history_lists_newest_first(mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """history lists changes newest first with diff, error and strategy; --json is raw."""
     mock.routes["/v1/changes"] = answer(HISTORY)
     assert cli.main(["history", "-n", "5"]) == 0
     assert mock.requests[0].url.params["limit"] == "5"
@@ -147,6 +151,7 @@ def test_history_lists_newest_first(mock: Mock, capsys: pytest.CaptureFixture[st
 
 def test_logs_tail_prints_lines_prefixed_by_source(
         mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """logs --tail asks for that many lines and prints each prefixed by its source."""
     mock.routes["/v1/logs"] = answer([
         {"id": 1, "time": 1.0, "source": "corral", "text": "INFO corral: started"},
         {"id": 2, "time": 2.0, "source": "llama-server", "text": "main: server is listening"}])
@@ -186,6 +191,7 @@ def test_logs_follow_ends_with_the_stream(mock: Mock,
 
 
 def test_events_prints_each_event(mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """events prints one line per event, passes --since, and --json prints them raw."""
     state = {"id": 5, "time": 1.7e9, "kind": "state", "from": "RUNNING", "to": "APPLYING",
              "error": None}
     change = {"id": 6, "time": 1.7e9, "kind": "change", "change": "c1", "outcome": "applied",
@@ -206,6 +212,7 @@ def test_events_prints_each_event(mock: Mock, capsys: pytest.CaptureFixture[str]
 
 def test_a_refused_stream_exits_1_with_the_reason(
         mock: Mock, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused event stream exits 1 with the HTTP status and reason on stderr."""
     mock.routes["/v1/events"] = answer({"status": "error", "error": "wrong API token"}, 403)
     assert cli.main(["events"]) == 1
     assert "HTTP 403: wrong API token" in capsys.readouterr().err
@@ -220,6 +227,7 @@ def test_parse_sse_follows_the_spec() -> None:
 
 
 def test_the_new_commands_share_the_target_options() -> None:
+    """Every command takes --supervisor-addr and --api-token."""
     parser = cli.build_parser()
     for argv in (["restart"], ["revert", "c1"], ["history"], ["logs"], ["events"],
                  ["status", "--json"]):

@@ -45,15 +45,18 @@ def _option_lines(text: str) -> list[str]:
 
 
 def test_real_help_has_roughly_all_flags() -> None:
+    """The real llama-server --help parses into 250-320 flags, negations included."""
     # 260 option lines, ~27 of which hold a flag and its negation: ~280 flags.
     assert 250 <= len(REAL) <= 320
 
 
 def test_fake_help_flags() -> None:
+    """The fake server's help gives one flag per option line, plus -nocb beside -cb."""
     assert len(FAKE) == len(_option_lines(FAKE_HELP)) + 1  # -cb/-nocb is two flags
 
 
 def test_every_option_line_spelling_is_known() -> None:
+    """Every spelling on every option line of the real help looks up a flag."""
     for line in _option_lines(REAL_HELP):
         head = re.split(r"\s{2,}", re.sub(r",\s+", ", ", line), maxsplit=1)[0]
         for spelling in re.findall(r"(?:^|,\s*)(--?[A-Za-z0-9][\w\-.]*)", head):
@@ -78,6 +81,7 @@ def test_every_option_line_spelling_is_known() -> None:
 def test_aliases_share_one_canonical_key(
     catalog: FlagCatalog, spellings: list[str], canonical: str
 ) -> None:
+    """All spellings of a flag, dashed or bare, look up one flag and one canonical key."""
     flag = catalog.lookup(spellings[0])
     assert flag is not None
     assert flag.canonical == canonical
@@ -87,6 +91,7 @@ def test_aliases_share_one_canonical_key(
 
 
 def test_every_real_spelling_with_and_without_dashes_is_its_flag() -> None:
+    """Every real spelling, with or without its dashes, canonicalizes to its own flag."""
     for spelling, flag in REAL.flags.items():
         assert canonical_key(spelling, REAL) == flag.canonical
         assert canonical_key(spelling.lstrip("-"), REAL) == flag.canonical, spelling
@@ -94,6 +99,7 @@ def test_every_real_spelling_with_and_without_dashes_is_its_flag() -> None:
 
 @pytest.mark.parametrize("catalog", [REAL, FAKE], ids=["real", "fake"])
 def test_cont_batching_and_its_negation_are_opposites(catalog: FlagCatalog) -> None:
+    """-cb and -nocb are two bare flags with their own aliases, each the other's opposite."""
     cb, nocb = catalog.lookup("-cb"), catalog.lookup("-nocb")
     assert cb is not None and nocb is not None
     assert cb is not nocb
@@ -116,6 +122,7 @@ def test_cont_batching_and_its_negation_are_opposites(catalog: FlagCatalog) -> N
     ],
 )
 def test_negation_pairs_on_one_line(positive: str, negative: str) -> None:
+    """A flag and its negation on one help line are opposites; the negation is a --no- flag."""
     pos, neg = REAL.lookup(positive), REAL.lookup(negative)
     assert pos is not None and neg is not None
     assert pos.opposite == neg.canonical
@@ -126,12 +133,14 @@ def test_negation_pairs_on_one_line(positive: str, negative: str) -> None:
 @pytest.mark.parametrize(("negative", "canonical"),
                          [("-nkvo", "--no-kv-offload"), ("-nr", "--no-repack")])
 def test_short_negations_without_no_prefix(negative: str, canonical: str) -> None:
+    """-nkvo and -nr canonicalize to their --no- long forms and parse as bare true."""
     assert canonical_key(negative, REAL) == canonical
     change = parse_change({negative: True}, REAL)
     assert dict(change.args)[canonical] is True
 
 
 def test_continuation_lines_are_not_options() -> None:
+    """Continuation lines start no option, so --no-mmproj pairs with --mmproj-auto."""
     flag = REAL.lookup("--no-mmproj")
     assert flag is not None
     assert flag.opposite == "--mmproj-auto"
@@ -161,12 +170,14 @@ def test_continuation_lines_are_not_options() -> None:
     ],
 )
 def test_placeholder_means_takes_value(spelling: str, takes_value: bool) -> None:
+    """A flag with a value placeholder in the help takes a value; one without is bare."""
     flag = REAL.lookup(spelling)
     assert flag is not None
     assert flag.takes_value is takes_value
 
 
 def test_empty_help_is_an_empty_catalog() -> None:
+    """Help text with no option lines parses to an empty catalog."""
     assert len(parse_help("")) == 0
     assert len(parse_help("usage: nothing here\n--- header ---\n")) == 0
 
@@ -190,6 +201,7 @@ def test_empty_help_is_an_empty_catalog() -> None:
     ],
 )
 def test_canonical_key_without_catalog(key: str, expected: str) -> None:
+    """With no (or an empty) catalog, keys are trimmed and dashed by length: m → -m."""
     assert canonical_key(key, None) == expected
     assert canonical_key(key, FlagCatalog()) == expected  # empty catalog = no catalog
 
@@ -197,17 +209,20 @@ def test_canonical_key_without_catalog(key: str, expected: str) -> None:
 @pytest.mark.parametrize("key", ["", "   ", "-", "--", "---", "--two words", "a b"])
 @pytest.mark.parametrize("catalog", [None, FAKE], ids=["none", "fake"])
 def test_canonical_key_rejects_non_flags(key: str, catalog: FlagCatalog | None) -> None:
+    """Blank, all-dash and spaced keys are InvalidArgs, with or without a catalog."""
     with pytest.raises(InvalidArgs):
         canonical_key(key, catalog)
 
 
 @pytest.mark.parametrize("key", ["--bogus", "bogus", "-zz", "--model2", "--fake-nothing"])
 def test_unknown_flag_raises_naming_it(key: str) -> None:
+    """A key the catalog doesn't know raises InvalidArgs naming the key as given."""
     with pytest.raises(InvalidArgs, match=re.escape(repr(key))):
         canonical_key(key, FAKE)
 
 
 def test_binary_is_never_a_flag() -> None:
+    """The binary key canonicalizes to itself against either catalog, never to a flag."""
     assert canonical_key(BINARY_KEY, FAKE) == BINARY_KEY
     assert canonical_key(BINARY_KEY, REAL) == BINARY_KEY
 
@@ -257,15 +272,18 @@ OK_CASES: list[tuple[str, dict, FlagCatalog | None, Change]] = [
                          ids=[c[0] for c in OK_CASES])
 def test_parse_change(raw: dict, catalog: FlagCatalog | None,
                       expected: Change) -> None:
+    """Raw changes parse to canonical keys and string values; false/null remove; last alias wins."""
     assert parse_change(raw, catalog) == expected
 
 
 def test_binary_with_nul_is_rejected() -> None:
+    """A binary path containing NUL is rejected as InvalidArgs."""
     with pytest.raises(InvalidArgs):
         parse_change({"binary": "/opt/llama\x00server"}, None)
 
 
 def test_number_and_string_are_the_same_config() -> None:
+    """A number and its string form (and 4.0 and 4) parse to the same change."""
     assert parse_change({"port": 8081}, FAKE) == parse_change({"--port": "8081"}, FAKE)
     assert parse_change({"np": 4.0}, FAKE) == parse_change({"-np": 4}, FAKE)
 
@@ -293,6 +311,7 @@ ERROR_CASES: list[tuple[str, dict, FlagCatalog | None, str]] = [
                          ids=[c[0] for c in ERROR_CASES])
 def test_parse_change_rejects(raw: dict, catalog: FlagCatalog | None,
                               message: str) -> None:
+    """Wrong value kinds, newlines, NUL, unknown flags and bad binaries are InvalidArgs."""
     with pytest.raises(InvalidArgs, match=message):
         parse_change(raw, catalog)
 
@@ -328,6 +347,7 @@ MERGE_CASES = [
 @pytest.mark.parametrize(("changes", "expected"), [c[1:] for c in MERGE_CASES],
                          ids=[c[0] for c in MERGE_CASES])
 def test_merge_changes(changes: list[Change], expected: Change) -> None:
+    """Merged changes: the later value wins per key, keys keep first place, binary carries."""
     assert merge_changes(changes) == expected
 
 
@@ -346,10 +366,12 @@ APPLY_CASES = [
 @pytest.mark.parametrize(("config", "change", "expected"), [c[1:] for c in APPLY_CASES],
                          ids=[c[0] for c in APPLY_CASES])
 def test_apply_change(config: LlamaConfig, change: Change, expected: LlamaConfig) -> None:
+    """Applying a change replaces keys in place, appends new ones, drops removals, sets binary."""
     assert apply_change(config, change) == expected
 
 
 def test_batch_equals_sequence_when_a_key_is_removed_and_set_again() -> None:
+    """Remove-then-set gives equal flags batched or stepwise, and plan_batch sees no change."""
     # The order may differ (a key removed then set again keeps its place in a batch); the
     # flags and values may not, and plan_batch's no-op check ignores order.
     config, a, b = cfg(m="a", port="1"), ch(m=None), ch(m="b")
@@ -384,6 +406,7 @@ ARGV_CASES: list[tuple[str, list[str], FlagCatalog | None, list[tuple[str, str |
                          ids=[c[0] for c in ARGV_CASES])
 def test_parse_argv(tokens: list[str], catalog: FlagCatalog | None,
                     expected: list[tuple[str, str | bool]]) -> None:
+    """argv parses to canonical (flag, value) pairs: inline =, negative values, last alias wins."""
     assert parse_argv(tokens, catalog) == expected
 
 
@@ -403,6 +426,7 @@ ARGV_ERRORS: list[tuple[str, list[str], FlagCatalog | None, str]] = [
                          ids=[c[0] for c in ARGV_ERRORS])
 def test_parse_argv_rejects(tokens: list[str], catalog: FlagCatalog | None,
                             message: str) -> None:
+    """Positional words, stray values, a missing value or an unknown flag are InvalidArgs."""
     with pytest.raises(InvalidArgs, match=re.escape(message)):
         parse_argv(tokens, catalog)
 
@@ -420,10 +444,12 @@ def test_parse_argv_rejects(tokens: list[str], catalog: FlagCatalog | None,
     ],
 )
 def test_argv(config: LlamaConfig, argv: list[str]) -> None:
+    """A config's argv is the binary, then each flag followed by its value unless bare."""
     assert config.argv() == argv
 
 
 def test_config_accessors() -> None:
+    """get and as_dict read flags by key; configs are equal only with equal binary and args."""
     config = LlamaConfig("b", (("--model", "x"), ("-cb", True)))
     assert config.get("--model") == "x"
     assert config.get("-cb") is True
@@ -445,6 +471,7 @@ def test_config_accessors() -> None:
     ],
 )
 def test_port_of(args: tuple[tuple[str, str | bool], ...], default: int, port: int) -> None:
+    """port_of reads a numeric --port and falls back to the default when absent or bad."""
     assert port_of(LlamaConfig("b", args), default) == port
 
 
@@ -463,11 +490,13 @@ def test_port_of(args: tuple[tuple[str, str | bool], ...], default: int, port: i
     ],
 )
 def test_host_of(host: str | bool | None, expected: str) -> None:
+    """host_of maps absent, empty, wildcard or bare --host to 127.0.0.1 and keeps real hosts."""
     args = () if host is None else (("--host", host),)
     assert host_of(LlamaConfig("b", args)) == expected
 
 
 def test_host_of_comma_separated_list() -> None:
+    """For a comma-separated --host, host_of takes the first, wildcards as 127.0.0.1."""
     assert host_of(LlamaConfig("b", (("--host", "0.0.0.0,::1"),))) == "127.0.0.1"
     assert host_of(LlamaConfig("b", (("--host", "10.0.0.5,127.0.0.1"),))) == "10.0.0.5"
 
@@ -489,6 +518,7 @@ configs = st.builds(
 
 @given(changes, changes, changes)
 def test_merge_is_associative(a: Change, b: Change, c: Change) -> None:
+    """merge_changes is associative: any grouping of three changes merges the same."""
     flat = merge_changes([a, b, c])
     assert merge_changes([merge_changes([a, b]), c]) == flat
     assert merge_changes([a, merge_changes([b, c])]) == flat
@@ -496,6 +526,7 @@ def test_merge_is_associative(a: Change, b: Change, c: Change) -> None:
 
 @given(changes)
 def test_merge_identity(a: Change) -> None:
+    """A merge of one change is that change, and the empty merge is an identity."""
     assert merge_changes([a]) == a
     assert merge_changes([merge_changes([]), a]) == a
     assert merge_changes([a, merge_changes([])]) == a
@@ -504,6 +535,7 @@ def test_merge_identity(a: Change) -> None:
 @given(configs, changes, changes)
 def test_apply_of_merge_is_apply_in_sequence(config: LlamaConfig, a: Change,
                                              b: Change) -> None:
+    """Applying a merge equals applying in sequence, save order after a remove-then-set."""
     batched = apply_change(config, merge_changes([a, b]))
     stepwise = apply_change(apply_change(config, a), b)
     # The same program and flags; the order differs only when a key is removed by `a` and
@@ -533,6 +565,7 @@ def _catalog_configs(catalog: FlagCatalog) -> st.SearchStrategy[LlamaConfig]:
 
 @pytest.mark.parametrize("catalog", [REAL, FAKE], ids=["real", "fake"])
 def test_argv_round_trips_with_catalog(catalog: FlagCatalog) -> None:
+    """With a catalog, parse_argv of a config's argv gives back its args exactly."""
     @settings(max_examples=150)
     @given(_catalog_configs(catalog))
     def check(config: LlamaConfig) -> None:
@@ -552,6 +585,7 @@ _plain_value = st.one_of(
 @given(st.dictionaries(st.from_regex(r"--?[a-z][a-z0-9-]{0,8}", fullmatch=True),
                        _plain_value, max_size=6))
 def test_argv_round_trips_without_catalog(args: dict[str, str | bool]) -> None:
+    """Without a catalog, plain-valued configs round-trip through argv and parse_argv."""
     # Without a catalog a value is told from a flag by its look, so values are plain here.
     config = LlamaConfig("b", tuple(args.items()))
     assert parse_argv(config.argv()[1:], None) == list(config.args)

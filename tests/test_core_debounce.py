@@ -49,6 +49,7 @@ DEADLINE_CASES = [
                          [c[1:] for c in DEADLINE_CASES], ids=[c[0] for c in DEADLINE_CASES])
 def test_deadline(window: float, max_age: float, adds: list[float],
                   deadline: float | None) -> None:
+    """A batch is due a window after its last add, capped at max_age after its first."""
     d: Debouncer[int] = Debouncer(window, max_age)
     for i, t in enumerate(adds):
         d.add(i, t)
@@ -68,6 +69,7 @@ def test_deadline(window: float, max_age: float, adds: list[float],
 
 
 def test_steady_stream_every_150ms_closes_at_2s() -> None:
+    """A stream never quiet for a window still closes a batch at max_age, then starts anew."""
     d: Debouncer[int] = Debouncer(200, 2000)
     for i, t in enumerate(range(0, 2000, 150)):  # 0 .. 1950: never quiet for 200 ms
         assert d.take(t) == []
@@ -83,6 +85,7 @@ def test_steady_stream_every_150ms_closes_at_2s() -> None:
 
 
 def test_take_starts_a_fresh_window() -> None:
+    """After a take the next batch's deadline counts from its own first add."""
     d: Debouncer[str] = Debouncer(200, 2000)
     d.add("a", 0)
     assert d.take(200) == ["a"]
@@ -144,6 +147,7 @@ def simulate(requests: list[Request], *, window: float = 200, max_age: float = 2
 
 
 def test_proposal_example_1_one_apply() -> None:
+    """Proposal example 1: four requests within windows make one batch and one restart."""
     run = simulate([
         (0, {"model": "foo.gguf"}),
         (20, {"model": "baz.gguf", "cb": 5}),
@@ -157,6 +161,7 @@ def test_proposal_example_1_one_apply() -> None:
 
 
 def test_proposal_example_1_with_catalog() -> None:
+    """Proposal example 1 with the fake catalog: aliases merge into one start at 400 ms."""
     # The fake binary's -cb takes no value, so the example's "cb": 5 becomes -np here.
     run = simulate([
         (0, {"model": "foo.gguf"}),
@@ -169,6 +174,7 @@ def test_proposal_example_1_with_catalog() -> None:
 
 
 def test_proposal_example_2_bar_is_never_started() -> None:
+    """Proposal example 2: bar, superseded while foo restarts, is never started."""
     run = simulate([
         (200, {"model": "foo.gguf"}),
         (401, {"model": "bar.gguf"}),
@@ -203,6 +209,7 @@ SCENARIOS: list[tuple[str, list[Request], dict[str, float], list[str | bool | No
                          [c[1:] for c in SCENARIOS], ids=[c[0] for c in SCENARIOS])
 def test_scenarios(requests: list[Request], kwargs: dict[str, float],
                    models: list[str], noops: int) -> None:
+    """No-op batches start nothing; a revert mid-apply applies; fast restarts start them all."""
     run = simulate(requests, **kwargs)
     assert run.started_models() == models
     assert len(run.noops) == noops
@@ -213,6 +220,7 @@ def test_scenarios(requests: list[Request], kwargs: dict[str, float],
        st.integers(0, 400), st.integers(0, 3000))
 def test_simulation_invariants(arrivals: list[tuple[int, str | None]], window: int,
                                restart: int) -> None:
+    """Batches hold every request once, never overlap, and start all known when taken."""
     requests: list[Request] = [(t, {"model": m, f"k{t % 3}": str(t)}) for t, m in arrivals]
     run = simulate(requests, window=window, max_age=2000, restart=restart)
     ordered = sorted(requests, key=lambda r: r[0])

@@ -59,14 +59,17 @@ def violations(source: str) -> list[str]:
     ],
 )
 def test_checker(source: str, bad: list[str]) -> None:
+    """The checker flags forbidden and non-core corral imports, hidden or relative ones too."""
     assert violations(source) == bad
 
 
 def test_core_has_modules() -> None:
+    """corral.core holds the expected modules, so the purity check has something to check."""
     names = {p.stem for p in CORE.glob("*.py")}
     assert {"args", "debounce", "steps", "backoff", "decide"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
 def test_core_module_is_pure(path: Path) -> None:
+    """Each corral.core module imports no I/O, clock or shell module, nor non-core corral."""
     assert violations(path.read_text()) == []

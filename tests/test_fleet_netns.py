@@ -315,6 +315,7 @@ def test_a_canary_partitioned_mid_rollout_is_replaced_and_the_rollout_ends_done(
 
 def test_corral_fleet_lists_the_hosts_by_their_addresses(
         simulated_network: SimulatedNetwork, netns_etcd: NsEtcd, tmp_path: Path) -> None:
+    """corral fleet, as JSON and as a table, lists each host by its address and the done rollout."""
     etcd = netns_etcd
     model = make_fake_model(tmp_path / "model.gguf")
     with fleet(simulated_network, etcd, model, canary_s=0.5) as sups:

@@ -88,6 +88,7 @@ def last_event(lines: Iterator[str]) -> dict[str, Any]:
 def test_no_request_lost_across_applies_crash_and_shutdown(
         strategy: str, tmp_path: Path, real_binary: Path, real_model: Path,
         model_alias: Callable[[str], Path]) -> None:
+    """Per strategy: applies lose no request, a kill only in-flight ones, SIGTERM none."""
     listen = free_port()
     front = f"http://127.0.0.1:{listen}"
     other_model = model_alias("other-name")
@@ -291,6 +292,7 @@ def held_now(sup: SupervisorProcess) -> int:
 def test_max_held_overflow_answers_503_and_the_held_are_released(
         tmp_path: Path, real_model: Path,
         gated_binary: tuple[Path, Path, Path]) -> None:
+    """Past --max-held requests get 503 waiting; the held ones get 200 once the server is ready."""
     binary, gate, _ = gated_binary
     listen = free_port()
     front = f"http://127.0.0.1:{listen}"
@@ -331,6 +333,7 @@ def test_max_held_overflow_answers_503_and_the_held_are_released(
 
 def test_hold_timeout_answers_503(tmp_path: Path, real_model: Path,
                                   gated_binary: tuple[Path, Path, Path]) -> None:
+    """Requests held past --hold-timeout, /health too, get 503 saying so; stop leaves nothing."""
     binary, _, _ = gated_binary
     listen = free_port()
     front = f"http://127.0.0.1:{listen}"
@@ -351,6 +354,7 @@ def test_hold_timeout_answers_503(tmp_path: Path, real_model: Path,
 
 def test_sigterm_answers_held_requests_503_and_exits_0(
         tmp_path: Path, real_model: Path, gated_binary: tuple[Path, Path, Path]) -> None:
+    """SIGTERM answers held requests 503 shutting down, and the supervisor exits 0."""
     binary, _, _ = gated_binary
     listen = free_port()
     front = f"http://127.0.0.1:{listen}"
@@ -375,6 +379,7 @@ def test_sigterm_answers_held_requests_503_and_exits_0(
 
 def test_fatal_answers_503_at_once_saying_why(tmp_path: Path, real_binary: Path,
                                               real_model: Path) -> None:
+    """In FATAL the front door answers 503 FATAL at once; a good apply makes it route again."""
     listen = free_port()
     front = f"http://127.0.0.1:{listen}"
     bad = corrupt_gguf(tmp_path, real_model)
@@ -417,6 +422,7 @@ def processing_slots(http: httpx.Client) -> int:
 
 def test_a_disconnecting_streaming_client_frees_its_slot(
         keyed: tuple[SupervisorProcess, str]) -> None:
+    """A streaming client that disconnects frees its llama-server slot, counted as no cut."""
     sup, front = keyed
     with httpx.Client(base_url=front, timeout=60) as http:
         # Long enough (minutes at this machine's pace) that only a cancel frees the slot
@@ -456,6 +462,7 @@ def test_headers_and_large_bodies_pass_through(keyed: tuple[SupervisorProcess, s
 
 def test_start_first_without_listen_is_a_usage_error(tmp_path: Path, real_binary: Path,
                                                       real_model: Path) -> None:
+    """--swap start-first without --listen exits 2 with a usage error naming --listen."""
     cmd = [sys.executable, "-m", "corral", "supervise", "--swap", "start-first",
            "--supervisor-addr", f"127.0.0.1:{free_port()}", "--binary", str(real_binary),
            "--model", str(real_model), "--config-file", str(tmp_path / "config.toml"),

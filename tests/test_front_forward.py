@@ -165,6 +165,7 @@ async def test_head_204_304_and_1xx_end_where_they_should() -> None:
 
 
 async def test_expect_100_continue_is_answered_and_the_body_forwarded() -> None:
+    """The door answers Expect: 100-continue itself and forwards the body without the header."""
     async with upstreams(echo) as [up], front() as d:
         d.door.route_to(up.upstream)
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
@@ -182,6 +183,7 @@ async def test_expect_100_continue_is_answered_and_the_body_forwarded() -> None:
 
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
+    """Pipelined requests, fixed-length and chunked, are forwarded and answered in order."""
     async with upstreams(echo) as [up], front() as d:
         d.door.route_to(up.upstream)
         reqs = (b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
@@ -196,6 +198,7 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 
 
 async def test_a_malformed_request_gets_400_and_a_close() -> None:
+    """A malformed request gets a 400 invalid_request_error and never reaches the upstream."""
     async with upstreams(echo) as [up], front() as d:
         d.door.route_to(up.upstream)
         got = await raw(d.port, b"NOT HTTP AT ALL\r\n\r\n", until_bytes=b"}")

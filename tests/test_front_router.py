@@ -12,6 +12,7 @@ B = Upstream("127.0.0.1", 9002, 2)
 
 
 def test_it_starts_holding_and_queues_up_to_max_held() -> None:
+    """A new router holds, queues up to max_held, and rejects the next as held_overflow."""
     r: Router[str] = Router(max_held=2)
     assert r.mode is Mode.HOLDING
     assert [r.admit("a"), r.admit("b")] == [Held.QUEUED, Held.QUEUED]
@@ -21,6 +22,7 @@ def test_it_starts_holding_and_queues_up_to_max_held() -> None:
 
 
 def test_route_to_releases_everything_in_arrival_order() -> None:
+    """route_to releases every held request in arrival order; later ones go straight there."""
     r: Router[str] = Router(max_held=10)
     for item in "abc":
         r.admit(item)
@@ -29,6 +31,7 @@ def test_route_to_releases_everything_in_arrival_order() -> None:
 
 
 def test_refuse_rejects_the_waiting_and_the_new() -> None:
+    """refuse rejects the waiting and new requests with its reason until route_to."""
     r: Router[str] = Router(max_held=10)
     r.admit("a")
     assert r.refuse("FATAL").reject == ["a"]
@@ -43,6 +46,7 @@ def test_refuse_rejects_the_waiting_and_the_new() -> None:
     ("refusing", Rejected("refused", "stop")),
 ])
 def test_a_retry_goes_where_the_mode_says(mode: str, expected: object) -> None:
+    """A retry is queued first when holding, parked on the failed upstream, sent on, or refused."""
     r: Router[str] = Router(max_held=1)
     r.route_to(A)
     if mode == "holding":
@@ -58,6 +62,7 @@ def test_a_retry_goes_where_the_mode_says(mode: str, expected: object) -> None:
 
 
 def test_parked_retries_move_with_the_switches() -> None:
+    """Parked retries join the queue on hold and leave with route_to; unpark sends them once."""
     r: Router[str] = Router(max_held=10)
     r.route_to(A)
     r.readmit("x", failed=A)
@@ -69,6 +74,7 @@ def test_parked_retries_move_with_the_switches() -> None:
 
 
 def test_withdraw_forgets_a_waiting_request() -> None:
+    """withdraw removes a waiting request once, so route_to releases only the others."""
     r: Router[str] = Router(max_held=10)
     r.admit("a")
     r.admit("b")
@@ -77,6 +83,7 @@ def test_withdraw_forgets_a_waiting_request() -> None:
 
 
 def test_in_flight_counts_per_upstream() -> None:
+    """In-flight counts go up per upstream on started, down on finished, with a total."""
     r: Router[str] = Router(max_held=10)
     r.started(A)
     r.started(A)

@@ -40,6 +40,7 @@ async def test_held_requests_wait_then_go_in_arrival_order() -> None:
 
 
 async def test_past_max_held_the_answer_is_503_at_once() -> None:
+    """Past max_held a new request gets an OpenAI-style 503 at once, with Retry-After."""
     async with front(FrontSettings(max_held=2, retry_after_s=7)) as d:
         held = [get(d), get(d)]
         await until(lambda: d.door.stats().held_now == 2, DEADLINE, "2 held")
@@ -54,6 +55,7 @@ async def test_past_max_held_the_answer_is_503_at_once() -> None:
 
 
 async def test_a_request_held_past_hold_timeout_gets_503() -> None:
+    """A request held longer than hold_timeout_s gets a 503 with Retry-After."""
     async with front(FrontSettings(hold_timeout_s=0.05)) as d:
         r = await get(d)
         assert "ready within 0.05 s" in openai_error(r, 503)
@@ -62,6 +64,7 @@ async def test_a_request_held_past_hold_timeout_gets_503() -> None:
 
 
 async def test_refuse_answers_held_and_new_requests_with_the_reason() -> None:
+    """refuse() answers held and new requests with a 503 carrying its reason."""
     async with front() as d:
         held = get(d)
         await until(lambda: d.door.stats().held_now == 1, DEADLINE, "1 held")
@@ -71,6 +74,7 @@ async def test_refuse_answers_held_and_new_requests_with_the_reason() -> None:
 
 
 async def test_a_head_request_refused_gets_no_body() -> None:
+    """A refused HEAD request gets a 503 with Content-Length but no body."""
     async with front() as d:
         d.door.refuse("stopping")
         async with httpx.AsyncClient(base_url=d.url, timeout=DEADLINE) as c:
@@ -100,6 +104,7 @@ async def test_no_byte_from_a_crashed_upstream_means_one_retry_on_the_next() -> 
 
 
 async def test_a_second_failure_is_a_502() -> None:
+    """A request whose retry fails too before any byte gets a 502."""
     async with upstreams(slam, slam) as [a, b], front() as d:
         d.door.route_to(a.upstream)
         task = get(d)
@@ -110,6 +115,7 @@ async def test_a_second_failure_is_a_502() -> None:
 
 
 async def test_an_active_upstream_that_refuses_connections_is_a_502_after_the_grace() -> None:
+    """An active upstream refusing connections gives a 502 after one retry and the grace."""
     s = __import__("socket").socket()
     s.bind(("127.0.0.1", 0))
     dead = Upstream("127.0.0.1", s.getsockname()[1], 1)
@@ -122,6 +128,7 @@ async def test_an_active_upstream_that_refuses_connections_is_a_502_after_the_gr
 
 
 async def test_a_stream_cut_midway_closes_the_client_and_is_counted() -> None:
+    """A stream cut midway closes the client's connection, counted as cut, not retried."""
     async def cut(req: Req, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n")
         return False
@@ -144,6 +151,7 @@ def gated(gate: asyncio.Event):  # type: ignore[no-untyped-def]
 
 
 async def test_drain_waits_for_the_last_in_flight_request() -> None:
+    """drain() of the old upstream returns only after its last in-flight request ends."""
     gate = asyncio.Event()
     async with upstreams(gated(gate), echo) as [old, new], front() as d:
         d.door.route_to(old.upstream)
@@ -161,6 +169,7 @@ async def test_drain_waits_for_the_last_in_flight_request() -> None:
 
 
 async def test_drain_times_out_and_says_how_many_were_left() -> None:
+    """drain() past its timeout returns how many requests were still in flight."""
     gate = asyncio.Event()
     async with upstreams(gated(gate)) as [up], front() as d:
         d.door.route_to(up.upstream)
@@ -173,6 +182,7 @@ async def test_drain_times_out_and_says_how_many_were_left() -> None:
 
 
 async def test_close_lets_in_flight_finish_then_answers_held_503() -> None:
+    """close() lets in-flight requests finish, then answers held ones 503 shutting down."""
     gate = asyncio.Event()
     async with upstreams(gated(gate)) as [up], front() as d:
         d.door.route_to(up.upstream)

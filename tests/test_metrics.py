@@ -108,6 +108,7 @@ async def test_boot_state_gauges_and_zeroed_counters() -> None:
 
 
 async def test_crash_raises_the_crash_counter_by_one() -> None:
+    """A crash adds one crash restart, no hang, a second model load and a new generation."""
     async with Rig() as rig:
         metrics = meter(rig)
         await rig.until_state("RUNNING")
@@ -125,6 +126,7 @@ async def test_crash_raises_the_crash_counter_by_one() -> None:
 
 
 async def test_hang_counts_as_hang() -> None:
+    """A server replaced for failing liveness counts as a hang restart, not a crash."""
     settings = Settings(**{**FAST.__dict__, "liveness_interval_s": 2.0})
     async with Rig(settings=settings) as rig:
         metrics = meter(rig)
@@ -173,6 +175,7 @@ async def test_a_change_the_api_refused_counts_as_rejected() -> None:
 
 
 async def test_a_change_that_keeps_the_config_observes_no_duration() -> None:
+    """An applied change that leaves the config as it was observes no apply duration."""
     async with Rig() as rig:
         metrics = meter(rig)
         await rig.until_state("RUNNING")
@@ -183,6 +186,7 @@ async def test_a_change_that_keeps_the_config_observes_no_duration() -> None:
 
 
 async def test_backoff_shows_consecutive_failures_and_state() -> None:
+    """While servers keep exiting, the gauges show the failure streak and the backoff state."""
     from tests.fakes import Behaviour
 
     async with Rig() as rig:
@@ -210,6 +214,7 @@ async def test_llama_rss_of_a_live_pid_and_none_for_a_gone_one() -> None:
 
 
 def test_rss_counts_the_children_and_looks_them_up_again_later() -> None:
+    """RssOf sums a process and its children, refreshes them later, and is None once gone."""
     now = [0.0]
     rss = RssOf(refresh_s=10.0, clock=lambda: now[0])
     proc = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
@@ -295,6 +300,7 @@ def _front_view(door: Any) -> dict[str, Any]:
 
 
 async def test_a_client_that_leaves_while_held_leaves_no_timing_behind() -> None:
+    """A client cancelled while held leaves no pending timing and no request duration."""
     async with front() as d:
         async with client(d) as c:
             task = asyncio.ensure_future(c.get("/held"))
@@ -310,6 +316,7 @@ async def test_a_client_that_leaves_while_held_leaves_no_timing_behind() -> None
 
 
 async def test_fleet_rollout_phase_and_revision() -> None:
+    """Rollout phase, revision, sync and steps are exported; no phase is set once it ends."""
     async with Rig() as rig:
         metrics = meter(rig)
         await rig.until_state("RUNNING")
@@ -377,6 +384,7 @@ def metrics_config(port: int, model: str = "/models/gemma-3.Q4.gguf") -> LlamaCo
 
 
 async def test_llama_metrics_are_re_exported_with_a_model_label(llama: Scripted) -> None:
+    """llama-server metrics are re-exported with a model label; non-_total counters as gauges."""
     async with Rig(Startup(metrics_config(llama.up.port), persist_when_ready=False)) as rig:
         metrics = meter(rig)
         await rig.until_state("RUNNING")
@@ -424,6 +432,7 @@ async def test_llama_counters_never_go_down_across_restarts(llama: Scripted) -> 
 
 
 async def test_no_metrics_flag_no_scrape(llama: Scripted) -> None:
+    """Without --metrics, llama-server is never scraped and no llamacpp series appear."""
     startup = Startup(config(port=str(llama.up.port)), persist_when_ready=False)
     async with Rig(startup) as rig:
         metrics = meter(rig)
@@ -434,6 +443,7 @@ async def test_no_metrics_flag_no_scrape(llama: Scripted) -> None:
 
 
 async def test_another_model_gets_its_own_series(llama: Scripted) -> None:
+    """After a model change, llama metrics carry the new model's label and the old one's go."""
     async with Rig(Startup(metrics_config(llama.up.port, "/m/a.gguf"),
                            persist_when_ready=False)) as rig:
         metrics = meter(rig)
@@ -448,6 +458,7 @@ async def test_another_model_gets_its_own_series(llama: Scripted) -> None:
 
 
 def test_unreadable_llama_metrics_keep_the_counters() -> None:
+    """An unparseable llama /metrics keeps the last counter values."""
     export = LlamaExport()
     export.update("# TYPE x_total counter\nx_total 4\n", (1, 1), "m")
     export.update("this is { not prometheus\n", (1, 1), "m")
@@ -456,6 +467,7 @@ def test_unreadable_llama_metrics_keep_the_counters() -> None:
 
 
 def test_model_label() -> None:
+    """The model label is the model file's stem, the --hf-repo name, or unknown."""
     assert model_of(config("/models/llama-3-8b.Q4_K_M.gguf")) == "llama-3-8b.Q4_K_M"
     assert model_of(LlamaConfig("x", ())) == "unknown"
     assert model_of(LlamaConfig("x", (("--hf-repo", "ggml-org/gemma-3-1b-it-GGUF"),))) \
@@ -466,6 +478,7 @@ def test_model_label() -> None:
 
 
 def test_carry_forward_examples() -> None:
+    """A new server or a drop adds the last value to the carry; NaN and negatives change nothing."""
     c = carry_forward(None, "a", 10)
     assert c == Carry(0, "a", 10) and c.value == 10
     c = carry_forward(c, "a", 12)
@@ -516,6 +529,7 @@ def test_restarts_add_up(servers: list[list[int]]) -> None:
 
 
 def test_tally_buckets_are_cumulative() -> None:
+    """A Tally's buckets count every observation at or below their bound, plus +Inf and sum."""
     t = Tally((1.0, 2.0))
     for v in (0.5, 1.0, 1.5, 3.0):
         t.observe(v)
@@ -527,6 +541,7 @@ def test_tally_buckets_are_cumulative() -> None:
 
 
 async def test_route_serves_the_text_format() -> None:
+    """GET /metrics answers 200 in the Prometheus text format with the current state."""
     async with Rig() as rig:
         metrics = meter(rig)
         await rig.until_state("RUNNING")
@@ -541,6 +556,7 @@ async def test_route_serves_the_text_format() -> None:
 
 
 def test_prometheus_client_is_imported_only_at_the_first_scrape() -> None:
+    """prometheus_client is not imported until the metrics registry is first used."""
     code = (
         "import sys, asyncio\n"
         "import corral.api.metrics_routes, corral.observe.metrics\n"

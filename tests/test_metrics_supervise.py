@@ -40,6 +40,7 @@ def model(tmp_path: Path) -> Path:
 
 
 def test_a_kill_raises_the_crash_counter_by_one(tmp_path: Path, model: Path) -> None:
+    """A SIGKILLed llama-server adds one crash restart, one model load and a generation."""
     with supervisor(tmp_path, FAKE, model) as sup:
         pid = sup.wait_running()["pid"]
         before = scrape(sup)
@@ -58,6 +59,7 @@ def test_a_kill_raises_the_crash_counter_by_one(tmp_path: Path, model: Path) -> 
 
 
 def test_a_rejected_change_raises_the_rejected_counter(tmp_path: Path, model: Path) -> None:
+    """A change refused with 422 counts one rejection and observes no apply duration."""
     with supervisor(tmp_path, FAKE, model) as sup:
         sup.wait_running()
         before = scrape(sup)
@@ -74,6 +76,7 @@ def test_a_rejected_change_raises_the_rejected_counter(tmp_path: Path, model: Pa
 
 def test_an_applied_change_counts_and_observes_its_duration(tmp_path: Path,
                                                             model: Path) -> None:
+    """An applied restart counts one apply and observes its real duration, 0.2-30 s."""
     with supervisor(tmp_path, FAKE, model) as sup:
         sup.wait_running()
         before = scrape(sup)

@@ -45,6 +45,7 @@ def net_ns_inode(path: str) -> int:
 
 def test_two_hosts_serve_the_same_port_at_their_own_addresses(
         simulated_network: SimulatedNetwork) -> None:
+    """Two hosts serve the same port at their own addresses, each server in its namespace."""
     a, b = simulated_network.hosts[:2]
     assert a.addr != b.addr and a.addr.startswith("10.78.") and a.addr.endswith(".11")
     server_a = start_fake_llama(a, bind=a.addr)     # bound to the host's own address
@@ -61,6 +62,7 @@ def test_two_hosts_serve_the_same_port_at_their_own_addresses(
 
 
 def test_hosts_have_loopback_and_no_route_outside(simulated_network: SimulatedNetwork) -> None:
+    """Every host has loopback up and no default route: outside addresses are unreachable."""
     etcd_host = simulated_network.etcd_host
     assert etcd_host.addr.endswith(".2")
     for host in [*simulated_network.hosts, etcd_host]:
@@ -80,6 +82,7 @@ def test_hosts_have_loopback_and_no_route_outside(simulated_network: SimulatedNe
 @pytest.mark.slow
 def test_partition_cuts_a_host_off_and_heal_restores_it(
         simulated_network: SimulatedNetwork) -> None:
+    """A partitioned host still serves locally but nobody reaches it; heal restores it."""
     a, b = simulated_network.hosts[:2]
     start_fake_llama(a)
     url = a.url(LLAMA_PORT, "/health")
@@ -104,6 +107,7 @@ def test_partition_cuts_a_host_off_and_heal_restores_it(
 @pytest.mark.slow
 def test_etcd_on_its_own_host_reachable_until_partitioned(
         simulated_network: SimulatedNetwork) -> None:
+    """etcd on its own host serves every host until one is cut off; either side heals."""
     etcd = start_etcd(simulated_network)
     a, b = simulated_network.hosts[:2]
     assert etcd.endpoint == f"{simulated_network.etcd_host.addr}:2379"
@@ -131,6 +135,7 @@ def test_etcd_on_its_own_host_reachable_until_partitioned(
 @pytest.mark.slow
 def test_supervisors_in_two_hosts_run_on_the_same_ports(
         simulated_network: SimulatedNetwork, tmp_path: Path) -> None:
+    """Supervisors on two hosts share ports, demand a token, and keep running when cut off."""
     model = make_fake_model(tmp_path / "model.gguf")
     a, b = simulated_network.hosts[:2]
     with host_supervisor(a, FAKE, model) as sa, host_supervisor(b, FAKE, model) as sb:
@@ -161,6 +166,7 @@ def test_supervisors_in_two_hosts_run_on_the_same_ports(
 
 
 def test_cleanup_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Leaving the network removes its namespaces and link and ends tracked and stray pids."""
     skip_unless_netns()
     with SimulatedNetwork(tmp_path, hosts=2) as net:
         net.stray_grace = 0.2
@@ -189,6 +195,7 @@ def test_cleanup_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_cleanup_after_a_failure(tmp_path: Path) -> None:
+    """A network left by an exception is still cleaned up and its processes ended."""
     skip_unless_netns()
     net = SimulatedNetwork(tmp_path, hosts=1)
     with pytest.raises(RuntimeError, match="boom"), net:
@@ -201,6 +208,7 @@ def test_cleanup_after_a_failure(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_parallel_networks_do_not_clash(tmp_path: Path) -> None:
+    """Two networks at once get their own subnet, namespaces and link; neither reaches the other."""
     skip_unless_netns()
     with SimulatedNetwork(tmp_path / "one", hosts=1) as one, \
             SimulatedNetwork(tmp_path / "two", hosts=1) as two:
@@ -238,6 +246,7 @@ def test_what_a_killed_run_left_is_swept_at_the_next_start(tmp_path: Path) -> No
 
 
 def test_the_reason_to_skip_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """netns_unavailable says why: root is needed, or iproute2's ip is missing."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "need root" in (netns.netns_unavailable() or "")
     monkeypatch.setattr(shutil, "which", lambda name: None)

@@ -232,6 +232,7 @@ async def test_streams_end_when_the_supervisor_stops() -> None:
 
 
 async def test_a_stream_opened_after_stop_ends_at_once() -> None:
+    """An event stream opened after shutdown sends the kept events, then ends at once."""
     async with Rig() as rig:
         app = app_of(rig, LineBus())
         await rig.until_state("RUNNING")

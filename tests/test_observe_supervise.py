@@ -132,6 +132,7 @@ def test_logs_follow_shows_both_sources_and_ctrl_c_exits_0(
 
 
 def test_logs_tail_is_json_over_http(sup: SupervisorProcess) -> None:
+    """GET /v1/logs?tail=N returns at most N JSON lines; corral logs --tail prints them."""
     lines = sup.http.get("/v1/logs", params={"tail": 5}).json()
     assert 0 < len(lines) <= 5
     assert {"id", "time", "source", "text"} == set(lines[-1])

@@ -104,6 +104,7 @@ async def test_restart_clears_fatal(tmp_path: Path) -> None:
 
 
 async def test_a_restart_that_fails_in_fatal_stays_fatal_and_says_why(tmp_path: Path) -> None:
+    """A restart in FATAL whose server exits again is rejected with why; FATAL stays."""
     async with Rig() as rig:
         app, _ = audited(rig, tmp_path)
         rig.launcher.behave = lambda c: Behaviour(load_s=0.1, outcome="exit")
@@ -131,6 +132,7 @@ async def test_restart_start_first_keeps_the_old_server_serving() -> None:
 
 
 async def test_revert_applies_the_config_before_the_change(tmp_path: Path) -> None:
+    """Reverting a change applies and stores the config before it, audited as a revert."""
     async with Rig() as rig:
         app, audit = audited(rig, tmp_path)
         await rig.until_state("RUNNING")
@@ -205,6 +207,7 @@ async def test_reload_submits_the_stored_config_as_a_whole(tmp_path: Path) -> No
 
 
 async def test_reload_of_a_refused_config_keeps_the_running_one(tmp_path: Path) -> None:
+    """A SIGHUP reload of a config the checks refuse keeps the running one, audited as refused."""
     async with Rig() as rig:
         _, audit = audited(rig, tmp_path)
         await rig.until_state("RUNNING")

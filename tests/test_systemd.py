@@ -52,6 +52,7 @@ def receiver() -> NotifyReceiver:
 
 
 def test_without_notify_socket_everything_is_a_noop() -> None:
+    """Without NOTIFY_SOCKET every notify call returns False, sends nothing, has no watchdog."""
     n = Notifier.from_environment(env={})
     assert not n.enabled and n.watchdog_s is None
     assert not any([n.ready(), n.status("x"), n.reloading(), n.ready_again(), n.stopping(),
@@ -61,6 +62,7 @@ def test_without_notify_socket_everything_is_a_noop() -> None:
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_each_message_arrives_as_one_datagram(abstract: bool) -> None:
+    """Each notify message arrives as one datagram, on path and abstract sockets alike."""
     with NotifyReceiver(abstract=abstract) as r:
         n = Notifier(r.address)
         assert n.ready("RUNNING")
@@ -89,6 +91,7 @@ def test_monotonic_usec_is_clock_monotonic() -> None:
 
 
 def test_from_environment_reads_and_unsets(receiver: NotifyReceiver) -> None:
+    """from_environment reads NOTIFY_SOCKET and WATCHDOG_* and unsets them unless told not to."""
     env = {"NOTIFY_SOCKET": receiver.address, "WATCHDOG_USEC": "3000000",
            "WATCHDOG_PID": str(os.getpid()), "PATH": "/bin"}
     n = Notifier.from_environment(env=env)
@@ -119,6 +122,7 @@ def test_a_slow_reader_gets_every_message_in_order_and_a_wedged_one_costs_a_time
 
 def test_a_notify_socket_that_is_gone_does_not_raise(tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A missing notify socket logs a warning instead of raising; a vsock address is a no-op."""
     n = Notifier(str(tmp_path / "gone"))
     with caplog.at_level(logging.WARNING, "corral.systemd"):
         assert not n.ready()
@@ -139,11 +143,13 @@ def test_a_notify_socket_that_is_gone_does_not_raise(tmp_path: Path,
 ])
 def test_watchdog_interval_is_half_of_watchdog_usec(env: dict[str, str],
                                                     expected: float | None) -> None:
+    """The watchdog interval is half WATCHDOG_USEC; None if unset, bad, 0 or for another pid."""
     env = {k: (str(os.getpid()) if v == "PID" else v) for k, v in env.items()}
     assert watchdog_interval(env) == expected
 
 
 async def test_watchdog_pings_at_half_the_period_while_alive(receiver: NotifyReceiver) -> None:
+    """The watchdog pings every half period while alive, stops while stuck, then resumes."""
     n = Notifier.from_environment(env={"NOTIFY_SOCKET": receiver.address,
                                        "WATCHDOG_USEC": "100000"})
     assert n.watchdog_s == 0.05
@@ -181,6 +187,7 @@ async def test_watchdog_pings_at_half_the_period_while_alive(receiver: NotifyRec
 
 
 async def test_watchdog_returns_at_once_without_watchdog_usec(receiver: NotifyReceiver) -> None:
+    """Without WATCHDOG_USEC or a socket the watchdog returns at once, sending nothing."""
     n = Notifier(receiver.address)
     await asyncio.wait_for(n.watchdog(lambda: True), 1)
     await asyncio.wait_for(Notifier(None, watchdog_s=0.01).watchdog(lambda: True), 1)
@@ -201,6 +208,7 @@ def run(*steps: tuple[State, State, str | None],
 
 
 def test_ready_once_when_first_running_and_not_after_a_crash() -> None:
+    """READY=1 goes out on the first RUNNING only; a crash and revival change just STATUS."""
     out, _ = run((S.STOPPED, S.STARTING, None), (S.STARTING, S.RUNNING, None),
                  (S.RUNNING, S.STARTING, "crashed"), (S.STARTING, S.RUNNING, None))
     assert out == [["STATUS=STARTING"], ["READY=1", "STATUS=RUNNING"],
@@ -208,6 +216,7 @@ def test_ready_once_when_first_running_and_not_after_a_crash() -> None:
 
 
 def test_an_apply_is_a_reload_that_ends_whatever_its_outcome() -> None:
+    """An apply sends RELOADING=1, and READY=1 ends it whether applied, rolled back or FATAL."""
     running = NotifyMemory(ready_sent=True)
     out, mem = run((S.RUNNING, S.APPLYING, None), (S.APPLYING, S.RUNNING, None), memory=running)
     assert out == [["RELOADING=1", "MONOTONIC_USEC=42", "STATUS=APPLYING"],
@@ -268,6 +277,7 @@ def test_the_notifier_asks_to_exit_once_after_a_failed_start_up(
 
 
 def test_stopping_is_said_once() -> None:
+    """STOPPING=1 is sent once, on entering STOPPING, even in the middle of an apply."""
     out, _ = run((S.RUNNING, S.STOPPING, None), (S.STOPPING, S.STOPPED, None),
                  memory=NotifyMemory(ready_sent=True))
     assert out == [["STOPPING=1", "STATUS=STOPPING"], ["STATUS=STOPPED"]]
@@ -278,6 +288,7 @@ def test_stopping_is_said_once() -> None:
 
 
 def test_on_state_sends_the_table_s_messages(receiver: NotifyReceiver) -> None:
+    """on_state sends the transition table's fields for each state change, one datagram each."""
     n = Notifier(receiver.address)
     for old, new in [(S.STOPPED, S.STARTING), (S.STARTING, S.RUNNING), (S.RUNNING, S.APPLYING),
                      (S.APPLYING, S.RUNNING), (S.RUNNING, S.STOPPING)]:
@@ -292,6 +303,7 @@ def test_on_state_sends_the_table_s_messages(receiver: NotifyReceiver) -> None:
 
 
 def test_listen_fds_is_for_this_process_only() -> None:
+    """LISTEN_FDS meant for another or a bad LISTEN_PID gives no sockets and is unset."""
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "front"}
     assert listen_fds(env=env) == [] and env == {}  # another process's: unset, untouched
     assert listen_fds(env={}) == []
@@ -357,6 +369,7 @@ def test_an_inherited_socket_serves_the_client_that_connected_before_the_process
 
 
 def test_the_socket_matching_listen_is_picked_and_the_others_closed() -> None:
+    """The inherited socket matching --listen is used; the other inherited fds are closed."""
     with tcp_listener() as a, tcp_listener() as b, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
@@ -374,6 +387,7 @@ def test_the_socket_matching_listen_is_picked_and_the_others_closed() -> None:
 
 
 def test_names_and_the_first_listener_when_none_matches() -> None:
+    """Inherited fds carry their LISTEN_FDNAMES; with no match the one TCP listener is used."""
     with tcp_listener() as a, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as u:
         child = activated([u, a], "names", names=["ctl", "front"])
         out, _ = child.communicate(timeout=10)
@@ -391,6 +405,7 @@ def test_names_and_the_first_listener_when_none_matches() -> None:
 
 
 def test_sockets_meant_for_another_pid_are_not_taken() -> None:
+    """Sockets whose LISTEN_PID names another process are not taken, and LISTEN_* is unset."""
     with tcp_listener() as a:
         child = activated([a], address(a), listen_pid="1")
         out, _ = child.communicate(timeout=10)
@@ -398,6 +413,7 @@ def test_sockets_meant_for_another_pid_are_not_taken() -> None:
 
 
 def test_inherited_listener_matching_rules(caplog: pytest.LogCaptureFixture) -> None:
+    """A listener matches by port and address, wildcards and localhost included; else None."""
     with tcp_listener() as a, tcp_listener() as b, tcp_listener("0.0.0.0") as any4:
         port_b = b.getsockname()[1]
         assert inherited_listener(f"127.0.0.1:{port_b}", [a, b]) is b
@@ -429,6 +445,7 @@ def unit(name: str) -> dict[str, list[str]]:
 
 
 def test_the_service_unit_says_what_the_supervisor_does() -> None:
+    """corral.service and .socket match the supervisor: notify, reload, timeouts, hardening."""
     svc, sock = unit("corral.service"), unit("corral.socket")
     assert svc["Type"] == ["notify"] and svc["NotifyAccess"] == ["main"]
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]

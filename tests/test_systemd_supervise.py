@@ -35,6 +35,7 @@ def model(tmp_path: Path) -> Path:
 
 
 def test_ready_reloading_stopping_and_watchdog(tmp_path: Path, model: Path) -> None:
+    """READY=1 once llama-server is ready, RELOADING=1 per apply, watchdog pings, STOPPING=1."""
     with NotifyReceiver() as systemd, \
             supervisor(tmp_path, FAKE, model, ["--fake-load-s", "0.5"],
                        env={**systemd.env, "WATCHDOG_USEC": "400000"}) as sup:
