@@ -52,7 +52,8 @@ def test_real_help_has_roughly_all_flags() -> None:
 
 def test_fake_help_flags() -> None:
     """The fake server's help gives one flag per option line, plus -nocb beside -cb."""
-    assert len(FAKE) == len(_option_lines(FAKE_HELP)) + 1  # -cb/-nocb is two flags
+    # -cb/-nocb and -kvu/-no-kvu are two flags each
+    assert len(FAKE) == len(_option_lines(FAKE_HELP)) + 2
 
 
 def test_every_option_line_spelling_is_known() -> None:

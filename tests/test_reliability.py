@@ -492,7 +492,7 @@ def test_flood_of_changes_batches_restarts_and_last_write_wins(tmp_path: Path,
 
         # Last write wins, in the order the supervisor received them (change ids count up).
         expected: dict[str, str] = {}
-        for _, args, _ in sorted(results, key=lambda x: int(x[2]["change_id"][1:])):
+        for _, args, _ in sorted(results, key=lambda x: _sequence(x[2]["change_id"])):
             for key, value in args.items():
                 expected["--parallel" if key in keys_np else key] = str(value)
         effective = sup.status()["config"]["args"]
@@ -571,3 +571,8 @@ def test_no_hang_detection_by_default(tmp_path: Path, model: Path) -> None:
         wait_for(lambda: time.monotonic() - since > 2, 5, "2 s of RUNNING", interval=0.1)
         assert sup.log().count(HEALTH_LOGGED) == before
         assert sup.llama_pid() == pid
+
+
+def _sequence(change_id: str) -> int:
+    """The order a supervisor received a change in: ``c<n>-<run tag>`` -> n."""
+    return int(change_id[1:].split("-", 1)[0])
