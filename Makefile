@@ -5,6 +5,7 @@
 #   make test   set up (incl. etcd) and run every test, real llama-server included
 #   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
 #   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
+#   make sim-slow  the fleet simulation's random schedules, 3,000 of them (make test runs 200)
 #   make lint   ruff + mypy --strict
 #   make page-png  refresh the web page's screenshots in docs/ from a real run
 
@@ -16,7 +17,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 
-.PHONY: setup setup-system setup-test run test bench soak lint clean page-png
+.PHONY: setup setup-system setup-test run test bench soak sim-slow lint clean page-png
 
 setup:
 	@scripts/setup.sh
@@ -67,6 +68,10 @@ bench: setup-test
 
 soak: setup
 	$(PY) -m bench.soak --seconds $${SOAK_SECONDS:-120}
+
+sim-slow: setup
+	CORRAL_SIM_SEEDS=$${CORRAL_SIM_SEEDS:-3000} $(PY) -m pytest -q -n $(TEST_WORKERS) \
+	  --timeout 3600 tests/test_fleet_sim.py -k random_schedules
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts

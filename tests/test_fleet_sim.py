@@ -7,7 +7,7 @@ before the canary finished, once it settled), API changes, partitions and deaths
 schedule the fleet must come to rest and :func:`check` holds. The targeted tests first pin
 the sequences of issue 18 (put A; all apply A; put B at once).
 
-``CORRAL_SIM_SEEDS`` sets the number of random schedules (default 240; ``make sim-slow``
+``CORRAL_SIM_SEEDS`` sets the number of random schedules (default 200; ``make sim-slow``
 runs 3,000). A failure prints the seed, the state and the trace of the schedule.
 """
 
@@ -29,7 +29,7 @@ from tests.fleet_sim import CONFIG_KEY, OPERATOR, ROLLOUT_KEY, Sim, model_of
 from tests.memory_etcd import run_virtual
 from tests.waiting import until
 
-SEEDS = int(os.environ.get("CORRAL_SIM_SEEDS", "240"))
+SEEDS = int(os.environ.get("CORRAL_SIM_SEEDS", "200"))
 SCHEDULE_LIMIT_S = 900.0  # virtual: a schedule that has not come to rest by then is stuck
 CHUNKS = 8  # test functions the seeds are spread over (pytest-xdist runs them in parallel)
 LIMITS = [MaxUnavailable(1), MaxUnavailable(2), MaxUnavailable(percent=50)]
