@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from corral import cli
 from corral.cli import client
+from corral.cli import commands as cli
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV, instance_id, token_from_env
 from corral.errors import CorralError, UsageError
 

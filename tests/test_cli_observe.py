@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from corral import cli
 from corral.cli import client
+from corral.cli import commands as cli
 from corral.defaults import TOKEN_ENV
 
 REAL_CLIENT = client.SupervisorClient

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import corral
-from corral.cli import build_parser
+from corral.cli.parser import build_parser
 
 # The documented public surface. Changing it is an API change: update README/CHANGELOG too.
 PUBLIC = {
