@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from corral.core.args import LlamaConfig
 from corral.errors import StoreUnavailable, UsageError
 from corral.store.base import StoredConfig
 from corral.store.etcd import AuthFailed, EtcdClient, EtcdTLS
+from corral.store.etcd.transport import GatewayTransport
 from corral.store.factory import driver_spec, open_store
 from tests.etcd_helpers import next_of, opened, watching
 from tests.fixtures_etcd import (
@@ -161,6 +164,23 @@ async def test_no_client_certificate_is_refused_clearly(tls_etcd: EtcdServer,
     message = str(caught.value)
     assert "requires a client certificate and none was given" in message, message
     assert f"https://{tls_etcd.addr}" in message
+
+
+async def test_an_alert_read_mid_response_is_a_tls_failure(pki: TLSFiles) -> None:
+    """The server's 'bad certificate' alert can arrive while the answer is read; httpcore
+    lets that ssl.SSLError through unwrapped (CI saw it): it is still a clear TLS failure."""
+    def alert(request: httpx.Request) -> httpx.Response:
+        raise ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+
+    transport = GatewayTransport("127.0.0.1:1", timeout=1, probe_interval=1,
+                                 tls=EtcdTLS(str(pki.ca)))
+    transport._http = httpx.AsyncClient(transport=httpx.MockTransport(alert))
+    with pytest.raises(StoreUnavailable) as caught:
+        await transport.call("/v3/kv/range", {"key": "eA=="}, dict)
+    await transport.aclose()
+    message = str(caught.value)
+    assert message.startswith("etcd TLS handshake failed"), message
+    assert "requires a client certificate and none was given" in message, message
 
 
 def test_unusable_tls_files_are_usage_errors(tmp_path: Path, pki: TLSFiles) -> None:

@@ -60,7 +60,7 @@ def tls_failure(cause: ssl.SSLError, tls: EtcdTLS | None) -> str:
         against = f"CA {tls.cacert}" if tls and tls.cacert else "the system's CAs"
         return (f"the server's certificate could not be verified against {against}: "
                 f"{cause.verify_message or cause.reason}")
-    reason = str(cause.reason or cause)
+    reason = str(getattr(cause, "reason", None) or cause)  # set only by the ssl module
     if "BAD_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
         if not (tls and tls.cert):
             return ("the server requires a client certificate and none was given "

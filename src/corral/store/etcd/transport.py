@@ -194,6 +194,8 @@ class GatewayTransport:
                 yield lines
         except httpx.HTTPError as exc:
             raise await self._classify(url, exc) from exc
+        except ssl.SSLError as exc:  # httpcore does not wrap an alert read mid-response
+            raise transport_error(httpx.ConnectError(str(exc)), self._tls, exc) from exc
 
     async def next_line(self, url: str, key: str, lines: AsyncIterator[str],
                         probe: Callable[[str], Awaitable[object]] | None = None,
@@ -269,6 +271,8 @@ class GatewayTransport:
             raise Unreachable(f"no answer within {self.timeout:g} s") from exc
         except httpx.HTTPError as exc:
             raise await self._classify(url, exc) from exc
+        except ssl.SSLError as exc:  # httpcore does not wrap an alert read mid-response
+            raise transport_error(httpx.ConnectError(str(exc)), self._tls, exc) from exc
         data = json_or_none(response.content)
         if isinstance(data, dict) and response.status_code == 200 and "error" not in data:
             return data
