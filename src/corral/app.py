@@ -265,7 +265,7 @@ async def supervise(opts: Options) -> int:
             from corral.fleet import FleetSync
 
             fleet = FleetSync(controller, store, etcd, name, f"{host}:{api_port}",
-                              opts.rollout, me)
+                              opts.rollout, me, listen=opts.listen)
         audit = AuditLog(lock_path.with_suffix(".audit.jsonl"))  # the change history
         audit.listen_to(controller.events)
         cleanup.callback(audit.close)

@@ -41,13 +41,36 @@ def _run_fleet(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_balance(ns: argparse.Namespace) -> int:
+    from corral.fleet.haproxy import sample_config
+
+    if ns.print_config:
+        print(sample_config(ns.backend, ns.haproxy_socket or "/run/haproxy/admin.sock"))
+        return 0
+    if not ns.etcd or not ns.haproxy_socket:
+        print("corral balance: --etcd and --haproxy-socket are required", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from corral.fleet.balance import BalanceSettings
+    from corral.fleet.balance_app import run_balance
+    from corral.store.factory import driver_spec
+
+    settings = BalanceSettings(ns.backend, ns.server_prefix, ns.server_options,
+                               grace=ns.drain_grace)
+    spec = _etcd_spec(ns, driver_spec(None, None, ns.etcd, ns.name))
+    return run_balance(spec, ns.name, ns.haproxy_socket, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head, extra = split_extra(argv)
     args = build_parser().parse_args(head)
     args.extra = extra
     try:
-        run = {"supervise": _run_supervise, "fleet": _run_fleet, "client": _run_client}
+        run = {"supervise": _run_supervise, "fleet": _run_fleet, "client": _run_client,
+               "balance": _run_balance}
         return int(run[args.runner](args))
     except KeyboardInterrupt:
         return 130
@@ -81,7 +104,7 @@ def _run_supervise(ns: argparse.Namespace) -> int:
 
     try:
         rollout = RolloutSettings(MaxUnavailable.parse(ns.max_unavailable),
-                                  max(0.0, ns.canary_seconds))
+                                  max(0.0, ns.canary_seconds), ns.balancer_drain_timeout)
     except ValueError as exc:
         log.error("--max-unavailable: %s", exc)
         return 2

@@ -52,7 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_supervise(sub)
     _add_client(sub)
     _add_fleet(sub)
+    _add_balance(sub)
     return parser
+
+
+def _add_balance(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    b = sub.add_parser("balance", help="keep an HAProxy backend equal to a fleet's live "
+                       "instances (Runtime API, no reload)",
+                       description="Run beside HAProxy: add each live instance of fleet NAME "
+                       "to BACKEND (its front door, or llama-server's port without --listen) "
+                       "with health checks on /health, drain and delete the ones whose "
+                       "registration is gone, put FATAL ones in maintenance, and drain an "
+                       "instance before it applies a rollout revision. Servers it did not add "
+                       "are left alone.")
+    b.add_argument("--etcd", metavar="ADDR", help="host:port[,host:port]")
+    b.add_argument("--name", default="default", help="config name (default: %(default)s)")
+    b.add_argument("--haproxy-socket", metavar="PATH", help="HAProxy's admin socket "
+                   "('stats socket PATH level admin')")
+    b.add_argument("--backend", default="corral", help="the backend to fill "
+                   "(default: %(default)s)")
+    b.add_argument("--server-prefix", default="corral-", metavar="P",
+                   help="names of the servers it adds start with this (default: %(default)s)")
+    b.add_argument("--server-options", metavar="OPTS",
+                   default="check inter 1s fastinter 250ms downinter 500ms rise 1 fall 2",
+                   help="what follows the address in 'add server' (default: %(default)s)")
+    b.add_argument("--drain-grace", type=_positive(float), default=30.0, metavar="S",
+                   help="a gone instance's requests may take this long before they are cut "
+                   "(default: %(default)g)")
+    b.add_argument("--print-config", action="store_true",
+                   help="print a minimal haproxy.cfg to start from, and exit")
+    b.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    _add_etcd_security(b)
+    b.set_defaults(runner="balance")
 
 
 def _add_fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -155,6 +187,10 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     r.add_argument("--canary-seconds", type=float, default=10.0, metavar="S",
                    help="how long the canary must run the new config before the others "
                    "follow; 0 = no canary (default: %(default)g)")
+    r.add_argument("--balancer-drain-timeout", type=_positive(float), default=30.0,
+                   metavar="S", help="with corral balance running, how long an instance "
+                   "waits to be drained in HAProxy before it applies a revision anyway "
+                   "(default: %(default)g)")
     r.add_argument("--local-port", action="store_true",
                    help="this instance's --port/--host are its own (several instances on "
                    "one machine): not stored, not taken from the store, not changeable "

@@ -42,6 +42,7 @@ from corral.core.rollout import (
     record_failure,
 )
 from corral.errors import StoreCorrupt, StoreUnavailable
+from corral.fleet.drain import DrainKeys, drained
 from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.fleet.records import dump_record, parse_record, step_words
 from corral.store.base import StoredConfig
@@ -64,6 +65,7 @@ _RETRY_S = 0.5  # after etcd failed a step: decide again on fresh facts
 class RolloutSettings:
     max_unavailable: MaxUnavailable = MaxUnavailable()
     canary_seconds: float = 10.0
+    balancer_drain_timeout: float = 30.0  # see corral.fleet.drain
 
 
 def now_iso() -> str:
@@ -356,9 +358,11 @@ class RolloutAgent:
             if not await self.holds_slot():
                 return _RETRY_S  # our facts were stale: decide again on fresh ones
             wanted = self.store.overrides.apply(config)
-            log.info("fleet %r: applying revision %d here", self.keys.name, target.revision)
-            record = self.controller.submit(Change.whole(wanted), source="fleet")
-            await asyncio.shield(record.done)
+            async with drained(self.client, DrainKeys(self.keys), self.me, self._lease(),
+                               self, self.settings.balancer_drain_timeout):
+                log.info("fleet %r: applying revision %d here", self.keys.name, target.revision)
+                record = self.controller.submit(Change.whole(wanted), source="fleet")
+                await asyncio.shield(record.done)
         await self._after_apply(record, target)
         return 0
 

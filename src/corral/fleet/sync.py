@@ -160,12 +160,13 @@ class RolloutResult:
 class FleetSync:
     def __init__(self, controller: Supervisor, store: LocalStore, etcd: EtcdStore, name: str,
                  api_addr: str, settings: RolloutSettings | None = None,
-                 me: str | None = None) -> None:
+                 me: str | None = None, listen: str | None = None) -> None:
         self.controller = controller
         self.store = store
         self.etcd = etcd
         self.name = name
         self.api_addr = api_addr
+        self.listen = listen  # the front door: where a balancer sends this host's clients
         self.instance_id = me or instance_id()
         self.settings = settings or RolloutSettings()
         self._view: dict[str, Any] = {}  # what this instance reports of the fleet
@@ -299,6 +300,7 @@ class FleetSync:
         fleet = self._view
         return {
             "host": socket.gethostname(), "supervisor": self.api_addr, "port": status.port,
+            "listen": self.listen,
             "state": status.state, "pid": status.pid, "in_sync": fleet.get("in_sync", True),
             "max_unavailable": str(self.settings.max_unavailable),
             "divergence": fleet.get("divergence"),
