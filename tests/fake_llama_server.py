@@ -172,6 +172,9 @@ llamacpp:requests_processing 0
 """
 
 
+GENERATION_S = 0.05  # how long a POST /completion takes
+
+
 def serve(ns: argparse.Namespace, ready_at: float) -> None:
     props_served = [0]
 
@@ -198,8 +201,21 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
                 self._json(200, {"model_path": ns.model, "total_slots": slots,
                                  "pid": os.getpid(), "default_generation_settings": {
                                      "n_ctx": ns.fake_props_n_ctx or per_slot}})
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": ns.model or "fake"}]})
             else:
                 self._json(404, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            """/completion: a short generation (GENERATION_S), so that load tests have
+            requests in flight to lose or keep."""
+            length = int(self.headers.get("content-length") or 0)
+            self.rfile.read(length)
+            if self.path != "/completion":
+                self._json(404, {"error": "not found"})
+                return
+            time.sleep(GENERATION_S)
+            self._json(200, {"content": " hi", "stop": True, "pid": os.getpid()})
 
         def _json(self, code: int, body: dict[str, object]) -> None:
             data = json.dumps(body).encode()

@@ -52,7 +52,8 @@ def _run_balance(ns: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from corral.fleet.balance import BalanceSettings
     from corral.fleet.balance_app import run_balance
     from corral.store.factory import driver_spec
@@ -129,7 +130,11 @@ def _run_supervise(ns: argparse.Namespace) -> int:
             settings=settings,
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
             api_token=token_from_env(ns.api_token), listen=ns.listen,
-            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout),
+            front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout,
+                                idle_timeout_s=ns.idle_timeout,
+                                header_timeout_s=ns.header_timeout,
+                                max_connections=(max(1, ns.max_connections)
+                                                 if ns.max_connections is not None else None)),
             rollout=rollout, local_port=ns.local_port, security=_security(ns))
         return asyncio.run(supervise(opts))
     except CorralError as exc:

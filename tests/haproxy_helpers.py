@@ -1,0 +1,164 @@
+"""A real HAProxy for the balancer tests, started on loopback ports with its admin socket in
+the test's directory, and ``corral balance`` beside it as a process.
+
+The state a balancer test asserts on: HAProxy's own ``show servers state`` (read through
+the admin socket here, independently of Corral's client) and requests sent through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_etcd import EtcdServer
+from tests.harness import death_signal_prefix, free_port
+from tests.waiting import wait_for
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+CONFIG = """\
+global
+    stats socket {sock} mode 600 level admin
+    pidfile {pidfile}
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 120s
+    timeout server 120s
+    timeout queue 30s
+    timeout check 1s
+    option redispatch
+    retries 2
+    retry-on conn-failure empty-response response-timeout
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend {backend}
+
+backend {backend}
+    balance roundrobin
+    option httpchk GET /health
+    http-check expect status 200
+    server static1 127.0.0.1:{static_port} disabled
+"""
+
+
+@dataclass
+class Server:
+    name: str
+    address: str
+    port: int
+    op: int  # 0 stopped (down), 2 running (up)
+    admin: int  # 1 maint, 8 drain, 0 ready
+
+
+class HAProxy:
+    def __init__(self, tmp: Path, backend: str = "llama") -> None:
+        self.dir = tmp / "haproxy"
+        self.dir.mkdir(exist_ok=True)
+        self.socket = str(self.dir / "admin.sock")
+        self.backend = backend
+        self.port = free_port()
+        self.config = self.dir / "haproxy.cfg"
+        self.config.write_text(CONFIG.format(sock=self.socket, pidfile=self.dir / "pid",
+                                             port=self.port, backend=backend,
+                                             static_port=free_port()))
+        self.log = self.dir / "haproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HAProxy:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*death_signal_prefix(), HAPROXY, "-db", "-f",
+                                          str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_for(lambda: self.ask("show info").startswith("Name: HAProxy"), 10,
+                 "HAProxy's admin socket", explain=lambda: self.log.read_text())
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def ask(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(self.socket)
+            s.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def servers(self) -> dict[str, Server]:
+        found = {}
+        for line in self.ask(f"show servers state {self.backend}").splitlines():
+            f = line.split()
+            if len(f) > 18 and not line.startswith("#") and f[1] == self.backend:
+                found[f[3]] = Server(f[3], f[4], int(f[18]), int(f[5]), int(f[6]))
+        return found
+
+    def ours(self) -> dict[str, Server]:
+        return {n: s for n, s in self.servers().items() if n.startswith("corral-")}
+
+
+@contextlib.contextmanager
+def haproxy(tmp: Path) -> Iterator[HAProxy]:
+    """A running HAProxy; stopped (and reaped) afterwards."""
+    if not Path(HAPROXY).exists():
+        pytest.skip("haproxy is not installed")
+    h = HAProxy(tmp).start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@contextlib.contextmanager
+def balancer(tmp: Path, etcd: EtcdServer, h: HAProxy, name: str = "fleet",
+             extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``corral balance`` for fleet ``name`` into ``h``'s backend; stopped afterwards."""
+    log = tmp / f"balance-{free_port()}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [*death_signal_prefix(), sys.executable, "-m", "corral", "balance", "--etcd",
+             etcd.addr, "--name", name, "--haproxy-socket", h.socket, "--backend", h.backend,
+             "--server-options", "check inter 300 fastinter 100 downinter 200 rise 1 fall 2",
+             *(extra or [])],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        print(log.read_text()[-4000:])
+
+
+def registration(etcd: EtcdServer, instance: str, info: str, ttl: int = 2,
+                 name: str = "fleet") -> str:
+    """A registration written by hand under a fresh lease; returns the lease id."""
+    lease = etcd.etcdctl("lease", "grant", str(ttl)).split()[1]
+    etcd.etcdctl("put", "--lease", lease, f"/corral/instances/{name}/{instance}", info)
+    return lease

@@ -1,0 +1,90 @@
+"""``corral balance`` with a real HAProxy and a real etcd (issue 20): the backend follows the
+fleet's registrations, with no HAProxy reload.
+
+HAProxy runs on loopback ports with its admin socket in the test's directory; what is
+asserted is HAProxy's own ``show servers state`` and requests sent through it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures_etcd import EtcdServer
+from tests.fleet_helpers import etcd_args, instance_of
+from tests.haproxy_helpers import balancer, haproxy, registration
+from tests.harness import FAKE, free_port, make_fake_model, supervisor
+from tests.waiting import wait_for
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+
+def test_a_host_joins_gets_traffic_and_leaves_when_its_lease_expires(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """A supervisor that registers is added (its front door) and answers through HAProxy;
+    killed with SIGKILL, its server is drained and deleted within the lease TTL; the
+    static server in the backend is never touched."""
+    model = make_fake_model(tmp_path / "a.gguf")
+    listen = f"127.0.0.1:{free_port()}"
+    with haproxy(tmp_path) as h, balancer(tmp_path, etcd_server, h):
+        static = h.servers()["static1"]
+        with supervisor(tmp_path, FAKE, model, store_args=etcd_args(etcd_server),
+                        extra_cli=["--listen", listen]) as sup:
+            sup.wait_running()
+            name = f"corral-{instance_of(sup)}"
+            server = wait_for(lambda: (s := h.ours().get(name)) and s.op == 2 and s, 20,
+                              "the supervisor's server added, ready and up",
+                              explain=lambda: h.ask("show servers state"))
+            assert (server.address, server.port, server.admin) == ("127.0.0.1",
+                                                                   int(listen.split(":")[1]), 0)
+            with httpx.Client(base_url=h.url, timeout=10, trust_env=False) as http:
+                assert http.get("/v1/models").status_code == 200
+            sup.kill()
+            killed = time.monotonic()
+            wait_for(lambda: name not in h.servers(), 15, "the dead host's server deleted",
+                     explain=lambda: h.ask("show servers state"))
+            gone_after = time.monotonic() - killed
+        print(f"host killed -> its server deleted from HAProxy in {gone_after:.2f} s")
+        assert gone_after < 5 + 3  # the lease TTL (5 s) and a round or two
+        assert h.servers()["static1"] == static
+
+
+def test_fatal_goes_to_maintenance_and_a_restarted_haproxy_is_rebuilt(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """A registration whose state is FATAL puts its server in maintenance, RUNNING again
+    makes it ready; after HAProxy restarts (servers gone) the backend is rebuilt."""
+    port = free_port()
+    info = {"supervisor": "127.0.0.1:1", "listen": f"127.0.0.1:{port}", "state": "RUNNING"}
+    with haproxy(tmp_path) as h, balancer(tmp_path, etcd_server, h):
+        lease = registration(etcd_server, "a", json.dumps(info), ttl=30)
+        wait_for(lambda: (s := h.ours().get("corral-a")) and s.admin == 0, 10, "added ready")
+        etcd_server.etcdctl("put", "--lease", lease, "/corral/instances/fleet/a",
+                            json.dumps({**info, "state": "FATAL"}))
+        wait_for(lambda: h.ours()["corral-a"].admin & 1, 10, "FATAL: in maintenance")
+        etcd_server.etcdctl("put", "--lease", lease, "/corral/instances/fleet/a",
+                            json.dumps(info))
+        wait_for(lambda: h.ours()["corral-a"].admin == 0, 10, "RUNNING: ready again")
+        h.stop()
+        h.start()
+        assert "corral-a" not in h.servers()
+        wait_for(lambda: (s := h.ours().get("corral-a")) and s.admin == 0, 10,
+                 "the restarted HAProxy's backend rebuilt")
+
+
+def test_two_balancers_on_one_haproxy_agree(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """Two ``corral balance`` on one HAProxy converge to one server per instance and both
+    remove it when the instance leaves."""
+    info = {"supervisor": "127.0.0.1:1", "listen": f"127.0.0.1:{free_port()}",
+            "state": "RUNNING"}
+    with haproxy(tmp_path) as h, balancer(tmp_path, etcd_server, h), \
+            balancer(tmp_path, etcd_server, h):
+        leases = [registration(etcd_server, i, json.dumps(info), ttl=30) for i in "abc"]
+        wait_for(lambda: set(h.ours()) == {"corral-a", "corral-b", "corral-c"}, 10,
+                 "three servers")
+        etcd_server.etcdctl("lease", "revoke", leases[1])
+        wait_for(lambda: set(h.ours()) == {"corral-a", "corral-c"}, 10, "b deleted")
+        assert all(s.admin == 0 for s in h.ours().values())
