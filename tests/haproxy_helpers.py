@@ -162,3 +162,62 @@ def registration(etcd: EtcdServer, instance: str, info: str, ttl: int = 2,
     lease = etcd.etcdctl("lease", "grant", str(ttl)).split()[1]
     etcd.etcdctl("put", "--lease", lease, f"/corral/instances/{name}/{instance}", info)
     return lease
+
+
+@dataclass(frozen=True)
+class Sent:
+    start: float
+    end: float
+    ok: bool
+    what: str
+
+
+class Clients:
+    """``n`` client threads through HAProxy, each in turn a ``POST /completion`` and a
+    ``GET /v1/models``, until stopped (bounded: ``limit`` requests per client)."""
+
+    def __init__(self, url: str, n: int = 4, limit: int = 20_000) -> None:
+        import threading
+
+        self.url, self.limit = url, limit
+        self.sent: list[Sent] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def __enter__(self) -> Clients:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self) -> None:
+        import time
+
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=60, trust_env=False) as http:
+            for i in range(self.limit):
+                if self._stop.is_set():
+                    return
+                what = "completion" if i % 2 == 0 else "models"
+                start = time.monotonic()
+                try:
+                    r = (http.post("/completion", json={"prompt": "hi", "n_predict": 4})
+                         if what == "completion" else http.get("/v1/models"))
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.sent.append(Sent(start, time.monotonic(), ok, what))
+
+    def between(self, t0: float, t1: float) -> list[Sent]:
+        """Requests that were in flight at some time between ``t0`` and ``t1``."""
+        return [s for s in list(self.sent) if s.end >= t0 and s.start <= t1]
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
