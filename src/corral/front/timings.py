@@ -78,6 +78,12 @@ class Timings:
         if since is not None:
             self.held_time.observe(self.clock.monotonic() - since)
 
+    def longest_wait(self) -> float:
+        """Seconds the request waiting longest has waited so far (0: none waits)."""
+        if not self._waiting:
+            return 0.0
+        return self.clock.monotonic() - min(self._waiting.values())
+
     @property
     def pending(self) -> int:
         """Requests with a duration or a wait not yet counted."""
