@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from corral.cli.parser import build_parser, split_extra
 from corral.defaults import token_from_env
 from corral.supervisor.settings import Security
+from corral.cli.serve import run_serve
 
 if TYPE_CHECKING:
     from corral.cli.client import SupervisorClient
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         run = {"supervise": _run_supervise, "fleet": _run_fleet, "client": _run_client,
-               "balance": _run_balance}
+               "balance": _run_balance, "serve": run_serve}
         return int(run[args.runner](args))
     except KeyboardInterrupt:
         return 130

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client(sub)
     _add_fleet(sub)
     _add_balance(sub)
+    add_serve(sub)
     return parser
 
 
