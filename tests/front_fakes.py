@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from corral.front import FrontDoor, FrontSettings, Upstream
+from corral.front.timings import MonotonicClock
 
 DEADLINE = 10.0
 
@@ -127,13 +128,14 @@ class Door:
 
 
 @contextlib.asynccontextmanager
-async def front(settings: FrontSettings | None = None) -> AsyncIterator[Door]:
+async def front(settings: FrontSettings | None = None,
+                clock: MonotonicClock | None = None) -> AsyncIterator[Door]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    door = FrontDoor(sock, settings or FrontSettings())
+    door = FrontDoor(sock, settings or FrontSettings(), clock=clock)
     task = asyncio.create_task(door.serve())
     try:
         yield Door(door, port, f"http://127.0.0.1:{port}")

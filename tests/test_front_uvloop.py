@@ -7,13 +7,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests import test_front_forward, test_front_routing
+from tests import test_front_edge, test_front_forward, test_front_routing
 
 uvloop = pytest.importorskip("uvloop")
 
 SCENARIOS: dict[str, Callable[[], Awaitable[None]]] = {
     f"{mod.__name__.rsplit('_', 1)[1]}:{name}": getattr(mod, name)
-    for mod in (test_front_forward, test_front_routing)
+    for mod in (test_front_forward, test_front_routing, test_front_edge)
     for name in sorted(dir(mod)) if name.startswith("test_")
 }
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from corral.api.edge import uvicorn_limits
 from corral.api.routes import create_app
 from corral.api.security import Tokens
 from corral.api.transport import (
@@ -42,6 +43,7 @@ from corral.fleet.rollout import RolloutSettings
 from corral.fleet.sync import PublishingStore
 from corral.front import FrontDoor, FrontSettings
 from corral.front.activation import inherited_listener
+from corral.front.limits import raise_open_files_limit
 from corral.front.steer import SteeredFront, place_on_loopback
 from corral.observe.audit import AuditLog
 from corral.observe.events import LineBus, LineHandler
@@ -209,6 +211,7 @@ async def supervise(opts: Options) -> int:
     # sockets, so that no child inherits them.
     notifier = Notifier.from_environment()
     inherited = inherited_listener(opts.listen) if opts.listen else None
+    raise_open_files_limit()  # systemd's soft 1024 would cap the front door's connections
     host, api_port = parse_addr(opts.supervisor_addr)
     sec = opts.security
     tokens = tokens_from(opts.api_token, sec)
@@ -276,6 +279,8 @@ async def supervise(opts: Options) -> int:
                      "loopback port of its own", opts.listen)
         server = _EmbeddedServer(uvicorn.Config(
             app, log_level="warning", lifespan="off", access_log=False,
+            **uvicorn_limits(opts.front.idle_timeout_s, opts.front.header_timeout_s,
+                             opts.front.max_head_bytes),
             ssl_certfile=sec.tls_cert if api_tls else None,
             ssl_keyfile=sec.tls_key if api_tls else None))
         log.info("management API on %s://%s:%d (token %s%s)", "https" if api_tls else "http",

@@ -153,6 +153,19 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     f.add_argument("--hold-timeout", type=_positive(float), default=120.0, metavar="S",
                    help="seconds a request may be held before it gets 503 "
                    "(default: %(default)g)")
+    f.add_argument("--idle-timeout", type=_positive(float), default=60.0, metavar="S",
+                   help="close a client connection that has no request in progress (just "
+                   "opened, or kept alive between requests) after S seconds; 0 = never "
+                   "(default: %(default)g)")
+    f.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="a request head must arrive whole within S seconds of its first byte, "
+                   "else 408 and the connection is closed; 0 = no limit (default: "
+                   "%(default)g). A head over 64 KiB gets 431")
+    f.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections open at once; past it a new one replaces the "
+                   "longest-idle connection, or gets 503 when none is idle (default: (soft "
+                   "open-file limit - 256) / 2; Corral raises its soft limit to the hard one "
+                   "at start)")
     m = p.add_argument_group(
         "memory (know before loading)",
         "Every change is estimated (llama.cpp's llama-fit-params beside llama-server, else the "

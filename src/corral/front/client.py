@@ -35,6 +35,18 @@ class ClientEvents(Protocol):
     def client_lost(self, client: ClientConn) -> None: ...
 
 
+class HeadEvents(Protocol):
+    """What a client connection tells the edge (``edge.Edge``) about request heads."""
+
+    max_head_bytes: int
+
+    def head_began(self, client: ClientConn) -> None: ...
+
+    def head_ended(self, client: ClientConn) -> None: ...
+
+    def head_too_large(self, client: ClientConn) -> None: ...
+
+
 class AttemptConn(Protocol):
     """The upstream connection an exchange's attempt runs on (``upstream.UpstreamConn``)."""
 
@@ -100,8 +112,11 @@ class Exchange:
 class ClientConn(asyncio.Protocol):
     """One client connection: parses requests, queues them, hands them to the door."""
 
-    def __init__(self, door: ClientEvents) -> None:
+    def __init__(self, door: ClientEvents, edge: HeadEvents | None = None) -> None:
         self.door = door
+        self.edge = edge   # None: no limit on heads (their size and time)
+        self.in_head = False      # a request's head began and is not whole yet
+        self.head_bytes = 0       # bytes read since it began (at most one read too many)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()   # queue[0] is the one being answered
@@ -118,10 +133,17 @@ class ClientConn(asyncio.Protocol):
         self.door.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closing and not self.queue:
+            return  # answered early (400, 408, 431, 503) and closing: nothing more is read
         fresh = self.parsing is None
         self._begins = 0
         if not self._feed(data):
             return
+        if self.in_head and self.edge is not None:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.edge.max_head_bytes:
+                self.edge.head_too_large(self)
+                return
         if self._new:
             whole = fresh and self._begins == 1 and self.parsing is None
             for ex in self._new:
@@ -171,6 +193,10 @@ class ClientConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._begins += 1
         self.parsing = Exchange(self)
+        self.in_head = True
+        self.head_bytes = 0
+        if self.edge is not None:
+            self.edge.head_began(self)
 
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
@@ -189,6 +215,9 @@ class ClientConn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
+        self.in_head = False
+        if self.edge is not None:
+            self.edge.head_ended(self)
         parser = self.parser
         ex.method = parser.get_method()
         ex.version = parser.get_http_version()

@@ -30,8 +30,8 @@ A client that hangs up aborts its upstream connection, so llama-server notices t
 socket and frees the slot. Flow control runs both ways: a slow reader pauses the upstream
 connection's reads, a slow upstream pauses the client's.
 
-Works on asyncio's default loop and on uvloop; everything runs on the loop's thread, and the
-controller's calls are synchronous and cheap.
+The edge (``edge``; its rules in ``corral.core.edge``) caps client connections and closes
+idle and slow ones. Works on asyncio's loop and on uvloop, all on the loop's thread.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import ssl
 from collections import Counter
 
 from corral.front.client import ClientConn, Exchange
+from corral.front.edge import Edge
 from corral.front.idle import IdleWaiters
 from corral.front.model import FrontSettings, FrontStats, Upstream
 from corral.front.responses import CONTINUE, error_response
@@ -72,7 +73,6 @@ class FrontDoor:
         self._listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._router: Router[Exchange] = Router(self.settings.max_held)
         self._pool = Pool()
-        self._clients: set[ClientConn] = set()
         self._connecting: set[asyncio.Task[None]] = set()
         self._draining: set[Upstream] = set()
         self._idle = IdleWaiters(self._router.in_flight)
@@ -84,6 +84,8 @@ class FrontDoor:
         self._failed: Counter[str] = Counter()
         self._classes = [0] * 6
         self.timing = Timings(clock)
+        self.edge = Edge(self.settings, self.timing.clock, self.answer_early)
+        self._clients = self.edge.open
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -91,8 +93,11 @@ class FrontDoor:
         """Accept and forward until ``close`` ends, or until cancelled (which cuts)."""
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
-        self._server = await loop.create_server(lambda: ClientConn(self), sock=self._sock,
-                                                ssl=self._tls, backlog=1024)
+        handshake_s = (self.settings.header_timeout_s or None) if self._tls else None
+        self._server = await loop.create_server(lambda: ClientConn(self, self.edge),
+                                                sock=self._sock, backlog=1024, ssl=self._tls,
+                                                ssl_handshake_timeout=handshake_s)
+        self.edge.start()
         try:
             await self._closed
         finally:
@@ -117,6 +122,7 @@ class FrontDoor:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        self.edge.stop()
         for task in list(self._connecting):
             task.cancel()
         for client in list(self._clients):
@@ -182,7 +188,9 @@ class FrontDoor:
             in_flight=self._router.in_flight(), held_now=self._router.held_now,
             held_total=self._router.held_total, released_total=self._router.released_total,
             retried=self._retried, cut=self._cut, failed=dict(self._failed),
-            requests_total=classes)
+            requests_total=classes, connections=len(self._clients),
+            max_connections=self.edge.table.max_connections,
+            closed_idle=self.edge.closed_idle)
 
     def timings(self) -> dict[str, tuple[str, tuple[float, ...], list[int], float]]:
         """Histograms for /metrics: see :meth:`Timings.histograms`."""
@@ -302,11 +310,15 @@ class FrontDoor:
         self._client_done(ex, close)
 
     def bad_request(self, client: ClientConn, message: str) -> None:
-        self._failed["bad_request"] += 1
-        self.count_status(400)
-        client.write(error_response(400, message, close=True))
-        client.closing = True
-        client.transport.close()
+        self.answer_early(client, 400, "bad_request", message)
+
+    def answer_early(self, client: ClientConn, status: int, cause: str, message: str) -> None:
+        """Answer ``client`` before (or instead of) a request it sent whole, and close."""
+        self._failed[cause] += 1
+        self.count_status(status)
+        retry_after = self.settings.retry_after_s if status == 503 else None
+        client.write(error_response(status, message, close=True, retry_after_s=retry_after))
+        self.edge.drop(client, linger=True)
 
     def _client_done(self, ex: Exchange, close: bool) -> None:
         client = ex.client
@@ -319,6 +331,8 @@ class FrontDoor:
             client.transport.close()
         elif client.queue:
             self.pump(client.queue[0])
+        elif client.parsing is None:
+            self.edge.went_idle(client)
 
     def count_status(self, status: int) -> None:
         self._classes[min(status // 100, 5)] += 1
@@ -327,13 +341,14 @@ class FrontDoor:
 
     def client_opened(self, client: ClientConn) -> None:
         if self._closing:
+            client.closing = True
             client.transport.close()
         else:
-            self._clients.add(client)
+            self.edge.opened(client)
 
     def client_lost(self, client: ClientConn) -> None:
         """The client hung up: whatever it asked for is abandoned, upstream too."""
-        self._clients.discard(client)
+        self.edge.lost(client)
         for ex in client.queue:
             ex.gone = True
             ex.cancel_timer()

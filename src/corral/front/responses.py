@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 
-_REASONS = {400: "Bad Request", 413: "Content Too Large", 501: "Not Implemented",
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 501: "Not Implemented",
             502: "Bad Gateway", 503: "Service Unavailable"}
-_TYPES = {400: "invalid_request_error", 413: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 431: "invalid_request_error",
           501: "not_supported_error", 502: "server_error", 503: "unavailable_error"}
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
