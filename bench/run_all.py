@@ -20,6 +20,7 @@ from typing import Any
 from bench import (
     api,
     apply,
+    balance,
     coalesce,
     fit,
     footprint,
@@ -63,6 +64,8 @@ def main() -> int:
          lambda: front_applies.run(applies=3 if ns.quick else 10, seconds=300.0 if ns.quick
                                    else 900.0, quiet_s=2.0 if ns.quick else 3.0),
          front_applies.rows),
+        ("balance", "9. a fleet as one endpoint: a stop-first rollout through HAProxy, 4 clients",
+         lambda: balance.run(), balance.rows),
     ]
     failed = []
     for key, _, fn, _ in sections:

@@ -23,6 +23,7 @@ from tests.harness import death_signal_prefix, free_port
 from tests.waiting import wait_for
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+CHECK = "check inter 300 fastinter 100 downinter 200 rise 1 fall 2"
 
 CONFIG = """\
 global
@@ -48,7 +49,7 @@ backend {backend}
     balance roundrobin
     option httpchk GET /health
     http-check expect status 200
-    server static1 127.0.0.1:{static_port} disabled
+{servers}
 """
 
 
@@ -62,7 +63,10 @@ class Server:
 
 
 class HAProxy:
-    def __init__(self, tmp: Path, backend: str = "llama") -> None:
+    def __init__(self, tmp: Path, backend: str = "llama",
+                 static: list[str] | None = None) -> None:
+        """``static``: the backend's ``server`` lines (default: one disabled server that
+        corral balance must leave alone)."""
         self.dir = tmp / "haproxy"
         self.dir.mkdir(exist_ok=True)
         self.socket = str(self.dir / "admin.sock")
@@ -71,7 +75,10 @@ class HAProxy:
         self.config = self.dir / "haproxy.cfg"
         self.config.write_text(CONFIG.format(sock=self.socket, pidfile=self.dir / "pid",
                                              port=self.port, backend=backend,
-                                             static_port=free_port()))
+                                             servers="\n".join(f"    {line}" for line in (
+                                                 static if static is not None else [
+                                                     f"server static1 127.0.0.1:"
+                                                     f"{free_port()} disabled"]))))
         self.log = self.dir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -120,11 +127,11 @@ class HAProxy:
 
 
 @contextlib.contextmanager
-def haproxy(tmp: Path) -> Iterator[HAProxy]:
+def haproxy(tmp: Path, static: list[str] | None = None) -> Iterator[HAProxy]:
     """A running HAProxy; stopped (and reaped) afterwards."""
     if not Path(HAPROXY).exists():
         pytest.skip("haproxy is not installed")
-    h = HAProxy(tmp).start()
+    h = HAProxy(tmp, static=static).start()
     try:
         yield h
     finally:
@@ -140,7 +147,7 @@ def balancer(tmp: Path, etcd: EtcdServer, h: HAProxy, name: str = "fleet",
         proc = subprocess.Popen(
             [*death_signal_prefix(), sys.executable, "-m", "corral", "balance", "--etcd",
              etcd.addr, "--name", name, "--haproxy-socket", h.socket, "--backend", h.backend,
-             "--server-options", "check inter 300 fastinter 100 downinter 200 rise 1 fall 2",
+             "--server-options", CHECK,
              *(extra or [])],
             stdout=out, stderr=subprocess.STDOUT)
     try:
