@@ -7,6 +7,7 @@ asserted is HAProxy's own ``show servers state`` and requests sent through it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import ExitStack
@@ -15,8 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.fleet.drain import DrainKeys, drained
+from corral.fleet.keys import FleetKeys
+from corral.store.etcd import EtcdStore
 from tests.fixtures_etcd import EtcdServer
-from tests.fleet_helpers import etcd_args, instance_of, phase, put_config
+from tests.fleet_helpers import etcd_args, fleet_json, instance_of, phase, put_config
 from tests.haproxy_helpers import Clients, balancer, haproxy, p99, registration
 from tests.harness import FAKE, free_port, make_fake_model, supervisor
 from tests.waiting import wait_for
@@ -44,6 +48,8 @@ def test_a_host_joins_gets_traffic_and_leaves_when_its_lease_expires(
                                                                    int(listen.split(":")[1]), 0)
             with httpx.Client(base_url=h.url, timeout=10, trust_env=False) as http:
                 assert http.get("/v1/models").status_code == 200
+            wait_for(lambda: fleet_json(etcd_server)["instances"][0]["balancer"] == "ready",
+                     10, "corral fleet shows the instance ready in HAProxy")
             sup.kill()
             killed = time.monotonic()
             wait_for(lambda: name not in h.servers(), 15, "the dead host's server deleted",
@@ -139,3 +145,45 @@ def test_a_stop_first_rollout_through_haproxy_loses_nothing_and_holds_nothing(
     assert not failed
     assert worst < load_s, "a request waited for a model load: a host was not drained"
     assert rate_during >= rate_before * 2 / 3
+
+
+class _Facts:
+    """The keys under /corral/ as a watcher would keep them, re-read at every wait."""
+
+    def __init__(self, etcd: EtcdStore) -> None:
+        self.etcd, self.kvs, self.version = etcd, {}, 0
+
+    async def refresh(self) -> None:
+        found = await self.etcd.client.range("/corral/", prefix=True)
+        self.kvs = {kv.key: kv for kv in found.kvs}
+        self.version += 1
+
+    async def changed_since(self, seen: int, timeout: float | None) -> None:
+        await asyncio.sleep(min(timeout or 0.05, 0.05))  # paces the polls of this stand-in
+        await self.refresh()
+
+
+@pytest.mark.timing  # the drain timeout is wall-clock time
+async def test_the_drain_hand_shake_without_a_balancer_and_with_a_silent_one(
+        etcd_server: EtcdServer) -> None:
+    """No balancer registered: nothing is written and nothing waits; a balancer that never
+    acknowledges holds the apply back only for the drain timeout; the request is deleted
+    after the block."""
+    etcd = EtcdStore.connect(etcd_server.addr)
+    try:
+        keys = DrainKeys(FleetKeys.of(etcd, "fleet"))
+        facts = _Facts(etcd)
+        await facts.refresh()
+        lease = await etcd.client.lease_grant(10)
+        async with drained(etcd.client, keys, "me", lease, facts, 5.0) as outcome:
+            assert outcome == "no balancer"
+            assert await etcd.client.get(keys.drain("me")) is None
+        await etcd.client.put(keys.balancer("b1"), "{}", lease=lease)
+        await facts.refresh()
+        started = time.monotonic()
+        async with drained(etcd.client, keys, "me", lease, facts, 0.3) as outcome:
+            assert outcome == "timed out" and 0.3 <= time.monotonic() - started < 2
+            assert await etcd.client.get(keys.drain("me")) is not None
+        assert await etcd.client.get(keys.drain("me")) is None
+    finally:
+        await etcd.close()

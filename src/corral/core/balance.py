@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Member", "Mode", "Plan", "Server", "all_acked", "endpoint_of", "member_mode",
-           "parse_servers_state", "parse_sessions", "plan", "server_name"]
+           "parse_servers_state", "parse_sessions", "plan", "server_name", "server_states"]
 
 DEFAULT_PREFIX = "corral-"
 _MAINT_BITS = 0x01 | 0x02 | 0x04 | 0x20 | 0x80  # forced, inherited, configured, DNS, hostname
@@ -66,6 +66,7 @@ class Server:
     port: int
     admin: int  # srv_admin_state bits
     sessions: int = 0  # in flight or queued (scur + qcur of show stat)
+    up: bool = True  # its health checks pass (srv_op_state 2)
 
     @property
     def mode(self) -> Mode:
@@ -190,7 +191,7 @@ def parse_servers_state(text: str, backend: str) -> list[Server]:
         if len(fields) < 19 or line.startswith("#") or fields[1] != backend:
             continue
         port = int(fields[18]) if fields[18].isdigit() else 0
-        found.append(Server(fields[3], fields[4], port, int(fields[6])))
+        found.append(Server(fields[3], fields[4], port, int(fields[6]), up=fields[5] == "2"))
     return found
 
 
@@ -209,6 +210,19 @@ def parse_sessions(csv: str, backend: str) -> dict[str, int]:
         if row[at["svname"]] in ("FRONTEND", "BACKEND"):
             continue
         found[row[at["svname"]]] = sum(int(row[at[k]] or 0) for k in ("scur", "qcur"))
+    return found
+
+
+def server_states(members: Mapping[str, Member], servers: Sequence[Server],
+                  prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
+    """Instance -> its server's state in words (``ready``, ``drain (down)``...), for
+    ``corral fleet``."""
+    by_name = {s.name: s for s in servers}
+    found = {}
+    for instance in members:
+        server = by_name.get(server_name(prefix, instance))
+        if server is not None:
+            found[instance] = server.mode.value + ("" if server.up else " (down)")
     return found
 
 

@@ -29,7 +29,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from corral.core.balance import DEFAULT_PREFIX, Member, Plan, endpoint_of, member_mode, plan
+from corral.core.balance import (
+    DEFAULT_PREFIX,
+    Member,
+    Plan,
+    endpoint_of,
+    member_mode,
+    plan,
+    server_states,
+)
 from corral.defaults import instance_id
 from corral.errors import StoreUnavailable
 from corral.fleet.drain import DrainKeys
@@ -199,6 +207,9 @@ class Balancer:
         p: Plan = plan(members, servers, backend=s.backend, prefix=s.prefix,
                        retiring=self._retiring, now=now, grace=s.grace, check=s.check)
         self._retiring = p.retiring
+        states = server_states(members, servers, s.prefix)
+        if states != self.registration.info.get("servers"):
+            self.registration.update(servers=states)  # what corral fleet shows
         failed = False
         for command in p.commands:
             try:

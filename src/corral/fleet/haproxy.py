@@ -63,7 +63,7 @@ class RuntimeAPI:
             raise HAProxyError(f"HAProxy has no backend {backend!r}")
         stat = await self.call(f"show stat {backend} 4 -1")
         sessions = parse_sessions(stat, backend)
-        return [Server(s.name, s.address, s.port, s.admin, sessions.get(s.name, 0))
+        return [Server(s.name, s.address, s.port, s.admin, sessions.get(s.name, 0), s.up)
                 for s in parse_servers_state(state, backend)]
 
 

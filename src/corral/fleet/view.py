@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from corral.core.rollout import MaxUnavailable, Rollout
+from corral.fleet.drain import DrainKeys
 from corral.fleet.keys import FleetKeys, digest_of
 from corral.fleet.records import split_slots
-from corral.store.etcd import EtcdStore
+from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.codec import decode_config
 from corral.store.etcd.wire import Op
 from corral.store.factory import DriverSpec
@@ -22,8 +25,11 @@ async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
     store = EtcdStore.connect(spec.addr, **spec.etcd_options())
     keys = FleetKeys.of(store, name)
     try:
+        drains = DrainKeys(keys)
         found = await store.client.txn([], [Op.get(keys.config), Op.get(keys.rollout),
-                                            Op.get(keys.slots, prefix=True)])
+                                            Op.get(keys.slots, prefix=True),
+                                            Op.get(drains.balancers, prefix=True),
+                                            Op.get(drains.drains, prefix=True)])
         instances = await store.list_instances(name)
     finally:
         await store.close()
@@ -44,11 +50,13 @@ async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
         if len(limits) > 1:
             rollout["warning"] = (f"instances disagree on --max-unavailable "
                                   f"({', '.join(sorted(limits))}): a fleet runs with one value")
+    balancing = balancer_states(drains, [kv for r in found.ranges[3:] for kv in r.kvs])
     rows = []
     for instance_id, info in sorted(instances.items()):
         runs = info.get("config")
         rows.append({"instance": instance_id, **{k: info.get(k) for k in (
             "host", "supervisor", "port", "state", "pid", "divergence")},
+            "balancer": balancing(instance_id),
             "runs_fleet_config": fleet is not None and isinstance(runs, dict)
             and runs.get("binary") == fleet["binary"] and runs.get("args") == fleet["args"]})
     return {"name": name, "fleet_config": fleet,
@@ -56,6 +64,26 @@ async def fleet_report(spec: DriverSpec, name: str) -> dict[str, Any]:
             "applied_at": stored.applied_at if stored else None,
             "applied_by": stored.applied_by if stored else None,
             "rollout": rollout, "instances": rows}
+
+
+def balancer_states(drains: DrainKeys, kvs: list[KeyValue]) -> Callable[[str], str | None]:
+    """Instance -> what the balancers say of it (None: no balancer runs): its HAProxy
+    server's state per balancer, and whether it asked to be drained."""
+    by_key = {kv.key: kv for kv in kvs}
+    reports = []
+    for key, kv in by_key.items():
+        if drains.fleet.member(key, drains.balancers) is not None:
+            with contextlib.suppress(ValueError, AttributeError):
+                reports.append(dict(json.loads(kv.value).get("servers") or {}))
+    asked = set(drains.requests(by_key))
+
+    def words(instance: str) -> str | None:
+        if not reports:
+            return None
+        seen = sorted({str(r.get(instance, "absent")) for r in reports})
+        return ("drain asked; " if instance in asked else "") + "/".join(seen)
+
+    return words
 
 
 def _rollout_line(report: dict[str, Any]) -> str:
@@ -89,10 +117,11 @@ def render_table(report: dict[str, Any]) -> str:
                  f"applied {report['applied_at'] or '-'} by {report['applied_by']}"
                  if report["applied_by"] else "written directly (etcdctl)"),
              _rollout_line(report), ""]
-    header = ("INSTANCE", "SUPERVISOR", "PORT", "STATE", "PID", "FLEET CONFIG")
+    header = ("INSTANCE", "SUPERVISOR", "PORT", "STATE", "PID", "FLEET CONFIG", "HAPROXY")
     rows = [header] + [(r["instance"], str(r["supervisor"]), str(r["port"]), str(r["state"]),
                         str(r["pid"]), "yes" if r["runs_fleet_config"] else
-                        f"NO {r['divergence'] or ''}".strip()) for r in report["instances"]]
+                        f"NO {r['divergence'] or ''}".strip(), r.get("balancer") or "-")
+                       for r in report["instances"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]
