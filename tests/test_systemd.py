@@ -452,6 +452,7 @@ def test_the_service_unit_says_what_the_supervisor_does() -> None:
     assert svc["KillMode"] == ["mixed"] and svc["Restart"] == ["on-failure"]
     assert svc["StartLimitBurst"] == ["5"]  # a start-up ending FATAL (exit 3) is retried 5x
     assert svc["WatchdogSec"] == ["30"]
+    assert int(svc["LimitNOFILE"][0]) >= 65536  # not systemd's soft 1024: see --max-connections
     exec_start = svc["ExecStart"][0]
     drain = float(re.search(r"--drain-timeout (\S+)", exec_start).group(1))  # type: ignore[union-attr]
     stop = float(re.search(r"--stop-timeout (\S+)", exec_start).group(1))  # type: ignore[union-attr]
