@@ -310,6 +310,19 @@ async def test_failed_apply_in_backoff_goes_back_to_backoff() -> None:
         assert rig.state == "BACKOFF" and rig.controller.retry_at is not None
 
 
+async def test_preflight_rejection_in_backoff_keeps_the_retry() -> None:
+    """A batch pre-flight refuses during backoff is answered; the retry stays scheduled."""
+    async with Rig() as rig:
+        rig.launcher.behave = lambda c: Behaviour(outcome="exit")
+        await rig.until_state("BACKOFF")
+        rig.checks.bad_models.add("gone.gguf")
+        retry_at = rig.controller.retry_at
+        record = await settled(rig, rig.controller.submit(change(model="gone.gguf")))
+        assert (record.outcome, record.restarted, record.strategy) == (Outcome.REJECTED,
+                                                                       False, None)
+        assert rig.state == "BACKOFF" and rig.controller.retry_at == retry_at
+
+
 async def test_failed_apply_in_fatal_stays_fatal_and_a_good_one_recovers() -> None:
     """From FATAL only a working config gets out; a failing one leaves it FATAL."""
     async with Rig() as rig:

@@ -9,18 +9,19 @@ feeding the next event back. A (state, event) pair missing from the table is a b
 raises :class:`IllegalTransition` before anything changes (h11's ``_state.py`` works the
 same way).
 
-Besides the table, the judgements the controller needs are pure functions here: *which*
-event a failed start is (the backoff policy allows another try, ``START_FAILED``, or gives
-up, ``GAVE_UP``), which one a failed apply is (:func:`apply_failure_event`; a failed apply
-out of FATAL stays FATAL, :func:`failed_apply_gives_up`), what a start that fails while
-rolling back reports (:func:`start_failure_reason`), when liveness is probed
-(:func:`liveness_due`) and when a start skips pre-flight (:func:`needs_preflight`). What a
-batch is (stored or not, a restart or not) is :func:`corral.core.steps.batch_kind`.
+Besides the table, the judgements the controller needs are pure functions here: what a due
+batch is (:func:`batch_event`: a no-op while a server serves, else a batch to apply; one whose
+merged config fails pre-flight arrives as ``PREFLIGHT_FAILED``, and the table answers both
+without touching a server), *which* event a failed start is (the backoff policy allows
+another try, ``START_FAILED``, or gives up, ``GAVE_UP``), which one a failed apply is
+(:func:`apply_failure_event`; a failed apply out of FATAL stays FATAL,
+:func:`failed_apply_gives_up`), what a start that fails while rolling back reports
+(:func:`start_failure_reason`), when liveness is probed (:func:`liveness_due`) and when a
+start skips pre-flight (:func:`needs_preflight`). Whether a batch is stored and whether it
+is a restart is :func:`corral.core.steps.batch_kind`.
 
-Left outside, in the controller, because they are the results of I/O and not judgements: a
-batch that changes nothing while a server serves is answered at once, and a batch that
-fails pre-flight is answered ``rejected``; neither reaches the table, since nothing happens
-to the servers.
+Left outside: nothing judged. The shell only turns I/O into events (a start that raised, a
+pre-flight that refused, a server that exited) and carries out the actions.
 
 States (supervisord's words)::
 
@@ -56,7 +57,9 @@ class Event(enum.StrEnum):
     CRASHED = "crashed"  # the serving llama-server exited on its own
     HUNG = "hung"  # the serving llama-server failed its liveness probes
     RETRY_DUE = "retry due"  # the backoff delay is over
-    BATCH = "batch"  # a batch of changes that changes the config is due
+    BATCH = "batch"  # a batch of changes to apply is due (pre-flight passed)
+    UNCHANGED = "unchanged"  # a due batch leaves the serving config as it is, no restart
+    PREFLIGHT_FAILED = "pre-flight failed"  # a due batch's merged config failed pre-flight
     APPLIED = "applied"  # the batch's config is ready (and stored, if it was to be)
     FAILED_OLD_SERVING = "failed, old serving"  # the batch failed; the old server never stopped
     FAILED_OLD_STOPPED = "failed, old stopped"  # the batch failed after the old server stopped
@@ -104,6 +107,11 @@ DECISIONS: dict[tuple[State, Event], Decision] = {
     # The kill makes the server exit; that exit then arrives as CRASHED.
     (S.RUNNING, E.HUNG): Decision(S.RUNNING, (A.KILL,)),
     (S.RUNNING, E.BATCH): Decision(S.APPLYING, (A.RUN_PLAN,)),
+    # A no-op (answered applied) and a change pre-flight refuses (answered rejected) touch
+    # no server: the state stays, and so does a scheduled retry.
+    (S.RUNNING, E.UNCHANGED): Decision(S.RUNNING, (A.ANSWER,)),
+    **{(state, E.PREFLIGHT_FAILED): Decision(state, (A.ANSWER,))
+       for state in (S.RUNNING, S.BACKOFF, S.FATAL)},
     (S.BACKOFF, E.RETRY_DUE): Decision(S.STARTING, (A.START,)),
     (S.BACKOFF, E.BATCH): Decision(S.APPLYING, (A.CANCEL_RETRY, A.RUN_PLAN)),
     (S.FATAL, E.BATCH): Decision(S.APPLYING, (A.RUN_PLAN,)),
@@ -128,6 +136,16 @@ def decide(state: State, event: Event) -> Decision:
         return DECISIONS[state, event]
     except KeyError:
         raise IllegalTransition(f"no decision for {event.value!r} in {state}") from None
+
+
+def batch_event(changed: bool, restart: bool, state: State) -> Event:
+    """What a due batch is: ``UNCHANGED`` when it leaves the config as it is while a server
+    serves and asks no restart (answered applied, nothing restarts, no pre-flight); else a
+    ``BATCH`` to apply, the same config included out of BACKOFF or FATAL (that is how a user
+    retries), if its merged config passes pre-flight."""
+    if not changed and not restart and is_serving(state):
+        return Event.UNCHANGED
+    return Event.BATCH
 
 
 def start_failure_event(gives_up: bool) -> Event:

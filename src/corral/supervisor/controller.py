@@ -51,7 +51,7 @@ from corral.errors import PreflightFailed, StartFailed, StoreError
 from corral.observe.events import EventBus
 from corral.store.base import ConfigStore, StoredConfig
 from corral.supervisor.apply import PlanExecutor, Verdict
-from corral.supervisor.batching import plan_of, swap_for
+from corral.supervisor.batching import swap_for, take
 from corral.supervisor.boot import boot
 from corral.supervisor.changes import (
     ChangeRecord,
@@ -249,14 +249,13 @@ class Controller:
                          ran_s=round(ran_s, 3), error=self.last_error)
         log.error("%s; reviving with the last good config", self.last_error)
 
-    async def _take_batch(self, now: float) -> Event | None:
+    async def _take_batch(self, now: float) -> Event:
         batch = self._inbox.batches.take(now)
-        plan = await plan_of(batch, self.last_good, is_serving(self.state), self.check,
-                             self.strategy_for, self.settings.swap)
-        if plan is None:
-            return None  # answered already: a no-op, or rejected at pre-flight
-        self._batch, self._plan, self._prior = batch, plan, self.state
-        return Event.BATCH
+        taken = await take(batch, self.last_good, self.state, self.check, self.strategy_for,
+                           self.settings.swap)
+        self._batch, self._plan, self._verdict = batch, taken.plan, taken.verdict
+        self._prior = self.state
+        return taken.event
 
     def strategy_for(self, desired: LlamaConfig, restart: bool = False) -> tuple[Strategy, str]:
         """How an apply of ``desired`` (or a restart) would swap servers now, and why."""
@@ -368,10 +367,11 @@ class Controller:
                                    failed_apply_gives_up(self._prior, next_delay))
 
     async def _answer(self) -> None:
-        v = self._verdict
+        v, ran = self._verdict, self._plan is not None  # no plan: a no-op, or pre-flight's no
         for record in self._batch:
             record.finish(v.outcome, self.last_good, v.error, v.log,
-                          restarted=v.outcome is Outcome.APPLIED, strategy=self.last_strategy)
+                          restarted=ran and v.outcome is Outcome.APPLIED,
+                          strategy=self.last_strategy if ran else None)
         self._verdict = Verdict()
         self._batch, self._plan = [], None
 
