@@ -208,14 +208,33 @@ def serve(ns: argparse.Namespace, ready_at: float) -> None:
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             """/completion: a short generation (GENERATION_S), so that load tests have
-            requests in flight to lose or keep."""
+            requests in flight to lose or keep; with "stream": true, "n_predict" events."""
             length = int(self.headers.get("content-length") or 0)
-            self.rfile.read(length)
+            raw = self.rfile.read(length)
             if self.path != "/completion":
                 self._json(404, {"error": "not found"})
                 return
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            if isinstance(body, dict) and body.get("stream"):
+                self._stream(int(body.get("n_predict") or 10))
+                return
             time.sleep(GENERATION_S)
             self._json(200, {"content": " hi", "stop": True, "pid": os.getpid()})
+
+        def _stream(self, tokens: int) -> None:
+            """SSE like llama-server's: one event per token, GENERATION_S apart."""
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            for i in range(tokens):
+                time.sleep(GENERATION_S)
+                event = json.dumps({"content": f" t{i}", "stop": i == tokens - 1,
+                                    "pid": os.getpid()})
+                self.wfile.write(f"data: {event}\n\n".encode())
+                self.wfile.flush()
 
         def _json(self, code: int, body: dict[str, object]) -> None:
             data = json.dumps(body).encode()

@@ -117,7 +117,8 @@ async def serve(cmd: ServeCommand) -> int:
         cleanup.push_async_callback(models.close)
         limits = default_limits(cmd.limits, MemorySource())
         scheduler = Scheduler(models.by_id, limits, models.controller_for, models.estimate,
-                              margin=cmd.settings.fit_margin)
+                              margin=cmd.settings.fit_margin,
+                              drain_timeout_s=cmd.settings.drain_timeout_s)
         edge = Edge(models.by_id, models.aliases, scheduler.poke)
         cleanup.push_async_callback(edge.aclose)
         app = create_serve_app(ModelServer(models, scheduler), tokens if tokens.required

@@ -114,7 +114,9 @@ class ServedModel:
             return Phase.FAILED
         if state in (State.RUNNING, State.APPLYING, State.ROLLING_BACK):
             return Phase.LOADED
-        return Phase.LOADING
+        # Ready, and its door routes to it, while the supervisor still watches it for
+        # --min-healthy: it serves, so it is loaded.
+        return Phase.LOADED if self.door.stats().mode == "routing" else Phase.LOADING
 
     @property
     def reason(self) -> str | None:
@@ -135,13 +137,17 @@ class ServedModel:
                                                            name=f"model {self.id}")
         self.task.add_done_callback(lambda _: on_done(self))
 
-    async def stop(self) -> None:
-        """Unload: hold new requests, drain, stop llama-server (the controller's shutdown)."""
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Unload: hold new requests, drain, stop llama-server (the controller's shutdown).
+
+        The drain comes first, here: cancelled while it still watches a new server for
+        --min-healthy, a supervisor stops that server at once, requests and all."""
         task = self.task
         if task is None or task.done():
             return
         self.unloading = True
         try:
+            await ModelFront(self.door).close(drain_timeout_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

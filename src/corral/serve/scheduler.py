@@ -45,12 +45,14 @@ def need_of(estimate: Estimate | None, margin: float) -> dict[str, float]:
 class Scheduler:
     def __init__(self, models: Mapping[str, ServedModel], limits: Limits,
                  make_controller: MakeController, estimate: Estimator, *,
-                 margin: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 margin: float, drain_timeout_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.models = models
         self.limits = limits
         self._make = make_controller
         self._estimate = estimate
         self._margin = margin
+        self.drain_timeout_s = drain_timeout_s
         self._clock = clock
         self._wake = asyncio.Event()
         self._ops: dict[str, asyncio.Task[None]] = {}
@@ -158,7 +160,7 @@ class Scheduler:
         log.info("model %s: unloading (%s; %d in flight, %d held)", model.id, reason.value,
                  stats.in_flight, stats.held_now)
         self.evictions[(model.id, reason.value)] += 1
-        await model.stop()
+        await model.stop(self.drain_timeout_s)
 
     def _refuse(self, model: ServedModel, why: str) -> None:
         if model.refused != why:
@@ -173,7 +175,7 @@ class Scheduler:
         await self._wait_op(model)
         if model.phase in (Phase.LOADED, Phase.LOADING):
             return
-        await model.stop()  # a FATAL supervisor ends before a new one starts
+        await model.stop(self.drain_timeout_s)  # a FATAL one ends before a new one starts
         model.refused = None
         model.door.hold()
         self._spawn(model.id, self._load(model))
@@ -191,4 +193,5 @@ class Scheduler:
             await asyncio.shield(op)
 
     async def unload_all(self) -> None:
-        await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
+        await asyncio.gather(*(m.stop(self.drain_timeout_s) for m in self.models.values()),
+                             return_exceptions=True)

@@ -1,0 +1,195 @@
+"""corral serve with the fake llama-server: the scheduler's edge cases, fast and exact.
+
+Each test runs ``corral serve`` as a user would (a subprocess, a catalog file) with fake
+llama-servers whose misbehaviours are flags of their own (slow load, exit at start), and
+checks what clients get and what the status says. The real llama-server's side is in
+``test_serve_real.py``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import FAKE, make_fake_model, wait_for, wait_gone
+from tests.serve_helpers import model_table, serving
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def catalog(tmp: Path, *tables: tuple[str, dict[str, object], str]) -> str:
+    return "".join(model_table(name, FAKE, make_fake_model(tmp / f"{name}.gguf"), args, serve)
+                   for name, args, serve in tables)
+
+
+def test_unknown_model_is_an_openai_404_listing_the_ids(tmp_path: Path) -> None:
+    """A model nobody serves: 404 in the OpenAI error format naming every id; no model in
+    the request: 400; /v1/models lists both with their state."""
+    config = catalog(tmp_path, ("alpha", {}, ""), ("beta", {}, 'aliases = ["b"]'))
+    with serving(tmp_path, FAKE, config=config) as s:
+        r = s.complete("gamma")
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["code"] == "model_not_found" and "alpha, beta" in error["message"]
+        assert s.client.post("/completion", json={"prompt": "x"}).status_code == 400
+        listing = s.client.get("/v1/models").json()
+        assert [(m["id"], m["state"]) for m in listing["data"]] == \
+            [("alpha", "unloaded"), ("beta", "unloaded")]
+        assert listing["data"][1]["aliases"] == ["b"]
+        assert s.starts(".gguf") == 0  # nothing loaded for a 404 or a listing
+
+
+def test_twenty_simultaneous_first_requests_load_the_model_once(tmp_path: Path) -> None:
+    """20 first requests at once for a model that takes 1 s to load: one llama-server
+    start, 20 answers 200, held meanwhile, then 'loaded'; SIGTERM stops it and exits 0."""
+    config = catalog(tmp_path, ("alpha", {"--fake-load-s": 1}, ""))
+    with serving(tmp_path, FAKE, config=config) as s:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: s.complete("alpha"), range(20)))
+        assert [r.status_code for r in answers] == [200] * 20
+        assert s.starts("alpha.gguf") == 1
+        row = s.model("alpha")
+        assert row["state"] == "loaded" and row["loads"] == 1 and row["pid"]
+        assert s.stop() == 0  # SIGTERM: drained, stopped, exit 0
+        wait_gone([row["pid"]], 5, "alpha's llama-server")
+
+
+def test_with_room_for_one_the_idle_model_gives_way(tmp_path: Path) -> None:
+    """--max-models 1: alpha, then beta (alpha idle: evicted for count), then alpha again;
+    every request answered, never two servers at once."""
+    config = catalog(tmp_path, ("alpha", {}, ""), ("beta", {}, ""))
+    with serving(tmp_path, FAKE, config=config,
+                 extra=["--max-models", "1", "--idle-grace", "0"]) as s:
+        for name in ("alpha", "beta", "alpha"):
+            r = s.complete(name)
+            assert r.status_code == 200, r.text
+            loaded = [m["id"] for m in s.status()["models"] if m["state"] == "loaded"]
+            assert loaded == [name]
+        assert s.evictions() == {("alpha", "count"): 1, ("beta", "count"): 1}
+        assert s.starts("alpha.gguf") == 2 and s.starts("beta.gguf") == 1
+
+
+def test_a_load_that_fails_answers_its_held_requests_503_with_the_reason(tmp_path: Path
+                                                                         ) -> None:
+    """A model whose llama-server exits at start: backoff, then FATAL; the held request
+    gets 503 with the reason (never a 500); /v1/models says failed, with the reason; the
+    other model still serves."""
+    config = catalog(tmp_path, ("broken", {"--fake-exit-at-start": 3}, ""), ("fine", {}, ""))
+    with serving(tmp_path, FAKE, config=config, extra=["--max-start-failures", "2"]) as s:
+        r = s.complete("broken")
+        assert r.status_code == 503, r.text
+        assert "exited with code 3" in r.text and r.headers.get("retry-after")
+        listing = {m["id"]: m for m in s.client.get("/v1/models").json()["data"]}
+        assert listing["broken"]["state"] == "failed"
+        assert "exited with code 3" in listing["broken"]["reason"]
+        assert s.complete("fine").status_code == 200
+        assert s.complete("broken").status_code == 503  # refused at once, not re-tried
+
+
+def test_ttl_unloads_an_idle_model_and_a_request_loads_it_again(tmp_path: Path) -> None:
+    """ttl = 1: idle for a second, the model is unloaded (eviction ttl); the next request
+    loads it again and is answered."""
+    config = catalog(tmp_path, ("alpha", {}, "ttl = 1"))
+    with serving(tmp_path, FAKE, config=config) as s:
+        assert s.complete("alpha").status_code == 200
+        wait_for(lambda: s.model("alpha")["state"] == "unloaded", 10, "unloaded by its ttl")
+        assert s.evictions() == {("alpha", "ttl"): 1}
+        assert s.complete("alpha").status_code == 200
+        assert s.starts("alpha.gguf") == 2
+
+
+def test_an_unload_lets_a_stream_finish_first(tmp_path: Path) -> None:
+    """POST /v1/models/alpha/unload while a 40-event stream runs: the stream ends whole,
+    then the model is unloaded."""
+    config = catalog(tmp_path, ("alpha", {}, ""))
+    with serving(tmp_path, FAKE, config=config) as s:
+        assert s.complete("alpha").status_code == 200
+        events: list[str] = []
+        streaming = threading.Event()
+
+        def read_stream() -> None:
+            with s.client.stream("POST", "/completion", json={
+                    "model": "alpha", "stream": True, "n_predict": 40}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        streaming.set()
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert streaming.wait(10)
+        unloaded = s.api.post("/v1/models/alpha/unload")
+        reader.join(30)
+        assert unloaded.status_code == 200 and unloaded.json()["state"] == "unloaded"
+        assert len(events) == 40 and json.loads(events[-1][6:])["stop"] is True
+        assert s.evictions() == {("alpha", "admin"): 1}
+
+
+def test_a_busy_model_gives_way_after_max_wait_and_nothing_is_lost(tmp_path: Path) -> None:
+    """--max-models 1, --max-wait 1: a client keeps alpha busy back to back; a request for
+    beta waits about --max-wait (not forever), then alpha's next requests are held for its
+    next turn: every request is answered 200."""
+    config = catalog(tmp_path, ("alpha", {}, ""), ("beta", {}, ""))
+    with serving(tmp_path, FAKE, config=config,
+                 extra=["--max-models", "1", "--max-wait", "1"]) as s:
+        assert s.complete("alpha").status_code == 200
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def keep_alpha_busy() -> None:
+            with httpx.Client(base_url=str(s.client.base_url), timeout=60) as c:
+                deadline = time.monotonic() + 30
+                while not stop.is_set() and time.monotonic() < deadline:
+                    statuses.append(c.post("/completion", json={"model": "alpha"}).status_code)
+
+        busy = threading.Thread(target=keep_alpha_busy)
+        busy.start()
+        try:
+            wait_for(lambda: len(statuses) >= 5, 10, "alpha serving")
+            began = time.monotonic()
+            r = s.complete("beta")
+            waited = time.monotonic() - began
+            assert r.status_code == 200, r.text
+            assert 0.9 <= waited < 10, waited  # --max-wait, then a drain and a load
+            wait_for(lambda: s.model("alpha")["state"] == "loaded", 20, "alpha's next turn")
+            count = len(statuses)
+            wait_for(lambda: len(statuses) >= count + 3, 10, "alpha serving again")
+        finally:
+            stop.set()
+            busy.join(60)
+        assert set(statuses) == {200}, statuses
+        assert s.evictions().get(("alpha", "fairness")) == 1
+
+
+def test_sighup_adds_and_removes_models_and_restarts_only_the_changed(tmp_path: Path
+                                                                       ) -> None:
+    """SIGHUP: a new table becomes a model, a removed one is unloaded and gone, a loaded
+    model whose stored config changed restarts with it, an unchanged one keeps its pid."""
+    config = catalog(tmp_path, ("alpha", {}, ""), ("beta", {}, ""), ("gone", {}, ""))
+    with serving(tmp_path, FAKE, config=config) as s:
+        for name in ("alpha", "beta", "gone"):
+            assert s.complete(name).status_code == 200
+        wait_for(lambda: "[alpha.args]" in s.config_file.read_text(), 5, "stored")
+        beta_pid = s.model("beta")["pid"]
+        alpha_pid = s.model("alpha")["pid"]
+        text = s.config_file.read_text()
+        head, _, _ = text.partition("[gone]")
+        head = head.replace('[alpha.args]\n', '[alpha.args]\n"-c" = "2048"\n', 1)
+        new = catalog(tmp_path, ("delta", {}, ""))
+        s.config_file.write_text(head + new)
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "gone" not in [m["id"] for m in s.status()["models"]], 10,
+                 "'gone' removed")
+        wait_for(lambda: s.model("alpha")["pid"] not in (None, alpha_pid), 20,
+                 "alpha restarted with -c 2048")
+        assert s.model("beta")["pid"] == beta_pid
+        assert s.complete("delta").status_code == 200
+        assert s.complete("gone").status_code == 404
