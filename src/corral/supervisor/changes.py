@@ -7,6 +7,7 @@ import enum
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +62,9 @@ class ChangeRecord:
 
     id: str
     change: Change
-    received_at: float
+    received_at: float  # wall clock, like finished_at
     done: asyncio.Future[None]
+    wall: Callable[[], float] = field(repr=False, compare=False)  # the supervisor's clock
     outcome: Outcome = Outcome.PENDING
     error: str | None = None
     log: list[str] = field(default_factory=list)
@@ -82,7 +84,7 @@ class ChangeRecord:
         self.outcome, self.config = outcome, config
         self.error, self.log, self.restarted = error, log_tail or [], restarted
         self.strategy = strategy
-        self.finished_at = time.time()
+        self.finished_at = self.wall()
         self.done.set_result(None)
 
 

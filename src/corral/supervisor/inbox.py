@@ -33,7 +33,8 @@ class Inbox:
     def submit(self, change: Change, source: str, client: str | None) -> ChangeRecord:
         loop = asyncio.get_running_loop()
         record = ChangeRecord(self._ids.next(), change, self._clock.wall(),
-                              loop.create_future(), source=source, client=client)
+                              loop.create_future(), self._clock.wall, source=source,
+                              client=client)
         self._records[record.id] = record
         record.done.add_done_callback(lambda _: self._emit_outcome(record))
         while len(self._records) > MAX_CHANGE_RECORDS:
