@@ -62,12 +62,13 @@ def need_mib(est_model: Path, ctx: str) -> float:
     return e.total_mib
 
 
-@pytest.mark.parametrize(("room", "strategy"), [("beside", "start-first"),
+@pytest.mark.parametrize(("room", "strategy"), [("beside", "stop-first"),
                                                 ("alone", "stop-first")])
 async def test_auto_is_stop_first_when_it_fits_only_alone(tmp_path: Path, room: str,
                                                           strategy: str) -> None:
-    """Room for old + new: start-first; room for the new one only once the old one has
-    stopped: stop-first, and the change is applied all the same."""
+    """Room for the new one only once the old one has stopped: stop-first, and the change
+    is applied all the same; room for both, but no GPU (the two would share the CPU
+    cores): stop-first too (core's auto_strategy has the GPU case)."""
     model = tiny_gemma(tmp_path / "probe.gguf")
     new = need_mib(model, NEW_CTX) * 1.1
     available = int(new * 2) if room == "beside" else int(new) - 20

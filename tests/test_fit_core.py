@@ -13,6 +13,7 @@ from corral.core.fit import (
     GpuRoom,
     Room,
     SwapMode,
+    auto_strategy,
     choose_strategy,
     fewer_layers_than_asked,
     smaller_than_asked,
@@ -92,6 +93,28 @@ def test_auto_starts_first_only_on_a_known_fit(mode: SwapMode, v: FitVerdict | N
                                                expected: Strategy) -> None:
     """--swap auto picks start-first only when both are known to fit."""
     assert choose_strategy(mode, v) is expected
+
+
+CPU = (DeviceNeed("Host", 300, 40, 20),)
+GPU = (DeviceNeed("Host", 10, 0, 5), DeviceNeed("CUDA0", 300, 40, 20))
+CPU_ONLY_WEIGHTS = (DeviceNeed("Host", 300, 0, 5), DeviceNeed("CUDA0", 0, 40, 20))
+
+
+@pytest.mark.parametrize(("v", "expected", "why"), [
+    (FitVerdict(True, "ok", devices=GPU), Strategy.START_FIRST, "fits beside"),
+    (FitVerdict(True, "ok", devices=CPU), Strategy.STOP_FIRST, "same CPU cores"),
+    (FitVerdict(True, "ok", devices=CPU_ONLY_WEIGHTS), Strategy.STOP_FIRST, "same CPU cores"),
+    (FitVerdict(False, "needs 9 GiB", devices=GPU), Strategy.STOP_FIRST, "needs 9 GiB"),
+    (FitVerdict(False, "no estimate", known=False), Strategy.STOP_FIRST, "no estimate"),
+    (FitVerdict(True, "ok"), Strategy.START_FIRST, "fits beside"),  # devices unknown
+])
+def test_auto_weighs_cpu_as_well_as_memory(v: FitVerdict, expected: Strategy,
+                                           why: str) -> None:
+    """--swap auto starts first only when the new server fits beside the old one and its
+    weights are on a GPU; on the CPU the two would share cores, and the reason says so."""
+    strategy, reason = auto_strategy(v)
+    assert strategy is expected and why in reason
+    assert choose_strategy(SwapMode.AUTO, v) is expected
 
 
 @pytest.mark.parametrize(("asked", "per_slot", "slots", "degraded"), [
