@@ -143,6 +143,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    "one beside the old and switches when it is ready (needs --listen and the "
                    "memory for both); stop-first drains and stops the old one first, holding "
                    "requests meanwhile; auto picks start-first when both fit in memory "
+                   "and llama-server decodes on a GPU (on the CPU the two would share cores) "
                    "(default: %(default)s; without --listen always stop-first)")
     f.add_argument("--drain-timeout", type=_positive(float), default=30.0, metavar="S",
                    help="seconds to let in-flight requests finish before a server is stopped "
