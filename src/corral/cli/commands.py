@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.cli.parser import build_parser, split_extra
+from corral.cli.serve import run_serve
 from corral.defaults import token_from_env
 from corral.supervisor.settings import Security
-from corral.cli.serve import run_serve
 
 if TYPE_CHECKING:
     from corral.cli.client import SupervisorClient
@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_supervise(ns: argparse.Namespace) -> int:
-    import asyncio
-
     from corral.app import Options, supervise
+    from corral.cli.loop import run as run_loop
     from corral.core.backoff import BackoffPolicy
     from corral.core.fit import SwapMode
     from corral.errors import CorralError
@@ -137,7 +136,7 @@ def _run_supervise(ns: argparse.Namespace) -> int:
                                 max_connections=(max(1, ns.max_connections)
                                                  if ns.max_connections is not None else None)),
             rollout=rollout, local_port=ns.local_port, security=_security(ns))
-        return asyncio.run(supervise(opts))
+        return run_loop(supervise(opts), ns.loop)
     except CorralError as exc:
         log.error("%s", exc)
         return 2

@@ -253,6 +253,9 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    help="do not echo llama-server's output (it is still kept for errors)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="(default: info)")
+    s.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="event loop: auto = uvloop when installed (less CPU per proxied "
+                   "request), else asyncio's (default: %(default)s)")
     p.set_defaults(runner="supervise")
 
 
