@@ -43,6 +43,7 @@ HELP = """\
 --fake-load-s S                         seconds /health answers 503 before 200
 --fake-never-ready                      /health never answers 200
 --fake-exit-at-start CODE               exit with CODE right away
+--fake-oom-while PATH                   fail to allocate (exit 1) while a pid listed in PATH lives
 --fake-crash-after S                    exit 1 this many seconds after becoming ready
 --fake-ignore-sigterm                   ignore SIGTERM
 --fake-grandchild                       start a grandchild process that sleeps
@@ -97,6 +98,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fake-load-s", type=float, default=0.0)
     p.add_argument("--fake-never-ready", action="store_true")
     p.add_argument("--fake-exit-at-start", type=int)
+    p.add_argument("--fake-oom-while")
     p.add_argument("--fake-crash-after", type=float)
     p.add_argument("--fake-ignore-sigterm", action="store_true")
     p.add_argument("--fake-grandchild", action="store_true")
@@ -120,6 +122,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def _pids(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(word) for word in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def main() -> None:
     if starts := os.environ.get(STARTS_ENV):  # every run on record, before anything can fail
         try:
@@ -132,6 +156,10 @@ def main() -> None:
         print(HELP)
         return
     print(f"fake llama-server starting: {' '.join(sys.argv[1:])}", flush=True)
+    if ns.fake_oom_while and any(_alive(pid) for pid in _pids(ns.fake_oom_while)):
+        print("ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate CPU buffer of "
+              "size 123456789 (out of memory)", flush=True)
+        sys.exit(1)
     if ns.fake_exit_at_start is not None:
         print(f"exiting with {ns.fake_exit_at_start} as asked", flush=True)
         sys.exit(ns.fake_exit_at_start)

@@ -193,3 +193,19 @@ def test_sighup_adds_and_removes_models_and_restarts_only_the_changed(tmp_path: 
         assert s.model("beta")["pid"] == beta_pid
         assert s.complete("delta").status_code == 200
         assert s.complete("gone").status_code == 404
+
+
+def test_out_of_memory_at_load_evicts_an_idle_model_and_tries_again(tmp_path: Path) -> None:
+    """beta's llama-server fails to allocate while alpha's runs (no limit told Corral):
+    alpha, idle, is evicted (reason memory) and beta's start is tried again; the held
+    request is answered 200."""
+    pids = tmp_path / "alpha.pids"
+    config = catalog(tmp_path, ("alpha", {"--fake-pidfile": str(pids)}, ""),
+                     ("beta", {"--fake-oom-while": str(pids)}, ""))
+    with serving(tmp_path, FAKE, config=config, extra=["--idle-grace", "0"]) as s:
+        assert s.complete("alpha").status_code == 200
+        r = s.complete("beta")
+        assert r.status_code == 200, r.text
+        assert s.evictions() == {("alpha", "memory"): 1}
+        assert s.model("alpha")["state"] == "unloaded"
+        assert s.model("beta")["state"] == "loaded"

@@ -62,6 +62,21 @@ async def wait_ready(
     return time.monotonic() - start
 
 
+# Words of llama-server's own lines that say why it gave up, most telling first.
+TELLING = ("out of memory", "failed to allocate", "error", "failed", "invalid", "unknown")
+
+
+def telling_line(lines: list[str]) -> str | None:
+    """The last output line that says why a start failed (trimmed), if any does: the reason
+    then reads "exited with code 1 after 0.3 s: ...failed to allocate ..." in every answer
+    and event, not only in the log."""
+    for words in TELLING:
+        for line in reversed(lines):
+            if words in line.lower():
+                return line.strip()[:300]
+    return None
+
+
 async def _probe(client: httpx.AsyncClient, url: str) -> str:
     try:
         response = await client.get(url, timeout=2.0)
@@ -73,9 +88,11 @@ async def _probe(client: httpx.AsyncClient, url: str) -> str:
 async def _sleep_or_exit(child: Server, seconds: float, start: float) -> None:
     done, _ = await asyncio.wait({child.exited}, timeout=seconds)
     if done:
+        tail = child.output.tail()
+        why = telling_line(tail)
         raise StartFailed(
             f"llama-server exited with code {child.exited.result()} "
-            f"after {time.monotonic() - start:.1f} s", child.output.tail())
+            f"after {time.monotonic() - start:.1f} s" + (f": {why}" if why else ""), tail)
 
 
 async def probe_health(client: httpx.AsyncClient, url: str) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral import __version__
+from corral.cli.serve import add_serve
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV
 
 if TYPE_CHECKING:

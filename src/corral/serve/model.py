@@ -19,17 +19,26 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from corral.core.args import LlamaConfig
 from corral.core.decide import State
 from corral.core.placement import Phase
 from corral.front import FrontDoor, FrontSettings, Upstream
 from corral.front.steer import LOOPBACK, SteeredFront
-from corral.supervisor.controller import Controller
 from corral.supervisor.seams import Server
+from corral.supervisor.view import Supervisor
 
 log = logging.getLogger("corral.serve")
+
+
+class RunnableSupervisor(Supervisor, Protocol):
+    """A supervisor that can be run (a :class:`~corral.supervisor.controller.Controller`)."""
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    async def run(self) -> None: ...
 
 
 @dataclass
@@ -82,12 +91,13 @@ class ServedModel:
     door: FrontDoor
     serve: ServeOptions = field(default_factory=ServeOptions)
     config: LlamaConfig | None = None  # what it would load (for the estimate)
-    controller: Controller | None = None
+    controller: RunnableSupervisor | None = None
     task: asyncio.Task[None] | None = None
     unloading: bool = False
     refused: str | None = None  # it can never fit: why
     last_used: float | None = None  # monotonic, when its last request ended
     loads: int = 0
+    room_made: bool = False  # this load evicted a model after running out of memory
     load_started: float | None = None
     load_seconds: list[float] = field(default_factory=list)
 
@@ -126,7 +136,7 @@ class ServedModel:
             return self.controller.last_error
         return None
 
-    def start(self, controller: Controller, now: float,
+    def start(self, controller: RunnableSupervisor, now: float,
               on_done: Callable[[ServedModel], None]) -> None:
         """Load: run ``controller`` (it starts llama-server and routes the door to it)."""
         self.refused = None

@@ -20,15 +20,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from corral.core.fit import Estimate
 from corral.core.placement import Evict, Limits, Load, ModelState, Phase, Reason, Refuse, plan
 from corral.observe.events import Event
-from corral.serve.model import ServedModel
-from corral.supervisor.controller import Controller
+from corral.serve.model import RunnableSupervisor, ServedModel
 
 log = logging.getLogger("corral.serve")
 
 TICK_S = 0.1
 
-MakeController = Callable[[ServedModel], Awaitable[Controller]]
+MakeController = Callable[[ServedModel], Awaitable[RunnableSupervisor]]
 Estimator = Callable[[ServedModel], Awaitable[Estimate | None]]
+
+
+OUT_OF_MEMORY = ("does not fit in memory", "out of memory", "failed to allocate",
+                 "cannot allocate memory")
+
+
+def is_out_of_memory(error: str) -> bool:
+    """Whether a failed start's reason (pre-flight's, or llama-server's last lines) says
+    memory ran out."""
+    lowered = error.lower()
+    return any(words in lowered for words in OUT_OF_MEMORY)
 
 
 def need_of(estimate: Estimate | None, margin: float) -> dict[str, float]:
@@ -145,15 +155,46 @@ class Scheduler:
         started = self._clock()
 
         def on_event(event: Event) -> None:
-            if (event.kind == "state" and event.data.get("to") == "RUNNING"
-                    and model.load_started):
-                model.load_seconds.append(self._clock() - started)
-                model.load_started = None
-                log.info("model %s: loaded in %.1f s", model.id, self._clock() - started)
+            if event.kind == "state":
+                to, error = event.data.get("to"), str(event.data.get("error") or "")
+                if to == "RUNNING":
+                    model.room_made = False
+                if to == "RUNNING" and model.load_started:
+                    model.load_seconds.append(self._clock() - started)
+                    model.load_started = None
+                    log.info("model %s: loaded in %.1f s", model.id, self._clock() - started)
+                elif to in ("BACKOFF", "FATAL") and is_out_of_memory(error):
+                    self._make_room_once(model, fatal=to == "FATAL")
             self.poke()
 
         assert model.controller is not None
         model.controller.events.listen(on_event)
+
+    def _make_room_once(self, model: ServedModel, fatal: bool) -> None:
+        """A load that failed for lack of memory (the estimate missed, or memory went
+        elsewhere): evict the least recently used idle model, once per load, and let the
+        supervisor's retry (or, once FATAL, a new load) try again."""
+        if model.room_made:
+            return
+        now = self._clock()
+        idle = [s for s in self.snapshot(now)
+                if s.id != model.id and s.id not in self._ops and s.phase is Phase.LOADED
+                and not s.pinned and s.is_idle(self.limits.idle_grace_s)]
+        if not idle:
+            log.warning("model %s: out of memory at load, and no idle model to evict",
+                        model.id)
+            return
+        victim = max(idle, key=lambda s: s.idle_s or 0.0)
+        model.room_made = True
+        log.warning("model %s: out of memory at load; evicting idle model %s and trying "
+                    "again once", model.id, victim.id)
+
+        async def evict_then_retry() -> None:
+            await self._unload(self.models[victim.id], Reason.MEMORY)
+            if fatal:
+                await self._restart(model)
+
+        self._spawn(victim.id, evict_then_retry())
 
     async def _unload(self, model: ServedModel, reason: Reason) -> None:
         stats = model.door.stats()
@@ -175,6 +216,10 @@ class Scheduler:
         await self._wait_op(model)
         if model.phase in (Phase.LOADED, Phase.LOADING):
             return
+        model.room_made = False
+        await self._restart(model)
+
+    async def _restart(self, model: ServedModel) -> None:
         await model.stop(self.drain_timeout_s)  # a FATAL one ends before a new one starts
         model.refused = None
         model.door.hold()
