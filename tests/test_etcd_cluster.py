@@ -63,7 +63,7 @@ def key_version(cluster: EtcdCluster, key: str) -> int:
 
 
 def in_use(cluster: EtcdCluster, store: EtcdStore) -> EtcdServer:
-    url = store.client.endpoints.split(",")[store.client._current]
+    url = store.client.endpoints.split(",")[store.client.transport.current]
     return next(m for m in cluster.members if m.url == url)
 
 

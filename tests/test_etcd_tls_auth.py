@@ -250,11 +250,11 @@ async def test_idle_client_past_token_ttl_still_works(auth_etcd: EtcdServer) -> 
     try:
         await watcher.put("/corral/w", "1")
         await caller.put("/corral/c", "1")
-        stale_watcher, stale_caller = watcher._token, caller._token
+        stale_watcher, stale_caller = watcher.transport.token, caller.transport.token
         await until_token_expired(auth_etcd, stale_caller)  # the watcher's is older still
 
         assert (await caller.get("/corral/c")) is not None
-        assert caller._token not in (None, stale_caller)
+        assert caller.transport.token not in (None, stale_caller)
 
         start = (await caller.range("/corral/w")).revision + 1
         events = watcher.watch("/corral/w", start)
@@ -262,7 +262,7 @@ async def test_idle_client_past_token_ttl_still_works(auth_etcd: EtcdServer) -> 
         auth_etcd.etcdctl("put", "/corral/w", "2")
         event = await asyncio.wait_for(first, 10)
         assert event.kv.value == b"2"
-        assert watcher._token not in (None, stale_watcher)
+        assert watcher.transport.token not in (None, stale_watcher)
         await events.aclose()
     finally:
         await watcher.aclose()
@@ -278,17 +278,17 @@ async def test_store_watch_lives_through_token_expiry_and_restart(
                       probe_interval=60) as store, watching(store, "w") as queue:
         await store.save("w", config(1))
         assert await next_of(queue) == config(1)
-        await until_token_expired(auth_etcd, store.client._token)
+        await until_token_expired(auth_etcd, store.client.transport.token)
         auth_etcd.etcdctl("put", "/corral/configs/w", json.dumps(
             {"binary": "/usr/bin/llama-server", "args": [["--parallel", "2"]]}))
         assert dict((await next_of(queue)).config.args)["--parallel"] == "2"
-        stale = store.client._token
+        stale = store.client.transport.token
         auth_etcd.stop()
         auth_etcd.start()
         auth_etcd.etcdctl("put", "/corral/configs/w", json.dumps(
             {"binary": "/usr/bin/llama-server", "args": [["--parallel", "3"]]}))
         assert dict((await next_of(queue)).config.args)["--parallel"] == "3"
-        assert store.client._token not in (None, stale)
+        assert store.client.transport.token not in (None, stale)
 
 
 # -- TLS and auth together, and a real supervisor -------------------------------------------

@@ -76,40 +76,31 @@ class EtcdClient:
         :class:`EtcdTLS` (endpoints without a scheme then use https). ``user``/``password``:
         etcd auth; without ``password`` it is read from ``$CORRAL_ETCD_PASSWORD``.
         UsageError for settings that cannot work (unreadable certificate, no password)."""
-        self._gateway = GatewayTransport(endpoints, timeout=timeout,
-                                         probe_interval=probe_interval, tls=tls, user=user,
-                                         password=password)
+        # The layer below (endpoints, the one in use, the auth token): read it, do not drive it.
+        self.transport = GatewayTransport(endpoints, timeout=timeout,
+                                          probe_interval=probe_interval, tls=tls, user=user,
+                                          password=password)
 
     @property
     def user(self) -> str | None:
-        return self._gateway.user
+        return self.transport.user
 
     @property
     def endpoints(self) -> str:
-        return self._gateway.endpoints
+        return self.transport.endpoints
 
     @property
     def is_connected(self) -> bool:
         """Whether the last call reached etcd (True until the first call fails)."""
-        return self._gateway.is_connected
+        return self.transport.is_connected
 
     @property
     def last_error(self) -> str | None:
         """Why the last call failed, while ``is_connected`` is False."""
-        return self._gateway.last_error
-
-    # The endpoint calls go to first (an index into ``endpoints``) and the auth token in use:
-    # the cluster and auth tests read them.
-    @property
-    def _current(self) -> int:
-        return self._gateway.current
-
-    @property
-    def _token(self) -> str | None:
-        return self._gateway.token
+        return self.transport.last_error
 
     async def range(self, key: str, *, prefix: bool = False) -> Range:
-        return await self._gateway.call("/v3/kv/range", key_range(key, prefix), parse_range)
+        return await self.transport.call("/v3/kv/range", key_range(key, prefix), parse_range)
 
     async def get(self, key: str) -> KeyValue | None:
         found = await self.range(key)
@@ -121,11 +112,11 @@ class EtcdClient:
         body: JSON = {"key": b64(key), "value": b64(raw)}
         if lease:
             body["lease"] = str(lease)
-        return await self._gateway.call("/v3/kv/put", body, revision_of)
+        return await self.transport.call("/v3/kv/put", body, revision_of)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
         """Delete ``key`` (or every key under it); returns how many were deleted."""
-        return await self._gateway.call("/v3/kv/deleterange", key_range(key, prefix),
+        return await self.transport.call("/v3/kv/deleterange", key_range(key, prefix),
                                         lambda d: int(d.get("deleted", 0)))
 
     async def txn(self, compare: list[Compare], success: list[Op],
@@ -134,10 +125,10 @@ class EtcdClient:
         body: JSON = {"compare": [c.to_json() for c in compare],
                       "success": [op.to_json() for op in success],
                       "failure": [op.to_json() for op in failure or []]}
-        return await self._gateway.call("/v3/kv/txn", body, parse_txn)
+        return await self.transport.call("/v3/kv/txn", body, parse_txn)
 
     async def lease_grant(self, ttl: int) -> int:
-        return await self._gateway.call("/v3/lease/grant", {"TTL": str(ttl)},
+        return await self.transport.call("/v3/lease/grant", {"TTL": str(ttl)},
                                         lambda d: int(d["ID"]))
 
     async def lease_keepalive(self, lease: int, *, url: str | None = None) -> int:
@@ -155,15 +146,15 @@ class EtcdClient:
 
         body = {"ID": str(lease)}
         if url is None:
-            return await self._gateway.call("/v3/lease/keepalive", body, parse)
-        return parse(await self._gateway.call_at(url, "/v3/lease/keepalive", body))
+            return await self.transport.call("/v3/lease/keepalive", body, parse)
+        return parse(await self.transport.call_at(url, "/v3/lease/keepalive", body))
 
     async def ping(self, url: str, key: str = "/") -> None:
         """One cheap call to ``url`` (a count-only range): StoreUnavailable if it fails."""
-        await self._gateway.call_at(url, "/v3/kv/range", {"key": b64(key), "count_only": True})
+        await self.transport.call_at(url, "/v3/kv/range", {"key": b64(key), "count_only": True})
 
     async def lease_revoke(self, lease: int) -> None:
-        await self._gateway.call("/v3/lease/revoke", {"ID": str(lease)}, lambda d: None)
+        await self.transport.call("/v3/lease/revoke", {"ID": str(lease)}, lambda d: None)
 
     async def watch(self, key: str, start_revision: int, *, prefix: bool = False,
                     probe: Callable[[str], Awaitable[object]] | None = None,
@@ -176,7 +167,7 @@ class EtcdClient:
         called with the watch's endpoint (default: a count-only range there); a fleet passes
         its lease keep-alive, so one request both renews the lease and proves the stream.
         """
-        gateway = self._gateway
+        gateway = self.transport
         url = gateway.url
         next_revision = start_revision
         token: str | None = None
@@ -214,7 +205,7 @@ class EtcdClient:
                 raise
 
     async def aclose(self) -> None:
-        await self._gateway.aclose()
+        await self.transport.aclose()
 
 
 def _events(url: str, key: str, message: WatchMessage) -> tuple[WatchEvent, ...]:
