@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -63,7 +65,8 @@ def test_twenty_simultaneous_first_requests_load_the_model_once(tmp_path: Path) 
 
 def test_with_room_for_one_the_idle_model_gives_way(tmp_path: Path) -> None:
     """--max-models 1: alpha, then beta (alpha idle: evicted for count), then alpha again;
-    every request answered, never two servers at once."""
+    every request answered, never two servers at once; `corral status` shows which one is
+    loaded, like `ollama ps`; /metrics counts loads and evictions by reason."""
     config = catalog(tmp_path, ("alpha", {}, ""), ("beta", {}, ""))
     with serving(tmp_path, FAKE, config=config,
                  extra=["--max-models", "1", "--idle-grace", "0"]) as s:
@@ -74,6 +77,19 @@ def test_with_room_for_one_the_idle_model_gives_way(tmp_path: Path) -> None:
             assert loaded == [name]
         assert s.evictions() == {("alpha", "count"): 1, ("beta", "count"): 1}
         assert s.starts("alpha.gguf") == 2 and s.starts("beta.gguf") == 1
+        shown = subprocess.run(
+            [sys.executable, "-m", "corral", "status", "--supervisor-addr",
+             f"127.0.0.1:{s.api_port}"], capture_output=True, text=True, timeout=30)
+        table = {line.split()[0]: line.split() for line in shown.stdout.splitlines()}
+        assert table["MODEL"][:3] == ["MODEL", "STATE", "PID"], shown.stdout
+        assert table["alpha"][1:3] == ["loaded", str(s.model("alpha")["pid"])], shown.stdout
+        assert table["beta"][1:3] == ["unloaded", "-"], shown.stdout
+        metrics = s.api.get("/metrics").text
+        for sample in ('corral_serve_evictions_total{model="alpha",reason="count"} 1',
+                       'corral_serve_loads_total{model="alpha"} 2',
+                       'corral_serve_model_state{model="beta",state="unloaded"} 1',
+                       'corral_serve_held{model="alpha"} 0'):
+            assert sample in metrics, metrics
 
 
 def test_a_load_that_fails_answers_its_held_requests_503_with_the_reason(tmp_path: Path

@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-__all__ = ["duration", "render_event", "render_history", "render_line", "render_status"]
+__all__ = ["duration", "render_event", "render_history", "render_line", "render_models",
+           "render_status"]
 
 
 def duration(seconds: float | None) -> str:
@@ -51,8 +52,30 @@ def _scalars(view: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def render_models(s: dict[str, Any]) -> str:
+    """``corral serve``'s ``/v1/status`` like ``ollama ps``: one line per model."""
+    head = ("MODEL", "STATE", "PID", "MEMORY", "IDLE", "IN FLIGHT", "HELD", "LOADS")
+    rows = [head]
+    for m in s.get("models") or []:
+        memory = m.get("memory_mib")
+        rows.append((
+            str(m.get("id")), str(m.get("state")), str(m.get("pid") or "-"),
+            f"{memory / 1024:.1f} GiB" if isinstance(memory, int | float) else "-",
+            duration(m.get("idle_s")) if m.get("idle_s") is not None else "-",
+            str(m.get("in_flight", 0)), str(m.get("held", 0)), str(m.get("loads", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    for m in s.get("models") or []:
+        if m.get("reason"):
+            lines.append(f"{m.get('id')}: {m['reason']}")
+    return "\n".join(lines)
+
+
 def render_status(s: dict[str, Any]) -> str:
-    """``/v1/status`` as a few aligned lines."""
+    """``/v1/status`` as a few aligned lines (a table of models for ``corral serve``)."""
+    if "models" in s and "state" not in s:
+        return render_models(s)
     config = s.get("config") or {}
     args = config.get("args") or {}
     model = args.get("--model") or args.get("-m") or args.get("--hf-repo") or "-"
