@@ -225,3 +225,24 @@ def test_out_of_memory_at_load_evicts_an_idle_model_and_tries_again(tmp_path: Pa
         assert s.evictions() == {("alpha", "memory"): 1}
         assert s.model("alpha")["state"] == "unloaded"
         assert s.model("beta")["state"] == "loaded"
+
+
+def test_a_reload_during_a_load_applies_after_it_and_loses_nothing(tmp_path: Path) -> None:
+    """SIGHUP while alpha loads (2 s) with a changed config: the held request is answered,
+    and alpha then runs the new config; /upstream/alpha/props reaches its server."""
+    config = catalog(tmp_path, ("alpha", {"--fake-load-s": 2}, ""))
+    with serving(tmp_path, FAKE, config=config) as s:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(s.complete, "alpha")
+            wait_for(lambda: s.model("alpha")["state"] == "loading", 10, "alpha loading")
+            text = s.config_file.read_text()
+            s.config_file.write_text(text.replace('"--fake-load-s" = 2',
+                                                  '"--fake-load-s" = 2\n"-c" = 2048'))
+            assert s.proc is not None
+            s.proc.send_signal(signal.SIGHUP)
+            assert answer.result(30).status_code == 200
+        wait_for(lambda: s.starts("2048") == 1 and s.model("alpha")["state"] == "loaded",
+                 30, "alpha restarted with -c 2048")
+        props = s.client.get("/upstream/alpha/props").json()
+        assert props["model_path"].endswith("alpha.gguf")
+        assert s.complete("alpha").status_code == 200
