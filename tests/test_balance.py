@@ -98,11 +98,13 @@ def test_two_balancers_on_one_haproxy_agree(tmp_path: Path, etcd_server: EtcdSer
 
 
 @pytest.mark.timing  # measures request latencies during a rollout: run alone
+@pytest.mark.parametrize("trigger", ["etcdctl put", "API change"])
 def test_a_stop_first_rollout_through_haproxy_loses_nothing_and_holds_nothing(
-        tmp_path: Path, etcd_server: EtcdServer) -> None:
+        tmp_path: Path, etcd_server: EtcdServer, trigger: str) -> None:
     """Three supervisors (--listen, stop-first, a 2 s model load) behind HAProxy and corral
-    balance; 4 clients through HAProxy while a rollout runs: 0 failed requests, and none
-    waited for a model load (each host was drained before it applied)."""
+    balance; 4 clients through HAProxy while a rollout runs (started by a put, or by an API
+    change whose supervisor is the canary): 0 failed requests, and none waited for a model
+    load (each host was drained before it applied)."""
     load_s = 2.0
     model = make_fake_model(tmp_path / "a.gguf")
     with ExitStack() as stack:
@@ -126,7 +128,11 @@ def test_a_stop_first_rollout_through_haproxy_loses_nothing_and_holds_nothing(
         before = time.monotonic()
         wait_for(lambda: time.monotonic() - before > 3 and clients.sent, 10, "3 s of traffic")
         begin = time.monotonic()
-        put_config(etcd_server, [["--model", str(model)], ["--fake-load-s", str(load_s)]])
+        if trigger == "API change":
+            answer = sups[0].post({"--fake-load-s": load_s})
+            assert answer.status_code == 200, answer.text
+        else:
+            put_config(etcd_server, [["--model", str(model)], ["--fake-load-s", str(load_s)]])
         wait_for(lambda: phase(etcd_server, "done") and all(
             s.status()["state"] == "RUNNING" for s in sups), 90, "rollout done")
         end = time.monotonic()
@@ -138,7 +144,7 @@ def test_a_stop_first_rollout_through_haproxy_loses_nothing_and_holds_nothing(
     failed = [s for s in during if not s.ok]
     rate_before = len(warm) / (begin - before)
     rate_during = len(during) / (end - begin)
-    print(f"\nrollout through HAProxy with corral balance: {len(during)} requests in "
+    print(f"\nrollout ({trigger}) through HAProxy with corral balance: {len(during)} requests in "
           f"{end - begin:.1f} s, {len(failed)} failed; p99 before {p99(warm) * 1000:.0f} ms, "
           f"worst during {worst * 1000:.0f} ms (by hand, static backend: 11.95 s); "
           f"{rate_before:.0f} req/s before, {rate_during:.0f} req/s during")

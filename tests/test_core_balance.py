@@ -25,8 +25,9 @@ def member(i: str, mode: Mode = Mode.READY, port: int = 8000) -> dict[str, Membe
     return {i: Member(i, "10.0.0.1", port, mode)}
 
 
-def server(i: str, admin: int = READY, sessions: int = 0, port: int = 8000) -> Server:
-    return Server(server_name("corral-", i), "10.0.0.1", port, admin, sessions)
+def server(i: str, admin: int = READY, sessions: int = 0, port: int = 8000,
+           up: bool = True) -> Server:
+    return Server(server_name("corral-", i), "10.0.0.1", port, admin, sessions, up)
 
 
 @pytest.mark.parametrize(("members", "servers", "commands"), [
@@ -38,8 +39,16 @@ def server(i: str, admin: int = READY, sessions: int = 0, port: int = 8000) -> S
                                    "enable health bk/corral-a"]),
     # in sync: nothing to do
     (member("a"), [server("a")], []),
-    # asked to drain
-    (member("a", Mode.DRAIN), [server("a")], ["set server bk/corral-a state drain"]),
+    # asked to drain, another server serving
+    (member("a", Mode.DRAIN) | member("b"), [server("a"), server("b")],
+     ["set server bk/corral-a state drain"]),
+    # asked to drain, the last one serving: stays ready (its front door holds, not a 503)
+    (member("a", Mode.DRAIN), [server("a")], []),
+    (member("a", Mode.DRAIN) | member("b"), [server("a"), server("b", up=False)], []),
+    (member("a", Mode.DRAIN) | member("b", Mode.DRAIN), [server("a"), server("b")], []),
+    # ... unless a server it did not add serves
+    (member("a", Mode.DRAIN), [server("a"), Server("static1", "10.0.0.9", 80, READY)],
+     ["set server bk/corral-a state drain"]),
     # drained, apply over: ready again
     (member("a"), [server("a", DRAIN)], ["set server bk/corral-a state ready"]),
     # FATAL: maintenance
@@ -87,10 +96,16 @@ def test_gone_server_is_cut_after_the_grace() -> None:
     (Mode.READY, server("a", READY, 0), False),  # nobody asked
 ])
 def test_drained_when_nothing_in_flight(mode: Mode, srv: Server | None, drained: bool) -> None:
-    """A member asked to drain is drained once its server takes no new requests and has
-    none in flight."""
-    p = plan(member("a", mode), [srv] if srv else [], backend=BK)
+    """A member asked to drain (another one serving) is drained once its server takes no
+    new requests and has none in flight."""
+    p = plan(member("a", mode) | member("b"), [server("b"), *([srv] if srv else [])],
+             backend=BK)
     assert ("a" in p.drained) is drained
+
+
+def test_the_last_one_serving_counts_as_drained_at_once() -> None:
+    """A fleet of one is not drained (HAProxy would answer 503) and may apply at once."""
+    assert plan(member("a", Mode.DRAIN), [server("a")], backend=BK).drained == {"a"}
 
 
 def test_member_mode() -> None:

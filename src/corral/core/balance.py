@@ -17,7 +17,9 @@ balancer's prefix are its own; every other server is left alone.
 
 A member asks to be drained (before it applies a rollout revision, see
 :mod:`corral.fleet.drain`); :attr:`Plan.drained` names the members whose server is drained
-with nothing in flight, which the balancer acknowledges in etcd. The plan is level-
+with nothing in flight, which the balancer acknowledges in etcd. The last server serving
+is never drained (HAProxy would answer 503 where the member's front door holds requests
+while it applies): it stays ready and counts as drained at once. The plan is level-
 triggered: it is computed again from fresh facts after every round, so a command that
 failed (HAProxy restarted, another balancer was first) is simply planned again.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["Member", "Mode", "Plan", "Server", "all_acked", "endpoint_of", "member_mode",
@@ -127,7 +129,7 @@ def plan(members: Mapping[str, Member], servers: Sequence[Server], *, backend: s
     ours = {s.name: s for s in servers if s.name.startswith(prefix)}
     wanted = {server_name(prefix, m.instance): m for m in members.values()}
     commands: list[str] = []
-    drained: set[str] = set()
+    drained = _spare_the_last(wanted, servers)
     for name, member in sorted(wanted.items()):
         commands += _converge(f"{backend}/{name}", member, ours.get(name), check)
         if member.mode is not Mode.READY and _is_idle(ours.get(name)):
@@ -142,6 +144,20 @@ def plan(members: Mapping[str, Member], servers: Sequence[Server], *, backend: s
         if not done:
             still[name] = since
     return Plan(tuple(commands), frozenset(drained), still)
+
+
+def _spare_the_last(wanted: dict[str, Member], servers: Sequence[Server]) -> set[str]:
+    """Members asked to drain that stay ready, because no other server would be serving:
+    their front door holds requests while they apply (as without a balancer), where HAProxy
+    would answer 503. They count as drained at once. Changes ``wanted`` in place."""
+    serving = {s.name for s in servers if s.mode is Mode.READY and s.up
+               and (s.name not in wanted or wanted[s.name].mode is Mode.READY)}
+    spared = set()
+    for name, member in sorted(wanted.items()):
+        if member.mode is Mode.DRAIN and not serving - {name}:
+            wanted[name] = replace(member, mode=Mode.READY)
+            spared.add(member.instance)
+    return spared
 
 
 def _is_idle(server: Server | None) -> bool:

@@ -23,6 +23,7 @@ from corral.core.args import Change, merge_changes
 from corral.core.rollout import Phase, Rollout, Target, revert_target
 from corral.defaults import instance_id
 from corral.errors import StoreConflict, StoreCorrupt, StoreError, StoreUnavailable
+from corral.fleet.drain import DrainKeys, end_drain, request_drain
 from corral.fleet.keys import FleetKeys, digest_of, same_config
 from corral.fleet.records import dump_record, parse_record, split_slots
 from corral.fleet.rollout import RolloutAgent, RolloutSettings, now_iso
@@ -182,6 +183,7 @@ class FleetSync:
         inner = store.inner
         self.publisher = inner if isinstance(inner, PublishingStore) else None
         self._pending: set[asyncio.Task[None]] = set()  # API changes still applying
+        self._drain = "no balancer"  # how the API change being applied was drained
         self._publish()
 
     async def run(self) -> None:
@@ -206,6 +208,9 @@ class FleetSync:
         await self.agent.apply_lock.acquire()
         try:
             await self.agent.acquire()
+            self._drain = await request_drain(  # the balancers take this host out first
+                self.etcd.client, DrainKeys(self.agent.keys), self.instance_id,
+                self.registration.lease, self.agent, self.settings.balancer_drain_timeout)
             found = self.agent.target()
             ran_it = self.in_sync()
             if found is not None and not ran_it:
@@ -216,6 +221,8 @@ class FleetSync:
             record = self.controller.submit(change, source="api")
         except BaseException:
             self.agent.apply_lock.release()
+            if self._drain != "no balancer":
+                await end_drain(self.etcd.client, DrainKeys(self.agent.keys), self.instance_id)
             raise
         task = asyncio.create_task(self._finish(record), name=f"fleet change {record.id}")
         self._pending.add(task)
@@ -228,6 +235,8 @@ class FleetSync:
         finally:
             if self.publisher is not None:
                 self.publisher.base = None
+            if self._drain != "no balancer":
+                await end_drain(self.etcd.client, DrainKeys(self.agent.keys), self.instance_id)
             self.agent.apply_lock.release()
         if record.outcome is not Outcome.APPLIED or not record.restarted:
             await self.agent.release()  # nothing was published: the slot is not needed
@@ -309,9 +318,14 @@ class FleetSync:
 
     async def _refresh(self) -> None:
         last = self.registration.info
+        drain = DrainKeys(self.agent.keys).drain(self.instance_id)
         while True:
             await asyncio.sleep(REGISTRATION_REFRESH_S)
             self._publish()
+            if drain in self.agent.kvs and not self.agent.apply_lock.locked():
+                # A request whose delete failed (etcd away at that moment) while the lease
+                # lived on: nothing applies here now, so this host must not stay drained.
+                await end_drain(self.etcd.client, DrainKeys(self.agent.keys), self.instance_id)
             current = self.info()
             if current != last:
                 self.registration.update(**current)
