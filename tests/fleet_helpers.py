@@ -158,3 +158,13 @@ def watching_proc(marker: str) -> Iterator[ProcWatch]:
     finally:
         watch.stop.set()
         thread.join(5)
+
+
+def fleet_applies(changes: list[dict[str, Any]], outcome: str | None = None,
+                  **args: str) -> list[dict[str, Any]]:
+    """The audit log's changes (``/v1/changes``) that took a fleet write here, oldest first:
+    source "fleet", with ``outcome`` if given, and ``args`` among the flags of the config in
+    effect after it (a rejected change leaves the last good one in effect)."""
+    return [c for c in reversed(changes) if c["kind"] == "change" and c["source"] == "fleet"
+            and outcome in (None, c["outcome"])
+            and all((c["after"] or {}).get("args", {}).get(k) == v for k, v in args.items())]

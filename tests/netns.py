@@ -560,6 +560,13 @@ class HostSupervisor(SupervisorProcess):
         result: dict[str, Any] = answer.json()
         return result
 
+    def changes_inside(self) -> list[dict[str, Any]]:
+        """The audit log (``/v1/changes``, newest first) asked from inside the host."""
+        answer = self.host.http_get(self.host.url(self.api_port, "/v1/changes?limit=1000"),
+                                    headers={"authorization": f"Bearer {self.token}"})
+        changes: list[dict[str, Any]] = answer.json()["changes"]
+        return changes
+
 
 @contextlib.contextmanager
 def host_supervisor(host: Host, binary: str | Path, model: str | Path | None,
