@@ -2,6 +2,8 @@
 #   make run    supervise a real llama-server on the real small model behind the front door
 #               (clients: 127.0.0.1:8080, API: 127.0.0.1:8084; Ctrl-C stops both); its last
 #               good config is kept in .corral/config.toml
+#   make serve  corral serve: two names (alpha, beta) for the real model, room for one at a
+#               time (clients: 127.0.0.1:8080, API: 127.0.0.1:8085)
 #   make test   set up (incl. etcd) and run every test, real llama-server included
 #   make bench  benchmarks, Corral next to supervisord; writes bench/results/latest.json
 #   make soak   a bounded chaos soak (SOAK_SECONDS, default 120)
@@ -17,7 +19,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 
-.PHONY: setup setup-system setup-test run test bench soak sim-slow lint clean page-png
+.PHONY: setup setup-system setup-test run serve test bench soak sim-slow lint clean page-png
 
 setup:
 	@scripts/setup.sh
@@ -36,6 +38,16 @@ run: setup-system
 	exec $(VENV)/bin/corral supervise --supervisor-addr $(API) --listen $(LISTEN) \
 	  --model "$$MODEL" --allow-model-dir "$$(dirname "$$MODEL")" \
 	  --config-file $(CURDIR)/.corral/config.toml --state-dir $(CURDIR)/.corral/state
+
+serve: setup-system
+	@eval "$$($(PY) scripts/llama_paths.py)"; mkdir -p .corral/models; \
+	ln -f "$$MODEL" .corral/models/alpha.gguf 2>/dev/null || cp "$$MODEL" .corral/models/alpha.gguf; \
+	ln -f "$$MODEL" .corral/models/beta.gguf 2>/dev/null || cp "$$MODEL" .corral/models/beta.gguf; \
+	echo "Serving alpha and beta (room for one) on http://$(LISTEN); API 127.0.0.1:8085"; \
+	echo "Try: curl -s $(LISTEN)/v1/models; .venv/bin/corral status --supervisor-addr 127.0.0.1:8085"; \
+	exec $(VENV)/bin/corral serve --listen $(LISTEN) --supervisor-addr 127.0.0.1:8085 \
+	  --models-dir $(CURDIR)/.corral/models --max-models 1 \
+	  --config-file $(CURDIR)/.corral/serve.toml --state-dir $(CURDIR)/.corral/state -- -c 2048
 
 # Two passes: what does not measure time runs on TEST_WORKERS processes at once (most of it
 # waits on subprocesses); the tests marked timing (durations, probes every 50 ms, latency

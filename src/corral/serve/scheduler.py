@@ -67,6 +67,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._needs: dict[str, dict[str, float]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (model, reason)
 
     def poke(self) -> None:
@@ -85,7 +86,7 @@ class Scheduler:
                 self._wake.clear()
                 self.step()
         finally:
-            ops = list(self._ops.values())
+            ops = [*self._ops.values(), *self._background]
             for op in ops:
                 op.cancel()
             await asyncio.gather(*ops, return_exceptions=True)
@@ -102,6 +103,11 @@ class Scheduler:
         except Exception as exc:  # an estimate is advice: a model without one still serves
             log.warning("model %s: no memory estimate (%s)", model.id, exc)
             self._needs[model.id] = {}
+
+    def _refresh_estimate(self, model: ServedModel) -> None:
+        task = asyncio.get_running_loop().create_task(self._estimate_one(model))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def snapshot(self, now: float) -> list[ModelState]:
         states = []
@@ -121,8 +127,12 @@ class Scheduler:
     def step(self) -> None:
         """One look at every model; start what the plan says."""
         now = self._clock()
-        states = [s for s in self.snapshot(now) if s.id not in self._ops]
-        for action in plan(states, self.limits):
+        # A model with an operation in progress stays in the plan's figures (a model being
+        # unloaded holds its memory and its place until its server is gone) but gets no
+        # new action: one operation per model at a time.
+        for action in plan(self.snapshot(now), self.limits):
+            if action.id in self._ops:
+                continue
             if isinstance(action, Load):
                 self._spawn(action.id, self._load(self.models[action.id]))
             elif isinstance(action, Evict):
@@ -159,6 +169,7 @@ class Scheduler:
                 to, error = event.data.get("to"), str(event.data.get("error") or "")
                 if to == "RUNNING":
                     model.room_made = False
+                    self._refresh_estimate(model)  # its config may have changed (params)
                 if to == "RUNNING" and model.load_started:
                     model.load_seconds.append(self._clock() - started)
                     model.load_started = None
