@@ -219,7 +219,7 @@ async def supervise(opts: Options) -> int:
     api_tls, front_tls = server_tls(sec, "the API"), server_tls(sec, "the front door")
     warn_if_clear_text(host, tokens, api_tls is not None)
     run_as = run_as_user(sec.user)
-    catalogs = CatalogCache()
+    catalogs = CatalogCache(wrap=run_as.command if run_as else None)  # --help as --user
     from_cli = await cli_config(opts, catalogs)
     judge = build_policy(from_cli, await catalogs.get(from_cli.binary),
                          allow_binaries=sec.allow_binaries, model_dirs=sec.allow_model_dirs,
@@ -254,7 +254,7 @@ async def supervise(opts: Options) -> int:
             launcher=ProcessLauncher(opts.settings.echo_output,
                                      allow_degraded=opts.settings.allow_degraded,
                                      user=run_as.identity if run_as else None,
-                                     lines=lines),
+                                     lines=lines, check_binary=judge.check_binary),
             checks=Preflight(catalogs, picks_ports=door is not None,
                              fit_margin=opts.settings.fit_margin, judge=judge, run_as=run_as),
             front=SteeredFront(door) if door else None,

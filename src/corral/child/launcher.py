@@ -17,11 +17,12 @@ from typing import Any
 
 import httpx
 
+from corral.child.privilege import realpath
 from corral.child.process import Child, Identity, spawn
 from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
 from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
-from corral.errors import StartFailed
+from corral.errors import NotAllowed, StartFailed
 from corral.observe.events import LineBus
 from corral.supervisor.seams import Server
 
@@ -50,7 +51,12 @@ def props_context(props: dict[str, Any]) -> tuple[int | None, int | None]:
 
 class ProcessLauncher:
     def __init__(self, echo_output: bool = True, allow_degraded: bool = False,
-                 user: Identity | None = None, lines: LineBus | None = None) -> None:
+                 user: Identity | None = None, lines: LineBus | None = None,
+                 check_binary: Callable[[str], None] | None = None) -> None:
+        """``check_binary``: the least-privilege rule for binaries (raises NotAllowed); the
+        binary's real path is resolved once, checked, and that path is what is executed,
+        so a symlink re-pointed after the check cannot change what runs."""
+        self._check_binary = check_binary
         self._echo = echo_output
         self._user = user
         self._lines = lines  # each output line also goes here, for GET /v1/logs
@@ -58,8 +64,15 @@ class ProcessLauncher:
         self._http = httpx.AsyncClient()
 
     async def spawn(self, config: LlamaConfig, generation: int) -> Child:
+        program = None
+        if self._check_binary is not None:
+            program = realpath(config.binary)
+            try:
+                self._check_binary(program)
+            except NotAllowed as exc:
+                raise StartFailed(str(exc)) from None
         try:
-            child = await spawn(config, generation, self._echo, self._user)
+            child = await spawn(config, generation, self._echo, self._user, program)
         except OSError as exc:
             raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
         if self._lines is not None:

@@ -33,7 +33,7 @@ from corral.core.fit import (
 )
 from corral.core.privilege import Judge, files_of
 from corral.errors import PreflightFailed
-from corral.sense.estimate import Estimator
+from corral.sense.estimate import Estimator, Wrap
 from corral.sense.gpu import gpu_rooms
 from corral.sense.memory import MemorySource
 
@@ -130,7 +130,7 @@ class Preflight:
         # With --listen, Corral gives every llama-server a free loopback port of its own.
         self.picks_ports = picks_ports
         self.fit_margin = fit_margin
-        self.estimator = estimator or Estimator()
+        self.estimator = estimator or Estimator(wrap=run_as.command if run_as else None)
         self.memory = memory or MemorySource()
         self._gpus = gpus
         self._gpu_cache: tuple[float, tuple[GpuRoom, ...]] | None = None
@@ -246,6 +246,7 @@ class CatalogCache:
     """Flag catalogs read from each binary's ``--help``, cached per (path, mtime)."""
 
     _cache: dict[tuple[str, float], FlagCatalog] = field(default_factory=dict)
+    wrap: Wrap | None = None  # --user: --help runs as that user (RunAs.command)
 
     async def get(self, binary: str) -> FlagCatalog:
         try:
@@ -254,14 +255,15 @@ class CatalogCache:
         except (PreflightFailed, OSError):
             return FlagCatalog()
         if key not in self._cache:
-            self._cache[key] = await _read_catalog(path)
+            self._cache[key] = await _read_catalog(path, self.wrap)
         return self._cache[key]
 
 
-async def _read_catalog(path: str) -> FlagCatalog:
+async def _read_catalog(path: str, wrap: Wrap | None = None) -> FlagCatalog:
+    argv = [path, "--help"]
     try:
         proc = await asyncio.create_subprocess_exec(
-            path, "--help", stdin=asyncio.subprocess.DEVNULL,
+            *(wrap(argv) if wrap else argv), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     except OSError as exc:
         log.warning("cannot run %s --help (%s); accepting flags as given", path, exc)

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from corral.child.process import Identity
+from corral.child.process import Identity, as_user
 from corral.core.args import FlagCatalog, LlamaConfig
 from corral.core.privilege import DEFAULT_ENV, Judge, Policy, spellings_of
 from corral.errors import NotAllowed, UsageError
@@ -42,6 +42,10 @@ class RunAs:
     @property
     def identity(self) -> Identity:
         return Identity(self.uid, self.gid, self.groups)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run as this user (``--help``, ``llama-fit-params``)."""
+        return as_user(argv, self.identity)
 
     def may(self, path: str, want: int) -> bool:
         """May this user open ``path`` with ``want`` (``os.R_OK`` / ``os.X_OK``)?"""

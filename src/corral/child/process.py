@@ -132,6 +132,12 @@ def _with_death_signal(argv: list[str], user: Identity | None = None) -> list[st
     return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
 
 
+def as_user(argv: list[str], user: Identity) -> list[str]:
+    """``argv`` run as ``user`` (and dying with this process): for the binary's ``--help``
+    and ``llama-fit-params`` under ``--user``, as llama-server itself runs."""
+    return _with_death_signal(argv, user)
+
+
 def death_signal_prefix() -> list[str]:
     """The exec wrapper that makes a program die (SIGKILL) with the thread that starts it,
     as llama-server dies with the supervisor: run ``[*death_signal_prefix(), *argv]``. For
@@ -177,8 +183,9 @@ async def _read_pipe(fd: int, loop: asyncio.AbstractEventLoop) -> asyncio.Stream
 
 
 async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True,
-                user: Identity | None = None) -> Child:
+                user: Identity | None = None, program: str | None = None) -> Child:
     """Start ``config`` as a new session; its output goes to a ring buffer and the log.
+    ``program``: the file to execute instead of the config's binary (its checked real path).
 
     Raises OSError if the program cannot be executed.
     """
@@ -186,7 +193,10 @@ async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True,
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
         env = {**os.environ, **dict(config.env)}
-        pid = _posix_spawn(_with_death_signal(config.argv(), user), write_fd, env)
+        argv = config.argv()
+        if program is not None:
+            argv[0] = program
+        pid = _posix_spawn(_with_death_signal(argv, user), write_fd, env)
     except BaseException:
         os.close(read_fd)
         raise

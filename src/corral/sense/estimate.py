@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,7 @@ MEMORY_FLAGS: dict[str, str] = {
 _LINE = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$")
 
 Key = tuple[str, tuple[int, int, int, int], tuple[tuple[str, str], ...]]
+Wrap = Callable[[list[str]], list[str]]  # a command line -> how to run it (--user: as whom)
 
 
 def memory_flags(config: LlamaConfig) -> dict[str, str]:
@@ -90,6 +92,7 @@ class Estimator:
 
     fit_params: str | None = None
     timeout_s: float = 60.0
+    wrap: Wrap | None = None  # --user: llama-fit-params runs as that user
     _cache: dict[Key, Estimate | None] = field(default_factory=dict)
     _meta: dict[tuple[int, int, int, int], gguf_meta.GgufMeta | None] = field(
         default_factory=dict)
@@ -197,7 +200,8 @@ class Estimator:
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # else a crash waits for gdb
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *(self.wrap(argv) if self.wrap else argv), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env)
         except OSError as exc:
             return f"{FIT_PARAMS} cannot run: {exc}"

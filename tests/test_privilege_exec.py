@@ -1,0 +1,117 @@
+"""The last privilege gaps: the program that runs is the one that was checked (a symlink
+re-pointed after the check changes nothing), and ``--help`` and ``llama-fit-params`` run as
+the ``--user`` too."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.child.launcher import ProcessLauncher
+from corral.child.preflight import CatalogCache
+from corral.child.privilege import RunAs, realpath
+from corral.core.args import LlamaConfig
+from corral.errors import NotAllowed, StartFailed
+from corral.sense.estimate import Estimator
+
+
+def program(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+async def test_a_symlink_repointed_after_the_check_never_runs_the_other_program(
+        tmp_path: Path) -> None:
+    """The check passes the allowed program, then the link is re-pointed before the exec:
+    the allowed program runs, the other one never does."""
+    marker = tmp_path / "ran"
+    good = program(tmp_path, "good", f"echo good >> {marker}")
+    evil = program(tmp_path, "evil", f"echo evil >> {marker}")
+    link = tmp_path / "llama-server"
+    link.symlink_to(good)
+
+    def check_then_swap(real: str) -> None:
+        if real != str(good):
+            raise NotAllowed("binary", f"{real} is not allowed")
+        link.unlink()
+        link.symlink_to(evil)   # the swap, after the check and before the exec
+
+    launcher = ProcessLauncher(echo_output=False, check_binary=check_then_swap)
+    try:
+        child = await launcher.spawn(LlamaConfig(str(link), ()), 1)
+        assert await child.exited == 0
+        await child.kill()
+    finally:
+        await launcher.aclose()
+    assert marker.read_text() == "good\n"
+    assert realpath(str(link)) == str(evil)  # the swap did happen
+
+
+async def test_a_binary_swapped_before_the_start_is_refused(tmp_path: Path) -> None:
+    """A start (a crash revival too) checks the binary's real path again: swapped, refused."""
+    marker = tmp_path / "ran"
+    good = program(tmp_path, "good", f"echo good >> {marker}")
+    evil = program(tmp_path, "evil", f"echo evil >> {marker}")
+    link = tmp_path / "llama-server"
+    link.symlink_to(evil)
+
+    def allow_good(real: str) -> None:
+        if real != str(good):
+            raise NotAllowed("binary", f"{real} is not allowed")
+
+    launcher = ProcessLauncher(echo_output=False, check_binary=allow_good)
+    try:
+        with pytest.raises(StartFailed, match="not allowed"):
+            await launcher.spawn(LlamaConfig(str(link), ()), 1)
+    finally:
+        await launcher.aclose()
+    assert not marker.exists()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="corral-user-"))
+    folder.chmod(0o777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.fixture
+def nobody() -> RunAs:
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv")
+    return RunAs.lookup("nobody")
+
+
+async def test_help_and_fit_params_run_as_the_user(shared_dir: Path, nobody: RunAs) -> None:
+    """Under --user, the binary's --help and llama-fit-params run with that user's uid."""
+    uids = shared_dir / "uids"
+    uids.touch()
+    uids.chmod(0o666)
+    binary = program(shared_dir, "llama-server", f"echo \"$1 $(id -u)\" >> {uids}")
+    program(shared_dir, "llama-fit-params", f"echo \"fit $(id -u)\" >> {uids}")
+    model = shared_dir / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    model.chmod(0o644)
+    await CatalogCache(wrap=nobody.command).get(str(binary))
+    estimator = Estimator(fit_params=str(shared_dir / "llama-fit-params"),
+                          wrap=nobody.command)
+    await estimator.estimate(LlamaConfig(str(binary), (("--model", str(model)),)))
+    assert uids.read_text().split("\n")[:2] == [f"--help {nobody.uid}", f"fit {nobody.uid}"]
