@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,6 +123,13 @@ class HAProxy:
                 found[f[3]] = Server(f[3], f[4], int(f[18]), int(f[5]), int(f[6]))
         return found
 
+    def sessions_total(self) -> dict[str, int]:
+        """Server -> sessions it has served since it was added (``stot``)."""
+        lines = self.ask(f"show stat {self.backend} 4 -1").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {r["svname"]: int(r["stot"] or 0) for r in rows}
+
     def ours(self) -> dict[str, Server]:
         return {n: s for n, s in self.servers().items() if n.startswith("corral-")}
 
@@ -179,9 +187,13 @@ class Sent:
     what: str
 
 
+KINDS = ("completion", "stream", "models")
+
+
 class Clients:
-    """``n`` client threads through HAProxy, each in turn a ``POST /completion`` and a
-    ``GET /v1/models``, until stopped (bounded: ``limit`` requests per client)."""
+    """``n`` client threads through HAProxy, each in turn a ``POST /completion``, a streamed
+    one (failed unless its last event says ``stop``) and a ``GET /v1/models``, until stopped
+    (bounded: ``limit`` requests per client)."""
 
     def __init__(self, url: str, n: int = 4, limit: int = 20_000) -> None:
         import threading
@@ -210,15 +222,24 @@ class Clients:
             for i in range(self.limit):
                 if self._stop.is_set():
                     return
-                what = "completion" if i % 2 == 0 else "models"
+                what = KINDS[i % len(KINDS)]
                 start = time.monotonic()
                 try:
-                    r = (http.post("/completion", json={"prompt": "hi", "n_predict": 4})
-                         if what == "completion" else http.get("/v1/models"))
-                    ok = r.status_code == 200
+                    ok = self._send(http, what)
                 except httpx.HTTPError:
                     ok = False
                 self.sent.append(Sent(start, time.monotonic(), ok, what))
+
+    @staticmethod
+    def _send(http: Any, what: str) -> bool:
+        if what == "models":
+            return bool(http.get("/v1/models").status_code == 200)
+        body = {"prompt": "hi", "n_predict": 4, "stream": what == "stream"}
+        if what == "completion":
+            return bool(http.post("/completion", json=body).status_code == 200)
+        with http.stream("POST", "/completion", json=body) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+            return bool(r.status_code == 200 and events and '"stop": true' in events[-1])
 
     def between(self, t0: float, t1: float) -> list[Sent]:
         """Requests that were in flight at some time between ``t0`` and ``t1``."""

@@ -22,7 +22,7 @@ from corral.store.etcd import EtcdStore
 from tests.fixtures_etcd import EtcdServer
 from tests.fleet_helpers import etcd_args, fleet_json, instance_of, phase, put_config
 from tests.haproxy_helpers import Clients, balancer, haproxy, p99, registration
-from tests.harness import FAKE, free_port, make_fake_model, supervisor
+from tests.harness import FAKE, SupervisorProcess, free_port, make_fake_model, supervisor
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
@@ -193,3 +193,48 @@ async def test_the_drain_hand_shake_without_a_balancer_and_with_a_silent_one(
         assert await etcd.client.get(keys.drain("me")) is None
     finally:
         await etcd.close()
+
+
+@pytest.mark.timing  # measures how soon a joiner gets traffic
+def test_under_load_a_killed_host_costs_only_its_requests_in_flight_and_a_joiner_serves(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """4 clients through HAProxy: a supervisor killed with SIGKILL leaves the backend within
+    the lease TTL and only requests in flight at the kill may fail; a fourth supervisor
+    that joins serves requests within seconds."""
+    model = make_fake_model(tmp_path / "a.gguf")
+
+    def start(stack: ExitStack, i: int) -> SupervisorProcess:
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        return stack.enter_context(supervisor(
+            d, FAKE, model, store_args=etcd_args(etcd_server),
+            extra_cli=["--listen", f"127.0.0.1:{free_port()}"]))
+
+    with ExitStack() as stack:
+        h = stack.enter_context(haproxy(tmp_path))
+        stack.enter_context(balancer(tmp_path, etcd_server, h))
+        sups = [start(stack, i) for i in range(3)]
+        for s in sups:
+            s.wait_running()
+        wait_for(lambda: len([s for s in h.ours().values() if s.op == 2]) == 3, 20, "3 up")
+        with Clients(h.url) as clients:  # stopped before any supervisor is
+            wait_for(lambda: len(clients.sent) >= 100, 30, "traffic")
+            victim = f"corral-{instance_of(sups[0])}"
+            killed = time.monotonic()
+            sups[0].kill()
+            wait_for(lambda: victim not in h.servers(), 15, "the killed host's server deleted")
+            removed = time.monotonic() - killed
+            joined = time.monotonic()
+            joiner = start(stack, 3)
+            joiner.wait_running()
+            name = f"corral-{instance_of(joiner)}"
+            wait_for(lambda: h.sessions_total().get(name, 0) > 0, 15, "the joiner served")
+            served = time.monotonic() - joined
+            wait_for(lambda: len(clients.between(joined + served, 1e18)) >= 20, 15, "load")
+    failed = [s for s in clients.sent if not s.ok]
+    print(f"\nSIGKILL -> server deleted in {removed:.2f} s; {len(failed)} of "
+          f"{len(clients.sent)} requests failed; a joiner served {served:.2f} s after it was "
+          f"started")
+    assert all(s.start <= killed for s in failed), [
+        (s.what, round(s.start - killed, 3), round(s.end - killed, 3)) for s in failed]
+    assert removed < 5 + 3 and served < 10
