@@ -33,8 +33,9 @@ class ServeProcess:
         self.cmd = [sys.executable, "-m", "corral", "serve",
                     "--listen", f"127.0.0.1:{self.port}",
                     "--supervisor-addr", f"127.0.0.1:{self.api_port}",
-                    "--binary", str(binary), "--config-file", str(self.config_file),
-                    "--state-dir", str(tmp / "state"), *extra]
+                    "--binary", str(binary), "--state-dir", str(tmp / "state"), *extra]
+        if "--etcd" not in extra and "--config-driver" not in extra:
+            self.cmd += ["--config-file", str(self.config_file)]
         if models_dir is not None:
             self.cmd += ["--models-dir", str(models_dir)]
         if llama_args:
@@ -50,13 +51,15 @@ class ServeProcess:
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
                                      env={**os.environ, STARTS_ENV: str(self.starts_path)})
         log.close()
-        wait_for(self._up, 30, "corral serve answering /health")
+        proc = self.proc
+        wait_for(lambda: proc.poll() is not None or self._up(), 30,
+                 "corral serve answering /health")
+        if proc.poll() is not None:
+            raise AssertionError(f"corral serve exited with {proc.returncode}:\n"
+                                 + self.log()[-3000:])
         return self
 
     def _up(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"corral serve exited with {self.proc.returncode}:\n"
-                                 + self.log()[-3000:])
         try:
             return self.api.get("/health").status_code == 200
         except httpx.HTTPError:

@@ -58,6 +58,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    "packaged one, else llama-server on PATH)")
     p.add_argument("--config-file", metavar="PATH", help="the catalog and where each model's "
                    "last good config is kept (default: corral's config.toml)")
+    p.add_argument("--config-driver", metavar="JSON",
+                   help='the store as supervise takes it: {"type": "file", "path": ...} or '
+                   '{"type": "etcd", "addr": ..., TLS and auth settings}')
+    p.add_argument("--etcd", metavar="ADDR", help="keep the catalog in etcd: every config under "
+                   "/corral/configs/ is a model, its serve table the JSON at /corral/serve/NAME; "
+                   "a write to either takes effect at once")
     p.add_argument("--models-dir", type=Path, metavar="DIR",
                    help="serve every DIR/*.gguf too, named after its file stem")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="pid and lock files")
@@ -106,7 +112,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     from corral.errors import CorralError
     from corral.front import FrontSettings
     from corral.serve.app import ServeCommand, serve
-    from corral.store.factory import default_config_path
+    from corral.store.factory import driver_spec
     from corral.supervisor.settings import Settings
 
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
@@ -130,7 +136,7 @@ def run_serve(ns: argparse.Namespace) -> int:
 
         cmd = ServeCommand(
             listen=ns.listen, supervisor_addr=ns.supervisor_addr,
-            config_file=Path(ns.config_file) if ns.config_file else default_config_path(),
+            driver=driver_spec(ns.config_driver, ns.config_file, ns.etcd, None),
             state_dir=ns.state_dir or Path(platformdirs.user_state_dir("corral")),
             binary=ns.binary, models_dir=ns.models_dir, dir_args=list(ns.extra),
             limits=limits, settings=settings,

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,13 @@ from corral.front import FrontSettings
 from corral.sense.estimate import Estimator
 from corral.sense.memory import MemorySource
 from corral.serve.api import create_serve_app
+from corral.serve.catalog import toml_tables
 from corral.serve.edge import Edge
-from corral.serve.models import CatalogSource, Models
+from corral.serve.models import CatalogSource, Models, Tables
 from corral.serve.scheduler import Scheduler
+from corral.store.base import ConfigStore
+from corral.store.etcd import EtcdStore
+from corral.store.factory import DriverSpec
 from corral.store.toml_file import TomlFileStore
 from corral.supervisor.settings import Security, Settings
 
@@ -43,7 +47,7 @@ log = logging.getLogger("corral.serve")
 class ServeCommand:
     listen: str
     supervisor_addr: str
-    config_file: Path
+    driver: DriverSpec  # the catalog: a TOML file, or etcd
     state_dir: Path
     binary: str | None = None
     models_dir: Path | None = None
@@ -99,14 +103,16 @@ async def serve(cmd: ServeCommand) -> int:
     except PreflightFailed as exc:
         raise UsageError(str(exc)) from None
     catalogs = CatalogCache()
-    store = TomlFileStore(cmd.config_file)
+    store, tables = open_catalog(cmd.driver)
     estimator = Estimator()
-    models = Models(CatalogSource(cmd.config_file, cmd.models_dir, binary, cmd.dir_args),
+    models = Models(CatalogSource(tables, store.description, cmd.models_dir, binary,
+                                  cmd.dir_args),
                     store, cmd.settings, cmd.front, cmd.state_dir, catalogs, estimator)
     cmd.state_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(str(cmd.config_file.resolve()).encode()).hexdigest()[:12]
+    key = hashlib.sha1(store.description.encode()).hexdigest()[:12]
     lock = InstanceLock(cmd.state_dir / f"serve-{key}.lock")
     async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.push_async_callback(store.close)
         lock.acquire()
         cleanup.callback(lock.release)
         api_sock = bind_socket(api_host, api_port, "the API")
@@ -126,9 +132,30 @@ async def serve(cmd: ServeCommand) -> int:
         log.info("corral serve: %d model(s) (%s); clients: http://%s; API http://%s:%d; "
                  "limits: %s", len(models.by_id), ", ".join(models.by_id), cmd.listen,
                  api_host, api_port, _describe(limits))
-        await _run(scheduler, models, _uvicorn(edge), edge_sock, _uvicorn(app), api_sock)
+        await _run(scheduler, models, _uvicorn(edge), edge_sock, _uvicorn(app), api_sock,
+                   store if isinstance(store, EtcdStore) else None)
     log.info("corral serve stopped")
     return 0
+
+
+def open_catalog(driver: DriverSpec) -> tuple[ConfigStore, Tables]:
+    """The store every model's config lives in, and how to read its named configs."""
+    if driver.type == "etcd":
+        assert driver.addr is not None
+        etcd = EtcdStore.connect(driver.addr, **driver.etcd_options())
+
+        async def etcd_tables() -> Mapping[str, Mapping[str, object]]:
+            return (await etcd.catalog())[0]
+
+        return etcd, etcd_tables
+    if driver.type != "file" or driver.path is None:
+        raise UsageError("corral serve keeps its catalog in a TOML file or in etcd")
+    path = driver.path
+
+    async def file_tables() -> Mapping[str, Mapping[str, object]]:
+        return await asyncio.to_thread(toml_tables, path)
+
+    return TomlFileStore(path), file_tables
 
 
 def _describe(limits: Limits) -> str:
@@ -138,16 +165,27 @@ def _describe(limits: Limits) -> str:
 
 
 async def _run(scheduler: Scheduler, models: Models, edge: uvicorn.Server, edge_sock: object,
-               api: uvicorn.Server, api_sock: object) -> None:
+               api: uvicorn.Server, api_sock: object, etcd: EtcdStore | None) -> None:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
+    reload_lock = asyncio.Lock()  # one re-read at a time, in order
+
+    async def reload() -> None:
+        async with reload_lock:
+            await models.reload(scheduler.unload)
+        scheduler.poke()
 
     def on_hup() -> None:
-        task = loop.create_task(models.reload(scheduler.unload))
+        task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
-        task.add_done_callback(lambda _: scheduler.poke())
+
+    async def follow_etcd() -> None:  # every write of a config or serve table: re-read
+        assert etcd is not None
+        async for _ in etcd.catalog_changes():
+            if not reload_lock.locked():  # one queued re-read covers every write so far
+                on_hup()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
@@ -158,6 +196,7 @@ async def _run(scheduler: Scheduler, models: Models, edge: uvicorn.Server, edge_
             public = tg.create_task(edge.serve(sockets=[edge_sock]), name="edge")  # type: ignore[list-item]
             manage = tg.create_task(api.serve(sockets=[api_sock]), name="api")  # type: ignore[list-item]
             waiter = tg.create_task(shutdown.wait())
+            follower = tg.create_task(follow_etcd(), name="catalog") if etcd else None
             await asyncio.wait({placing, public, manage, waiter},
                                return_when=asyncio.FIRST_COMPLETED)
             log.info("stopping: draining and unloading every model")
@@ -167,6 +206,8 @@ async def _run(scheduler: Scheduler, models: Models, edge: uvicorn.Server, edge_
             edge.should_exit = True
             api.should_exit = True
             waiter.cancel()
+            if follower is not None:
+                follower.cancel()
             for task in reloads:
                 task.cancel()
     finally:

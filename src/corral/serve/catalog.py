@@ -1,11 +1,11 @@
-"""The models ``corral serve`` offers: the config file's named configs, and ``--models-dir``.
+"""The models ``corral serve`` offers: the store's named configs, and ``--models-dir``.
 
-Every table of the config file with a ``binary`` is a model whose id is the table's name
-(its config is read through the store, as ``supervise`` reads it); a ``[name.serve]`` table
-says how the front door treats it. Every ``*.gguf`` in ``--models-dir`` is a model too,
-named after its file stem, unless a config of that name is stored: its config is the
-binary, ``--model FILE`` and the arguments after ``--``, stored once it has loaded (from then
-on it is a named config like the others).
+Every named config is a model whose id is its name (its config is read through the store,
+as ``supervise`` reads it). How the front door treats it is a ``serve`` table: ``[name.serve]``
+in the TOML file, the JSON at ``/corral/serve/<name>`` in etcd. Every ``*.gguf`` in
+``--models-dir`` is a model too, named after its file stem, unless a config of that name is
+stored: its config is the binary, ``--model FILE`` and the arguments after ``--``, stored
+once it has loaded (from then on it is a named config like the others).
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ class Entry:
     serve: ServeOptions = field(default_factory=ServeOptions)
 
 
-def read_catalog(config_file: Path, models_dir: Path | None, binary: str,
-                 dir_args: list[str], flags: FlagCatalog) -> dict[str, Entry]:
-    """Every model by id (its aliases not included); UsageError for a malformed entry."""
-    tables = _tables(config_file)
+def read_catalog(tables: Mapping[str, Mapping[str, object]], where: str,
+                 models_dir: Path | None, binary: str, dir_args: list[str],
+                 flags: FlagCatalog) -> dict[str, Entry]:
+    """Every model by id (its aliases not included), from the store's named configs
+    (``tables``: name -> its table, of which only ``serve`` is read here) and
+    ``models_dir``; UsageError for a malformed entry."""
     entries: dict[str, Entry] = {}
     for name, table in tables.items():
         entries[name] = Entry(name, None, serve_options(name, table.get("serve", {})))
@@ -44,14 +46,15 @@ def read_catalog(config_file: Path, models_dir: Path | None, binary: str,
             args = (("--model", str(path.resolve())), *common)
             entries[path.stem] = Entry(path.stem, LlamaConfig(binary, tuple(args)))
     if not entries:
-        raise UsageError(f"no models: {config_file} has no named config and "
+        raise UsageError(f"no models: {where} has no named config and "
                          f"{'--models-dir ' + str(models_dir) if models_dir else 'no --models-dir'}"
                          " has no *.gguf")
     _check_ids(entries)
     return entries
 
 
-def _tables(path: Path) -> dict[str, Mapping[str, object]]:
+def toml_tables(path: Path) -> dict[str, Mapping[str, object]]:
+    """The named configs of a TOML config file (tables with a ``binary``)."""
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from corral.child.preflight import CatalogCache, Preflight
 from corral.child.privilege import build_policy
 from corral.core.args import LlamaConfig
 from corral.core.fit import Estimate
-from corral.errors import UsageError
+from corral.errors import StoreError, UsageError
 from corral.front import FrontSettings
 from corral.front.steer import place_on_loopback
 from corral.sense.estimate import Estimator
@@ -40,11 +40,15 @@ CORRAL_PICKS = ("--port", "--host")
 WHY_PINNED = "with corral serve, Corral picks llama-server's port and host itself"
 
 
+Tables = Callable[[], Awaitable[Mapping[str, Mapping[str, object]]]]
+
+
 @dataclass
 class CatalogSource:
-    """Where the catalog comes from (re-read on SIGHUP)."""
+    """Where the catalog comes from (re-read on SIGHUP, and on etcd writes)."""
 
-    config_file: Path
+    tables: Tables  # the store's named configs: name -> its table (``serve`` is read)
+    where: str  # the store, for messages
     models_dir: Path | None
     binary: str
     dir_args: list[str] = field(default_factory=list)
@@ -70,8 +74,9 @@ class Models:
     async def read(self) -> tuple[list[str], list[str]]:
         """(Re-)read the catalog: (ids added, ids removed). UsageError if it is malformed."""
         flags = await self.catalogs.get(self.source.binary)
-        entries = read_catalog(self.source.config_file, self.source.models_dir,
-                               self.source.binary, self.source.dir_args, flags)
+        entries = read_catalog(await self.source.tables(), self.source.where,
+                               self.source.models_dir, self.source.binary,
+                               self.source.dir_args, flags)
         added = [i for i in entries if i not in self.by_id]
         removed = [i for i in self.by_id if i not in entries]
         self.entries = entries
@@ -136,8 +141,8 @@ class Models:
         whose stored config changed is restarted with it (the others are left alone)."""
         try:
             added, removed = await self.read()
-        except UsageError as exc:
-            log.error("SIGHUP: the catalog is refused: %s; nothing changed", exc)
+        except (UsageError, StoreError) as exc:
+            log.error("catalog re-read: %s; nothing changed", exc)
             return
         for model_id in removed:
             model = self.by_id.pop(model_id)
@@ -145,9 +150,12 @@ class Models:
             await model.door.close(0.0)
             await asyncio.gather(self._doors.pop(model_id), return_exceptions=True)
         for model in self.by_id.values():
+            if model.refused:  # its config or the limits may have changed: judged again
+                model.refused = None
+                model.door.hold()
             if model.controller is not None and model.id not in added:
                 await reload_from_store(model.controller)
-        log.info("SIGHUP: catalog re-read: %d model(s)%s%s", len(self.by_id),
+        log.info("catalog re-read: %d model(s)%s%s", len(self.by_id),
                  f", added {', '.join(added)}" if added else "",
                  f", removed {', '.join(removed)}" if removed else "")
 

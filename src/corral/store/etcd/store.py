@@ -160,6 +160,50 @@ class EtcdStore:
                 log.warning("ignoring etcd key %s: not a JSON object", kv.key)
         return out
 
+    def serve_key(self, name: str) -> str:
+        """``corral serve``'s options of model ``name`` (aliases, ttl, pin), as JSON."""
+        return f"{self._prefix}/serve/{_escape(name)}"
+
+    async def catalog(self) -> tuple[dict[str, dict[str, Any]], int]:
+        """Every config name with its ``corral serve`` table (``{"serve": {...}}``, or {}),
+        and the revision this was read at (watch from the next one)."""
+        configs = await self._client.range(f"{self._prefix}/configs/", prefix=True)
+        serves = await self._client.range(f"{self._prefix}/serve/", prefix=True)
+        tables: dict[str, dict[str, Any]] = {
+            _unescape(kv.key.rpartition("/")[2]): {} for kv in configs.kvs}
+        for kv in serves.kvs:
+            name = _unescape(kv.key.rpartition("/")[2])
+            try:
+                options = json.loads(kv.value)
+            except ValueError:
+                options = kv.value.decode(errors="replace")  # the catalog names the fault
+            if name in tables:
+                tables[name] = {"serve": options}
+        return tables, min(configs.revision, serves.revision)
+
+    async def catalog_changes(self) -> AsyncIterator[None]:
+        """Once after every write of a config or a serve table (by anyone); rides out
+        outages like :meth:`watch`, and yields once it is back (writes may have been missed)."""
+        delay, missed = _BACKOFF_FIRST, False
+        watched = (f"{self._prefix}/configs/", f"{self._prefix}/serve/")
+        while True:
+            try:
+                _, revision = await self.catalog()
+                delay = _BACKOFF_FIRST
+                if missed:  # writes may have happened while the watch was down
+                    missed = False
+                    yield None
+                changes = self._client.watch(f"{self._prefix}/", revision + 1, prefix=True)
+                async with contextlib.aclosing(changes):
+                    async for event in changes:
+                        if event.kv.key.startswith(watched):
+                            yield None
+            except StoreUnavailable as exc:
+                log.info("catalog watch interrupted (%s); retrying in %.1f s", exc, delay)
+                missed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
     async def close(self) -> None:
         await self._client.aclose()
 
