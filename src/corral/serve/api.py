@@ -11,14 +11,17 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from corral import __version__
+from corral.api.page_routes import HEADERS
 from corral.api.routes import create_app
 from corral.api.security import TokenAuth, Tokens
 from corral.core.placement import Phase
@@ -65,6 +68,15 @@ def create_serve_app(server: ModelServer, tokens: Tokens | None) -> Any:
                                  f"{', '.join(sorted(server.models.by_id))}"}, 404)
         return model
 
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> Response:
+        """The models page (needs no token; it asks for one when the API does)."""
+        return _static("models.html")
+
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def static(name: str) -> Response:
+        return _static(name)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": len(server.models.by_id)}
@@ -96,6 +108,23 @@ def create_serve_app(server: ModelServer, tokens: Tokens | None) -> Any:
 
     routed = _PerModel(app, server, tokens)
     return TokenAuth(routed, tokens) if tokens is not None else routed
+
+
+PAGE_FILES = {"models.html": ("corral.serve", "text/html; charset=utf-8"),
+              "models.js": ("corral.serve", "text/javascript; charset=utf-8"),
+              "style.css": ("corral.api", "text/css; charset=utf-8")}  # the supervise page's
+
+
+@functools.cache
+def _page_file(name: str) -> bytes:
+    package = PAGE_FILES[name][0]
+    return (resources.files(package) / "static" / name).read_bytes()
+
+
+def _static(name: str) -> Response:
+    if name not in PAGE_FILES:
+        return JSONResponse({"error": f"no static file {name!r}"}, 404)
+    return Response(_page_file(name), media_type=PAGE_FILES[name][1], headers=HEADERS)
 
 
 class _PerModel:
