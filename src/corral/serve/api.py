@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -85,22 +85,15 @@ def create_serve_app(server: ModelServer, tokens: Tokens | None) -> Any:
     async def get_status() -> dict[str, Any]:
         return status()
 
-    @app.post("/v1/models/{model_id}/load")
-    async def load(model_id: str) -> JSONResponse:
+    @app.post("/v1/models/{model_id}/{action}")
+    async def load_or_unload(model_id: str, action: Literal["load", "unload"]) -> JSONResponse:
+        """``load``: now (a failed model is tried again); ``unload``: drained first."""
         model = found(model_id)
         if isinstance(model, JSONResponse):
             return model
-        await server.scheduler.load(model)
+        await (server.scheduler.load if action == "load" else server.scheduler.unload)(model)
         return JSONResponse(model_row(model, None, time.monotonic()),
-                            200 if model.phase is not Phase.FAILED else 503)
-
-    @app.post("/v1/models/{model_id}/unload")
-    async def unload(model_id: str) -> JSONResponse:
-        model = found(model_id)
-        if isinstance(model, JSONResponse):
-            return model
-        await server.scheduler.unload(model)
-        return JSONResponse(model_row(model, None, time.monotonic()))
+                            503 if model.phase is Phase.FAILED else 200)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
