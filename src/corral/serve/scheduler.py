@@ -66,6 +66,7 @@ class Scheduler:
         self._clock = clock
         self._wake = asyncio.Event()
         self._ops: dict[str, asyncio.Task[None]] = {}
+        self._op_phase: dict[str, Phase] = {}
         self._needs: dict[str, dict[str, float]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.evictions: Counter[tuple[str, str]] = Counter()  # (model, reason)
@@ -115,8 +116,7 @@ class Scheduler:
             stats = m.door.stats()
             if stats.in_flight or stats.held_now:
                 m.last_used = now
-            phase = Phase.LOADING if m.id in self._ops and m.phase is Phase.UNLOADED \
-                else m.phase
+            phase = self._op_phase.get(m.id, m.phase) if m.id in self._ops else m.phase
             states.append(ModelState(
                 m.id, phase, self.need(m), in_flight=stats.in_flight, held=stats.held_now,
                 oldest_held_s=m.door.timing.longest_wait(),
@@ -134,13 +134,16 @@ class Scheduler:
             if action.id in self._ops:
                 continue
             if isinstance(action, Load):
-                self._spawn(action.id, self._load(self.models[action.id]))
+                self._spawn(action.id, self._load(self.models[action.id]), Phase.LOADING)
             elif isinstance(action, Evict):
-                self._spawn(action.id, self._unload(self.models[action.id], action.reason))
+                self._spawn(action.id, self._unload(self.models[action.id], action.reason),
+                            Phase.UNLOADING)
             elif isinstance(action, Refuse):
                 self._refuse(self.models[action.id], action.why)
 
-    def _spawn(self, model_id: str, work: Awaitable[None]) -> None:
+    def _spawn(self, model_id: str, work: Awaitable[None], phase: Phase) -> None:
+        """Run ``work`` as ``model_id``'s one operation; until it ends the model counts as
+        ``phase`` (LOADING: it will hold memory; UNLOADING: it still does)."""
         async def run() -> None:
             try:
                 await work
@@ -148,7 +151,10 @@ class Scheduler:
                 log.exception("model %s: load or unload failed", model_id)
             finally:
                 self._ops.pop(model_id, None)
+                self._op_phase.pop(model_id, None)
                 self.poke()
+
+        self._op_phase[model_id] = phase
 
         self._ops[model_id] = asyncio.get_running_loop().create_task(run(),
                                                                      name=f"op {model_id}")
@@ -205,7 +211,7 @@ class Scheduler:
             if fatal:
                 await self._restart(model)
 
-        self._spawn(victim.id, evict_then_retry())
+        self._spawn(victim.id, evict_then_retry(), Phase.UNLOADING)
 
     async def _unload(self, model: ServedModel, reason: Reason) -> None:
         stats = model.door.stats()
@@ -234,13 +240,13 @@ class Scheduler:
         await model.stop(self.drain_timeout_s)  # a FATAL one ends before a new one starts
         model.refused = None
         model.door.hold()
-        self._spawn(model.id, self._load(model))
+        self._spawn(model.id, self._load(model), Phase.LOADING)
         await self._wait_op(model)
 
     async def unload(self, model: ServedModel) -> None:
         """``POST /v1/models/{id}/unload``: drain, then stop."""
         await self._wait_op(model)
-        self._spawn(model.id, self._unload(model, Reason.ADMIN))
+        self._spawn(model.id, self._unload(model, Reason.ADMIN), Phase.UNLOADING)
         await self._wait_op(model)
 
     async def _wait_op(self, model: ServedModel) -> None:
