@@ -26,6 +26,7 @@ from bench import (
     footprint,
     front_applies,
     front_door,
+    models,
     profile_respawn,
     respawn,
 )
@@ -66,6 +67,9 @@ def main() -> int:
          front_applies.rows),
         ("balance", "9. a fleet as one endpoint: a stop-first rollout through HAProxy, 4 clients",
          lambda: balance.run(), balance.rows),
+        ("models", f"10. many models: corral serve vs llama.cpp's router, room for one "
+         f"({20 if ns.quick else 60} s each)",
+         lambda: models.run(seconds=20.0 if ns.quick else 60.0), models.rows),
     ]
     failed = []
     for key, _, fn, _ in sections:
