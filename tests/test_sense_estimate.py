@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.core.args import LlamaConfig
-from corral.core.fit import GIB, Room, verdict
+from corral.child.launcher import asked_context
+from corral.core.args import LlamaConfig, parse_argv, parse_help
+from corral.core.fit import GIB, MEMORY_FLAGS, Room, memory_value, verdict
 from corral.sense.estimate import Estimator, memory_flags, parse_fit_output
 from corral.sense.gguf_meta import read_meta
 from tests.sense_helpers import fake_fit_params, tiny_gemma
@@ -35,6 +36,37 @@ def test_only_flags_that_bear_on_memory_are_passed() -> None:
     config = LlamaConfig("x", (("--model", "m"), ("--port", "8080"), ("-c", "4096"),
                                ("--parallel", "4"), ("--metrics", True), ("--swa-full", True)))
     assert memory_flags(config) == {"--ctx-size": "4096", "--parallel": "4", "--swa-full": ""}
+
+
+def test_memory_flags_are_spelled_as_llama_server_help_spells_them() -> None:
+    """Every spelling Corral knows for a memory flag means the same flag (and takes a value
+    or not) in the real llama-server --help."""
+    real = parse_help((Path(__file__).parent / "data" / "llama-server-help.txt").read_text())
+    for spelling, flag in MEMORY_FLAGS.flags.items():
+        known = real.lookup(spelling)
+        assert known is not None, spelling
+        assert (known.canonical, known.takes_value) == (flag.canonical, flag.takes_value)
+
+
+async def test_a_config_read_without_a_catalog_keeps_short_spellings_and_its_estimate(
+        tmp_path: Path) -> None:
+    """Without a readable --help a config keeps -c, -np, -ngl as given; its estimate (by
+    llama-fit-params and by the metadata), the context the launcher holds a start to and
+    the layers it asked are those of the long spellings."""
+    model = tiny_gemma(tmp_path / "m.gguf")
+    short = cfg(model, *parse_argv(["-c", "4096", "-np", "2", "-ngl", "0", "-nkvo"], None))
+    long = cfg(model, ("--ctx-size", "4096"), ("--parallel", "2"), ("--gpu-layers", "0"),
+               ("--no-kv-offload", True))
+    assert short.get("-c") == "4096" and short.get("--ctx-size") is None
+    assert memory_flags(short) == memory_flags(long) == {
+        "--ctx-size": "4096", "--parallel": "2", "--gpu-layers": "0", "--no-kv-offload": ""}
+    by_fit = await Estimator(str(fake_fit_params(tmp_path))).estimate(short)
+    assert by_fit is not None and by_fit.host().context_mib == 12  # 4096 tokens, not 32768
+    assert by_fit == await Estimator(str(fake_fit_params(tmp_path))).estimate(long)
+    by_meta = Estimator(fit_params="").estimate_now(short)
+    assert by_meta is not None and by_meta == Estimator(fit_params="").estimate_now(long)
+    assert asked_context(short) == asked_context(long) == 4096
+    assert memory_value(short, "--gpu-layers") == memory_value(long, "--gpu-layers") == "0"
 
 
 async def test_estimates_are_cached_per_model_identity_and_flags(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from corral.child.privilege import realpath
 from corral.child.process import Child, Identity, spawn
 from corral.child.ready import probe_health, wait_ready
 from corral.core.args import LlamaConfig, host_of, port_of
-from corral.core.fit import fewer_layers_than_asked, smaller_than_asked
+from corral.core.fit import fewer_layers_than_asked, memory_value, smaller_than_asked
 from corral.errors import NotAllowed, StartFailed
 from corral.observe.events import LineBus
 from corral.supervisor.seams import Server
@@ -36,7 +36,7 @@ def health_url(config: LlamaConfig, path: str = "/health") -> str:
 
 
 def asked_context(config: LlamaConfig) -> int | None:
-    value = config.get("--ctx-size") or config.get("-c")
+    value = memory_value(config, "--ctx-size")
     return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
@@ -90,7 +90,7 @@ class ProcessLauncher:
     async def check_not_degraded(self, server: Server) -> None:
         """StartFailed if it came up with less context than ``-c`` asked, or fewer GPU
         layers than ``-ngl`` asked."""
-        ngl = server.config.get("--gpu-layers") or server.config.get("-ngl")
+        ngl = memory_value(server.config, "--gpu-layers")
         why = fewer_layers_than_asked(ngl, server.output.tail(400))
         why = why or await self._smaller_context(server)
         if why is None:

@@ -29,6 +29,7 @@ from corral.core.fit import (
     GpuRoom,
     Room,
     gpu_layers_wanted,
+    memory_value,
     verdict,
 )
 from corral.core.privilege import Judge, files_of
@@ -202,12 +203,12 @@ class Preflight:
         without a GPU."""
         out = []
         meta = self.estimator.meta(config)
-        ctx = config.get("--ctx-size") or config.get("-c")
+        ctx = memory_value(config, "--ctx-size")
         trained = meta.trained_context if meta else None
         if isinstance(ctx, str) and ctx.isdigit() and trained and int(ctx) > trained:
             out.append(f"-c {ctx} exceeds the model's trained context ({trained}): "
                        "quality may suffer past it")
-        layers = config.get("--gpu-layers") or config.get("-ngl")
+        layers = memory_value(config, "--gpu-layers")
         if layers is not None and gpu_layers_wanted(layers) and not self.gpu_rooms():
             out.append(f"--gpu-layers {layers} asked, but no GPU was found (nvidia-smi): "
                        "everything runs on the CPU")

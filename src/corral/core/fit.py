@@ -23,15 +23,44 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from corral.core.args import ArgValue, FlagCatalog, LlamaConfig, parse_help
 from corral.core.steps import Strategy
 
 MIB = 1 << 20
 GIB = 1 << 30
 DEFAULT_MARGIN = 0.10
 HOST = "Host"
+
+# The flags that bear on memory, as llama-server's --help spells them (each checked against
+# llama-fit-params). A config read with its binary's flag catalog has them under these
+# canonical names already; one read without (no readable --help) keeps the spellings it
+# was given, so ``-c`` is looked up here too.
+MEMORY_FLAGS: FlagCatalog = parse_help("""\
+-c,    --ctx-size N
+-np,   --parallel N
+-ctk,  --cache-type-k TYPE
+-ctv,  --cache-type-v TYPE
+-fa,   --flash-attn [on|off|auto]
+-b,    --batch-size N
+-ub,   --ubatch-size N
+-ngl,  --gpu-layers, --n-gpu-layers N
+--swa-full
+--kv-offload, -nkvo, --no-kv-offload
+-sm,   --split-mode {none,layer,row,tensor}
+-ts,   --tensor-split N0,N1,N2,...
+-mg,   --main-gpu INDEX
+-ot,   --override-tensor <tensor name pattern>=<buffer type>,...
+-cmoe, --cpu-moe
+-ncmoe, --n-cpu-moe N
+-dev,  --device <dev1,dev2,..>
+--fit [on|off]
+--fit-target MiB0,MiB1,MiB2,...
+--fit-ctx N
+--lora FNAME
+""")
 
 
 class SwapMode(enum.StrEnum):
@@ -156,6 +185,23 @@ def _device_line(need: DeviceNeed, free: int | None, margin: float, where: str,
 def _gib(mib: float) -> str:
     gib = mib / 1024
     return f"{gib:.0f}" if gib >= 10 else f"{gib:.1f}"
+
+
+def memory_flags(config: LlamaConfig) -> dict[str, str]:
+    """The flags of ``config`` that bear on memory, under canonical names."""
+    return {name: "" if value is True else str(value) for name, value in _memory_args(config)}
+
+
+def memory_value(config: LlamaConfig, canonical: str) -> ArgValue | None:
+    """The value of the memory flag ``canonical`` under any of its spellings (the last one
+    given wins, as in llama-server)."""
+    return dict(_memory_args(config)).get(canonical)
+
+
+def _memory_args(config: LlamaConfig) -> Iterator[tuple[str, ArgValue]]:
+    for key, value in config.args:
+        if (flag := MEMORY_FLAGS.lookup(key)) is not None:
+            yield flag.canonical, value
 
 
 def gpu_layers_wanted(value: object) -> bool:

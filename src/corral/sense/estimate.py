@@ -6,9 +6,10 @@ Theory of operation
 device, ``Host 222 98319 32787`` (MiB of model, context, compute). It takes 0.7-3 s, so
 results are cached per (binary, model file identity (device, inode, size, mtime), the flags
 that bear on memory). It refuses server-only flags (``--port``, ``--metrics``, even
-``--kv-unified``), so only :data:`MEMORY_FLAGS` are passed. Where it is missing or fails,
-the GGUF metadata gives the estimate (:mod:`corral.sense.gguf_meta`); where that fails too
-(a truncated or fake GGUF), there is no estimate: the caller logs it and lets the start
+``--kv-unified``), so only :data:`~corral.core.fit.MEMORY_FLAGS` are passed (under their
+canonical names, whatever spelling a config kept). Where it is missing or fails, the GGUF
+metadata gives the estimate (:mod:`corral.sense.gguf_meta`); where that fails too (a
+truncated or fake GGUF), there is no estimate: the caller logs it and lets the start
 decide. The log says which method was used.
 """
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from corral.core.args import LlamaConfig
-from corral.core.fit import DeviceNeed, Estimate
+from corral.core.fit import DeviceNeed, Estimate, memory_flags
 
 if TYPE_CHECKING:
     # The fallback pulls in the gguf package, and with it numpy (~15 MiB): imported only
@@ -35,43 +36,10 @@ log = logging.getLogger("corral.sense")
 
 FIT_PARAMS = "llama-fit-params"
 METHOD = "llama-fit-params"
-# Canonical keys (llama-server's first long spelling) and the short ones, for configs
-# read without a flag catalog. Checked one by one against llama-fit-params.
-MEMORY_FLAGS: dict[str, str] = {
-    "--ctx-size": "--ctx-size", "-c": "--ctx-size",
-    "--parallel": "--parallel", "-np": "--parallel",
-    "--cache-type-k": "--cache-type-k", "-ctk": "--cache-type-k",
-    "--cache-type-v": "--cache-type-v", "-ctv": "--cache-type-v",
-    "--flash-attn": "--flash-attn", "-fa": "--flash-attn",
-    "--batch-size": "--batch-size", "-b": "--batch-size",
-    "--ubatch-size": "--ubatch-size", "-ub": "--ubatch-size",
-    "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers", "-ngl": "--gpu-layers",
-    "--swa-full": "--swa-full",
-    "--kv-offload": "--kv-offload", "--no-kv-offload": "--no-kv-offload",
-    "-nkvo": "--no-kv-offload",
-    "--split-mode": "--split-mode", "-sm": "--split-mode",
-    "--tensor-split": "--tensor-split", "-ts": "--tensor-split",
-    "--main-gpu": "--main-gpu", "-mg": "--main-gpu",
-    "--override-tensor": "--override-tensor", "-ot": "--override-tensor",
-    "--cpu-moe": "--cpu-moe", "-cmoe": "--cpu-moe",
-    "--n-cpu-moe": "--n-cpu-moe", "-ncmoe": "--n-cpu-moe",
-    "--device": "--device", "-dev": "--device",
-    "--fit": "--fit", "--fit-target": "--fit-target", "--fit-ctx": "--fit-ctx",
-    "--lora": "--lora",
-}
 _LINE = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$")
 
 Key = tuple[str, tuple[int, int, int, int], tuple[tuple[str, str], ...]]
 Wrap = Callable[[list[str]], list[str]]  # a command line -> how to run it (--user: as whom)
-
-
-def memory_flags(config: LlamaConfig) -> dict[str, str]:
-    """The flags of ``config`` that bear on memory, under canonical names."""
-    out: dict[str, str] = {}
-    for key, value in config.args:
-        if key in MEMORY_FLAGS:
-            out[MEMORY_FLAGS[key]] = "" if value is True else str(value)
-    return out
 
 
 def file_identity(path: str) -> tuple[int, int, int, int]:
