@@ -246,3 +246,24 @@ def test_a_reload_during_a_load_applies_after_it_and_loses_nothing(tmp_path: Pat
         props = s.client.get("/upstream/alpha/props").json()
         assert props["model_path"].endswith("alpha.gguf")
         assert s.complete("alpha").status_code == 200
+
+
+def test_a_client_that_hangs_up_frees_the_model_at_once(tmp_path: Path) -> None:
+    """A 200-event stream (10 s) whose client leaves after two events: the request is no
+    longer in flight within a second or two (llama-server's slot is freed), not 10 s on."""
+    config = catalog(tmp_path, ("alpha", {}, ""))
+    with serving(tmp_path, FAKE, config=config) as s:
+        assert s.complete("alpha").status_code == 200
+        with httpx.Client(base_url=str(s.client.base_url), timeout=30) as c, c.stream(
+                "POST", "/completion",
+                json={"model": "alpha", "stream": True, "n_predict": 200}) as r:
+            got: list[str] = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got.append(line)
+                if len(got) == 2:
+                    assert s.model("alpha")["in_flight"] == 1  # still generating
+                    break  # leaving the iteration closes the connection: the client left
+        left = time.monotonic()
+        wait_for(lambda: s.model("alpha")["in_flight"] == 0, 5, "the request let go")
+        assert time.monotonic() - left < 5

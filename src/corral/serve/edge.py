@@ -11,9 +11,10 @@ unknown model is a 404 in the OpenAI error format that lists the ids.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -28,6 +29,8 @@ Send = Callable[[dict[str, Any]], Any]
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+# A response keeps its length (the raw bytes are passed on as they came).
+RESPONSE_HOP_BY_HOP = HOP_BY_HOP - {b"content-length"}
 MAX_BODY = 64 * 1024 * 1024  # an audio upload fits; a runaway client does not
 
 
@@ -99,7 +102,7 @@ class Edge:
             return await _answer(send, *self._unknown(name))
         if model.phase is not Phase.LOADED:
             self.poke()  # the door holds it; the scheduler loads the model
-        await self._forward(model, scope, path, body, send)
+        await _until_disconnect(self._forward(model, scope, path, body, send), receive)
 
     def _unknown(self, name: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         ids = ", ".join(sorted(self.models))
@@ -125,7 +128,7 @@ class Edge:
         try:
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": [(k, v) for k, v in response.headers.raw
-                                    if k.lower() not in HOP_BY_HOP]})
+                                    if k.lower() not in RESPONSE_HOP_BY_HOP]})
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -134,6 +137,26 @@ class Edge:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _until_disconnect(forward: Awaitable[None], receive: Receive) -> None:
+    """Run ``forward`` unless the client hangs up first: then it is cancelled, which
+    closes the connection to the model's door, which aborts llama-server's request (its
+    slot is freed instead of generating for nobody)."""
+    async def hung_up() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(forward)
+    watch = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.done() and not work.cancelled():
+        work.result()  # its exception, if it failed
 
 
 async def _read_body(receive: Receive) -> bytes | None:
