@@ -8,6 +8,7 @@ the admin socket here, independently of Corral's client) and requests sent throu
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -239,7 +240,8 @@ class Clients:
             return bool(http.post("/completion", json=body).status_code == 200)
         with http.stream("POST", "/completion", json=body) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
-            return bool(r.status_code == 200 and events and '"stop": true' in events[-1])
+            return bool(r.status_code == 200 and events
+                        and json.loads(events[-1][len("data: "):]).get("stop") is True)
 
     def between(self, t0: float, t1: float) -> list[Sent]:
         """Requests that were in flight at some time between ``t0`` and ``t1``."""
