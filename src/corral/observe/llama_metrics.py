@@ -22,13 +22,15 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from corral.core.args import LlamaConfig, host_of, port_of
+from corral.core.args import host_of, port_of
 
 if TYPE_CHECKING:
     import httpx
     from prometheus_client.metrics_core import Metric
+
+    from corral.supervisor.seams import RunningServer
 
 __all__ = ["Carry", "LlamaExport", "LlamaScrape", "carry_forward", "metrics_enabled",
            "model_of"]
@@ -36,19 +38,6 @@ __all__ = ["Carry", "LlamaExport", "LlamaScrape", "carry_forward", "metrics_enab
 log = logging.getLogger("corral.observe")
 
 SCRAPE_TIMEOUT_S = 0.5
-
-
-class ScrapedServer(Protocol):
-    """The llama-server whose metrics are read: where it listens, and which one it is."""
-
-    @property
-    def config(self) -> LlamaConfig: ...
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def generation(self) -> int: ...
 
 
 class LlamaScrape:
@@ -59,7 +48,7 @@ class LlamaScrape:
         self.export = LlamaExport()
         self._http: httpx.AsyncClient | None = None
 
-    async def refresh(self, active: ScrapedServer | None) -> None:
+    async def refresh(self, active: RunningServer | None) -> None:
         """Fetch ``active``'s ``/metrics`` when its config has ``--metrics``."""
         if active is None:  # between servers: the counters stay, at their last values
             self.export.no_scrape(self.export.model)

@@ -42,8 +42,8 @@ class Output(Protocol):
     def tail(self, n: int = 20) -> list[str]: ...
 
 
-class Server(Protocol):
-    """One started llama-server, as the controller sees it."""
+class RunningServer(Protocol):
+    """Which llama-server it is and what it runs: all a reader outside needs (metrics)."""
 
     @property
     def config(self) -> LlamaConfig: ...
@@ -53,6 +53,10 @@ class Server(Protocol):
 
     @property
     def generation(self) -> int: ...
+
+
+class Server(RunningServer, Protocol):
+    """One started llama-server, as the controller sees it."""
 
     @property
     def output(self) -> Output: ...
