@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, TypeVar
 
 from corral.errors import InvalidArgs
 
@@ -29,6 +29,7 @@ ChangeValue: TypeAlias = str | int | float | bool | None
 """What a client may send for a flag: ``False``/``None`` removes it."""
 
 BINARY_KEY = "binary"
+_V = TypeVar("_V")
 
 _ENV_NOTE = re.compile(r"\(env: ([A-Z][A-Z0-9_]*)\)")
 _SPELLING = re.compile(r"(--?[A-Za-z0-9][A-Za-z0-9_\-.]*)(?:,\s*|\s+|$)")
@@ -251,19 +252,21 @@ def merge_changes(changes: Iterable[Change]) -> Change:
 
 def apply_change(config: LlamaConfig, change: Change) -> LlamaConfig:
     """``config ⊕ change``: existing keys keep their place, new keys go last."""
-    args = {} if change.replace else dict(config.args)
-    for key, value in change.args:
+    old = LlamaConfig(config.binary) if change.replace else config
+    return LlamaConfig(change.binary or config.binary, _overlay(old.args, change.args),
+                       _overlay(old.env, change.env))
+
+
+def _overlay(base: Iterable[tuple[str, _V]], changes: Iterable[tuple[str, _V | None]]
+             ) -> tuple[tuple[str, _V], ...]:
+    """``base`` with ``changes`` on top: ``None`` removes a key, a kept key keeps its place."""
+    out = dict(base)
+    for key, value in changes:
         if value is None:
-            args.pop(key, None)
+            out.pop(key, None)
         else:
-            args[key] = value
-    env = {} if change.replace else dict(config.env)
-    for name, text in change.env:
-        if text is None:
-            env.pop(name, None)
-        else:
-            env[name] = text
-    return LlamaConfig(change.binary or config.binary, tuple(args.items()), tuple(env.items()))
+            out[key] = value
+    return tuple(out.items())
 
 
 def parse_env(raw: Mapping[str, str | None]) -> tuple[tuple[str, str | None], ...]:
