@@ -148,14 +148,16 @@ def haproxy(tmp: Path, static: list[str] | None = None) -> Iterator[HAProxy]:
 
 
 @contextlib.contextmanager
-def balancer(tmp: Path, etcd: EtcdServer, h: HAProxy, name: str = "fleet",
+def balancer(tmp: Path, etcd: EtcdServer | str, h: HAProxy, name: str = "fleet",
              extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``corral balance`` for fleet ``name`` into ``h``'s backend; stopped afterwards."""
+    """``corral balance`` for fleet ``name`` into ``h``'s backend (``etcd``: a server or
+    an address); stopped afterwards."""
+    addr = etcd if isinstance(etcd, str) else etcd.addr
     log = tmp / f"balance-{free_port()}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [*death_signal_prefix(), sys.executable, "-m", "corral", "balance", "--etcd",
-             etcd.addr, "--name", name, "--haproxy-socket", h.socket, "--backend", h.backend,
+             addr, "--name", name, "--haproxy-socket", h.socket, "--backend", h.backend,
              "--server-options", CHECK,
              *(extra or [])],
             stdout=out, stderr=subprocess.STDOUT)
