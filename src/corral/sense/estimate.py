@@ -47,6 +47,17 @@ def file_identity(path: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def model_file(config: LlamaConfig) -> tuple[str, tuple[int, int, int, int]] | None:
+    """The model's path and file identity; None without ``--model`` or a file to stat."""
+    model = config.get("--model")
+    if not isinstance(model, str):
+        return None
+    try:
+        return model, file_identity(model)
+    except OSError:
+        return None
+
+
 def parse_fit_output(text: str) -> Estimate | None:
     devices = [DeviceNeed(m[1], float(m[2]), float(m[3]), float(m[4]))
                for line in text.splitlines() if (m := _LINE.match(line.strip()))]
@@ -67,14 +78,10 @@ class Estimator:
     _lock: asyncio.Lock | None = None
 
     def key(self, config: LlamaConfig) -> Key | None:
-        model = config.get("--model")
-        if not isinstance(model, str):
+        found = model_file(config)
+        if found is None:
             return None
-        try:
-            identity = file_identity(model)
-        except OSError:
-            return None
-        return config.binary, identity, tuple(sorted(memory_flags(config).items()))
+        return config.binary, found[1], tuple(sorted(memory_flags(config).items()))
 
     def cached(self, config: LlamaConfig) -> Estimate | None:
         """The estimate if it was made already (cheap: for the status page)."""
@@ -131,13 +138,10 @@ class Estimator:
 
     def meta(self, config: LlamaConfig) -> gguf_meta.GgufMeta | None:
         """The model's GGUF metadata (cached per file identity), or None."""
-        model = config.get("--model")
-        if not isinstance(model, str):
+        found = model_file(config)
+        if found is None:
             return None
-        try:
-            identity = file_identity(model)
-        except OSError:
-            return None
+        model, identity = found
         if identity not in self._meta:
             from corral.sense import gguf_meta
 
