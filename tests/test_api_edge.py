@@ -79,3 +79,16 @@ async def test_a_head_over_the_limit_gets_431_and_a_normal_request_200() -> None
         assert got.startswith(b"HTTP/1.1 431 "), got[:80]
         got, _ = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert got.startswith(b"HTTP/1.1 200 "), got
+
+
+@pytest.mark.parametrize("size", [70_000, 100_000])
+async def test_a_head_just_over_the_limit_in_one_read_gets_431(size: int) -> None:
+    """A head a little over 64 KiB arrives in one or two reads, whole before any read is
+    counted: measured as it is parsed, it still gets 431 (it got through before), and a
+    body behind it goes nowhere."""
+    async with api(30.0, 5.0) as port:
+        big = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nX-Big: " + b"a" * size
+               + b"\r\n\r\nabcd")
+        got, _ = await exchange(port, big)
+        assert got.startswith(b"HTTP/1.1 431 "), got[:80]
+        assert got.count(b"HTTP/1.1") == 1, got

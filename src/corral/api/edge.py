@@ -48,11 +48,30 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
             if self._answered:
                 return
             super().data_received(data)
-            if self._head_bytes >= 0:
-                self._head_bytes += len(data)
-                if self._head_bytes > max_head_bytes:
-                    self._answer(431, f"the request head is larger than {max_head_bytes} "
-                                 "bytes")
+            if self._head_bytes > max_head_bytes:
+                self._too_large()
+
+        # The head is measured as the parser reads it (a whole head can arrive in one
+        # read, so counting reads would let it through); past the limit the request is
+        # answered 431 before it reaches the application.
+        def on_url(self, url: bytes) -> None:
+            self._head_bytes += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head_bytes += len(name) + len(value) + 4
+            super().on_header(name, value)
+
+        def on_body(self, body: bytes) -> None:
+            if not self._answered:  # answered at the head: its body goes nowhere
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._answered:
+                super().on_message_complete()
+
+        def _too_large(self) -> None:
+            self._answer(431, f"the request head is larger than {max_head_bytes} bytes")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -63,7 +82,11 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
                                                         f"whole within {header_timeout_s:g} s")
 
         def on_headers_complete(self) -> None:
+            too_large = self._head_bytes > max_head_bytes
             self._stop_head()
+            if too_large:
+                self._too_large()
+                return
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -80,8 +103,8 @@ def guarded_protocol(header_timeout_s: float, max_head_bytes: int) -> type[async
             self._stop_head()
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a response in progress (pipelining) is not cut into
+            self._answered = True  # whatever else arrives, uvicorn answers nothing more
             if not self.transport.is_closing():
-                self._answered = True
                 self.transport.write(error_response(status, message, close=True))
                 close_gently(self.transport)
 

@@ -127,5 +127,9 @@ def close_gently(transport: asyncio.Transport) -> None:
     if not transport.can_write_eof():
         transport.close()
         return
-    transport.write_eof()
+    try:
+        transport.write_eof()
+    except OSError:  # the peer is gone already (reset): nothing to linger for
+        transport.abort()
+        return
     asyncio.get_running_loop().call_later(LINGER_S, transport.abort)

@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from corral.api.edge import uvicorn_limits
 from corral.api.transport import check_api_exposure, tokens_from
 from corral.child.locate import default_binary
 from corral.child.pidfile import InstanceLock
@@ -27,6 +28,7 @@ from corral.child.preflight import CatalogCache, resolve_binary
 from corral.core.placement import HOST, Limits
 from corral.errors import PreflightFailed, UsageError
 from corral.front import FrontSettings
+from corral.front.limits import connection_cap, raise_open_files_limit
 from corral.sense.estimate import Estimator
 from corral.sense.memory import MemorySource
 from corral.serve.api import create_serve_app
@@ -41,6 +43,9 @@ from corral.store.toml_file import TomlFileStore
 from corral.supervisor.settings import Security, Settings
 
 log = logging.getLogger("corral.serve")
+
+# The edge's timeouts, as the front door's defaults (--idle-timeout, --header-timeout).
+IDLE_TIMEOUT_S, HEADER_TIMEOUT_S = 60.0, 10.0
 
 
 @dataclass(frozen=True)
@@ -86,14 +91,19 @@ class _Quiet(uvicorn.Server):
         yield
 
 
-def _uvicorn(app: Any) -> _Quiet:
+def _uvicorn(app: Any, max_connections: int | None = None) -> _Quiet:
+    """uvicorn with the front door's edge rules (idle and head timeouts, 431, a cap)."""
+    limits = uvicorn_limits(IDLE_TIMEOUT_S, HEADER_TIMEOUT_S)
+    if max_connections is not None:
+        limits["limit_concurrency"] = max_connections
     return _Quiet(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                 http="httptools", timeout_keep_alive=60))
+                                 **limits))
 
 
 async def serve(cmd: ServeCommand) -> int:
     from corral.app import bind_socket, parse_addr  # the sockets as `supervise` binds them
 
+    raise_open_files_limit()  # systemd's soft 1024 would cap the edge's connections
     api_host, api_port = parse_addr(cmd.supervisor_addr)
     listen_host, listen_port = parse_addr(cmd.listen, "--listen")
     tokens = tokens_from(cmd.api_token, cmd.security)
@@ -132,7 +142,8 @@ async def serve(cmd: ServeCommand) -> int:
         log.info("corral serve: %d model(s) (%s); clients: http://%s; API http://%s:%d; "
                  "limits: %s", len(models.by_id), ", ".join(models.by_id), cmd.listen,
                  api_host, api_port, _describe(limits))
-        await _run(scheduler, models, _uvicorn(edge), edge_sock, _uvicorn(app), api_sock,
+        edge_server = _uvicorn(edge, connection_cap(None))
+        await _run(scheduler, models, edge_server, edge_sock, _uvicorn(app), api_sock,
                    store if isinstance(store, EtcdStore) else None)
     log.info("corral serve stopped")
     return 0
