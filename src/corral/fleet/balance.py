@@ -41,7 +41,7 @@ from corral.core.balance import (
 from corral.defaults import instance_id
 from corral.errors import StoreUnavailable
 from corral.fleet.drain import DrainKeys
-from corral.fleet.haproxy import HAProxyError, RuntimeAPI
+from corral.fleet.haproxy import HAProxyError, HAProxyUnreachable, Runtime
 from corral.fleet.keys import FleetKeys
 from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.registration import Registration
@@ -63,7 +63,7 @@ class BalanceSettings:
 
 
 class Balancer:
-    def __init__(self, etcd: EtcdStore, name: str, haproxy: RuntimeAPI,
+    def __init__(self, etcd: EtcdStore, name: str, haproxy: Runtime,
                  settings: BalanceSettings, me: str | None = None) -> None:
         self.client = etcd.client
         self.keys = FleetKeys.of(etcd, name)
@@ -215,18 +215,14 @@ class Balancer:
             try:
                 await self.haproxy.run(command)
                 log.info("haproxy: %s", command)
+            except HAProxyUnreachable:
+                raise
             except HAProxyError as exc:
-                if not self.haproxy_reachable(exc):
-                    raise
                 log.info("haproxy refused (planned again next round): %s", exc)
                 failed = True
         await self.acknowledge(p.drained)
         waiting = set(self.drains.requests(self.kvs)) - p.drained
         return not (failed or p.retiring or p.commands or (waiting & set(members)))
-
-    @staticmethod
-    def haproxy_reachable(exc: HAProxyError) -> bool:
-        return "admin socket" not in str(exc)
 
     async def acknowledge(self, drained: frozenset[str]) -> None:
         """Say "drained" for each request whose server carries nothing; take back the

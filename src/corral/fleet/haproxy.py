@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 from corral.core.balance import Server, parse_servers_state, parse_sessions
 from corral.errors import CorralError
 
-__all__ = ["HAProxyError", "RuntimeAPI"]
+__all__ = ["HAProxyError", "HAProxyUnreachable", "Runtime", "RuntimeAPI", "sample_config"]
 
 log = logging.getLogger("corral.balance")
 
@@ -25,6 +26,20 @@ _REFUSALS = ("No such", "Unknown", "cannot", "Cannot", "Only servers", "not foun
 
 class HAProxyError(CorralError):
     """The admin socket could not be reached, or a command was refused."""
+
+
+class HAProxyUnreachable(HAProxyError):
+    """The admin socket did not answer (HAProxy down or restarting)."""
+
+
+class Runtime(Protocol):
+    """What the balancer asks of HAProxy (:class:`RuntimeAPI`, or a fake in tests)."""
+
+    socket_path: str
+
+    async def run(self, command: str) -> None: ...
+
+    async def servers(self, backend: str) -> list[Server]: ...
 
 
 class RuntimeAPI:
@@ -44,7 +59,7 @@ class RuntimeAPI:
                 finally:
                     writer.close()
         except (OSError, TimeoutError) as exc:
-            raise HAProxyError(f"HAProxy's admin socket {self.socket_path}: "
+            raise HAProxyUnreachable(f"HAProxy's admin socket {self.socket_path}: "
                                f"{exc or type(exc).__name__}") from exc
         return answer.decode(errors="replace")
 
