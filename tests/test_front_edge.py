@@ -108,6 +108,19 @@ async def test_a_head_over_the_limit_gets_431() -> None:
         assert b" 200 " in await raw(d.port, ok, until_bytes=b"}")
 
 
+async def test_a_head_just_over_the_limit_in_one_read_gets_431() -> None:
+    """A head a little over the limit arrives whole in one or two reads (no read is counted
+    while it is unfinished): measured as parsed, it gets 431 and never reaches llama-server."""
+    async with upstreams(echo) as [up], front(FrontSettings(max_head_bytes=65536)) as d:
+        d.door.route_to(up.upstream)
+        for size in (70_000, 100_000):
+            head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+            got = await raw(d.port, head, until_bytes=b"}")
+            assert got.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), \
+                got[:80]
+        assert up.requests == [] and d.door.stats().failed == {"header_too_large": 2}
+
+
 async def test_at_the_cap_a_new_connection_takes_the_longest_idle_ones_place() -> None:
     """max_connections holds; the oldest idle connection makes room, the new one is served."""
     clock = HandClock()

@@ -117,6 +117,8 @@ class ClientConn(asyncio.Protocol):
         self.edge = edge   # None: no limit on heads (their size and time)
         self.in_head = False      # a request's head began and is not whole yet
         self.head_bytes = 0       # bytes read since it began (at most one read too many)
+        self.parsed_head = 0      # its URL and headers as parsed so far
+        self.too_large = False    # a head over the limit was parsed: answered 431
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()   # queue[0] is the one being answered
@@ -138,6 +140,9 @@ class ClientConn(asyncio.Protocol):
         fresh = self.parsing is None
         self._begins = 0
         if not self._feed(data):
+            return
+        if self.too_large and self.edge is not None:
+            self.edge.head_too_large(self)
             return
         if self.in_head and self.edge is not None:
             self.head_bytes += len(data)
@@ -195,18 +200,21 @@ class ClientConn(asyncio.Protocol):
         self.parsing = Exchange(self)
         self.in_head = True
         self.head_bytes = 0
+        self.parsed_head = 0
         if self.edge is not None:
             self.edge.head_began(self)
 
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
         self.parsing.url += url
+        self.parsed_head += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         ex.headers.append((name, value))
         n = len(name)
+        self.parsed_head += n + len(value) + 4
         if n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
             ex.expect_continue = True
         elif n == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
@@ -218,6 +226,11 @@ class ClientConn(asyncio.Protocol):
         self.in_head = False
         if self.edge is not None:
             self.edge.head_ended(self)
+            # A head can arrive whole in one read, before any read is counted: measured as
+            # parsed, an oversized one is never queued (431 once this read is parsed).
+            if self.parsed_head > self.edge.max_head_bytes:
+                self.too_large = True
+                return
         parser = self.parser
         ex.method = parser.get_method()
         ex.version = parser.get_http_version()
