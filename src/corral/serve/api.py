@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -26,9 +27,16 @@ from corral.api.routes import create_app
 from corral.api.security import TokenAuth, Tokens
 from corral.core.placement import Phase
 from corral.serve.model import ServedModel
+from corral.serve.models import Models
+from corral.serve.scheduler import Scheduler
 
-if TYPE_CHECKING:
-    from corral.serve.app import ModelServer
+
+@dataclass
+class ModelServer:
+    """What the API reads: the models and the scheduler."""
+
+    models: Models
+    scheduler: Scheduler
 
 
 def model_row(m: ServedModel, need_mib: float | None, now: float) -> dict[str, Any]:

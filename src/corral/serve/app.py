@@ -31,7 +31,7 @@ from corral.front import FrontSettings
 from corral.front.limits import connection_cap, raise_open_files_limit
 from corral.sense.estimate import Estimator
 from corral.sense.memory import MemorySource
-from corral.serve.api import create_serve_app
+from corral.serve.api import ModelServer, create_serve_app
 from corral.serve.catalog import toml_tables
 from corral.serve.edge import Edge
 from corral.serve.models import CatalogSource, Models, Tables
@@ -62,14 +62,6 @@ class ServeCommand:
     front: FrontSettings = field(default_factory=FrontSettings)
     api_token: str | None = None
     security: Security = field(default_factory=Security)
-
-
-@dataclass
-class ModelServer:
-    """What the API reads: the models and the scheduler."""
-
-    models: Models
-    scheduler: Scheduler
 
 
 def default_limits(limits: Limits, memory: MemorySource) -> Limits:
