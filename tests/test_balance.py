@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,7 +23,7 @@ from corral.fleet.keys import FleetKeys
 from corral.store.etcd import EtcdStore
 from tests.fixtures_etcd import EtcdServer
 from tests.fleet_helpers import etcd_args, fleet_json, instance_of, phase, put_config
-from tests.haproxy_helpers import Clients, balancer, haproxy, p99, registration
+from tests.haproxy_helpers import HAPROXY, Clients, balancer, haproxy, p99, registration
 from tests.harness import FAKE, SupervisorProcess, free_port, make_fake_model, supervisor
 from tests.waiting import wait_for
 
@@ -238,3 +240,19 @@ def test_under_load_a_killed_host_costs_only_its_requests_in_flight_and_a_joiner
     assert all(s.start <= killed for s in failed), [
         (s.what, round(s.start - killed, 3), round(s.end - killed, 3)) for s in failed]
     assert removed < 5 + 3 and served < 10
+
+
+def test_print_config_is_a_configuration_haproxy_accepts(tmp_path: Path) -> None:
+    """``corral balance --print-config`` prints an haproxy.cfg that ``haproxy -c`` accepts,
+    with the backend, its health checks and the admin socket asked for."""
+    sock = tmp_path / "admin.sock"
+    out = subprocess.run([sys.executable, "-m", "corral", "balance", "--print-config",
+                          "--backend", "llm", "--haproxy-socket", str(sock)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "backend llm" in out and "option httpchk GET /health" in out
+    assert f"stats socket {sock} mode 600 level admin" in out
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(out.replace("bind 0.0.0.0:8000", f"bind 127.0.0.1:{free_port()}"))
+    checked = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
