@@ -354,15 +354,15 @@ class RolloutAgent:
         found = self.target()
         assert found is not None and view.target is not None
         target, config = found
-        async with self.apply_lock:
+        async with self.apply_lock, drained(self.client, DrainKeys(self.keys), self.me,
+                                            self._lease(), self,
+                                            self.settings.balancer_drain_timeout):
             if not await self.holds_slot():
-                return _RETRY_S  # our facts were stale: decide again on fresh ones
+                return _RETRY_S  # stale facts (a long drain?): decide again on fresh ones
             wanted = self.store.overrides.apply(config)
-            async with drained(self.client, DrainKeys(self.keys), self.me, self._lease(),
-                               self, self.settings.balancer_drain_timeout):
-                log.info("fleet %r: applying revision %d here", self.keys.name, target.revision)
-                record = self.controller.submit(Change.whole(wanted), source="fleet")
-                await asyncio.shield(record.done)
+            log.info("fleet %r: applying revision %d here", self.keys.name, target.revision)
+            record = self.controller.submit(Change.whole(wanted), source="fleet")
+            await asyncio.shield(record.done)
         await self._after_apply(record, target)
         return 0
 
