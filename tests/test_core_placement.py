@@ -88,11 +88,19 @@ def test_a_model_used_within_the_idle_grace_counts_as_busy() -> None:
 
 
 def test_a_pinned_model_is_never_evicted() -> None:
-    """Pinned: not for memory, not for fairness, not for its ttl."""
+    """Pinned: not for memory, not for fairness, not for its ttl; a model that only fits
+    without it is refused at once, naming it (not left to time out)."""
     pinned = loaded("p", pinned=True, ttl_s=5, idle_s=100)
-    assert plan([pinned, m("a", held=1, oldest_held_s=99)], Limits(max_models=1)) == []
+    for limits in (Limits(max_models=1), Limits({"host": 1500})):
+        actions = plan([pinned, m("a", held=1, oldest_held_s=99)], limits)
+        assert [type(a) for a in actions] == [Refuse], actions
+        assert "beside the pinned model(s) p" in actions[0].why  # type: ignore[union-attr]
     busy_pinned = loaded("p", pinned=True, in_flight=1, idle_s=None)
-    assert plan([busy_pinned, m("a", held=1, oldest_held_s=99)], Limits(max_models=1)) == []
+    assert [type(a) for a in plan([busy_pinned, m("a", held=1, oldest_held_s=99)],
+                                  Limits(max_models=1))] == [Refuse]
+    assert plan([pinned, m("a", held=1)], Limits({"host": 2500})) == [Load("a")]
+    assert plan([pinned, loaded("b"), m("a", held=1)], Limits({"host": 2500})) == \
+        [Evict("b", Reason.MEMORY)]  # the unpinned one goes; the pinned one stays
 
 
 def test_a_model_past_its_ttl_is_unloaded_when_idle() -> None:

@@ -17,7 +17,9 @@ request arrives or ends, a load or an unload finishes, a timer fires). The rules
   ``max_wait_s``; then it is evicted for fairness (the caller holds its new requests for its
   next turn, drains, and stops it). That bounds both the wait (``max_wait_s`` + drain +
   load) and the thrash (one swap per ``max_wait_s`` per contending pair).
-- A model that cannot fit even with every other model gone is refused, with the figures.
+- A model that cannot fit even with every other model gone is refused, with the figures;
+  so is one that cannot fit beside the pinned models (what it holds is answered at once,
+  not after ``--hold-timeout``; it loads again once a pinned model is unloaded).
 - An idle model past its ``ttl_s`` (not 0) is unloaded.
 
 Models being unloaded still hold their memory until their server is gone.
@@ -117,9 +119,13 @@ def plan(models: Sequence[ModelState], limits: Limits) -> list[Action]:
     count = sum(1 for m in models if m.phase in OCCUPYING and m.id not in leaving)
     waiting = sorted((m for m in models if m.phase is Phase.UNLOADED and m.held > 0),
                      key=lambda m: -m.oldest_held_s)
+    pinned = [m for m in models if m.pinned and m.phase in OCCUPYING]
     for want in waiting:
         if not _fits_alone(want.need_mib, limits):
             actions.append(Refuse(want.id, _too_big(want, limits)))
+            continue
+        if pinned and not _fits_beside(pinned, want, limits):
+            actions.append(Refuse(want.id, _pinned_out(pinned, want)))
             continue
         if _fits(used, want.need_mib, limits) and _count_ok(count, limits):
             actions.append(Load(want.id))
@@ -189,6 +195,18 @@ def _fits(used: Mapping[str, float], need: Mapping[str, float], limits: Limits) 
 
 def _fits_alone(need: Mapping[str, float], limits: Limits) -> bool:
     return _fits({}, need, limits) and (limits.max_models is None or limits.max_models >= 1)
+
+
+def _fits_beside(pinned: Sequence[ModelState], want: ModelState, limits: Limits) -> bool:
+    """Could ``want`` fit with every model gone but the pinned ones?"""
+    return (_fits(_used(pinned), want.need_mib, limits)
+            and _count_ok(len(pinned), limits))
+
+
+def _pinned_out(pinned: Sequence[ModelState], want: ModelState) -> str:
+    names = ", ".join(m.id for m in pinned)
+    return (f"model {want.id!r} does not fit beside the pinned model(s) {names} "
+            "(--max-memory/--max-models); unload one (POST /v1/models/ID/unload) or unpin it")
 
 
 def _count_ok(count: int, limits: Limits) -> bool:

@@ -43,7 +43,7 @@ def model_row(m: ServedModel, need_mib: float | None, now: float) -> dict[str, A
     stats = m.door.stats()
     server = m.controller.active_server() if m.controller else None
     return {
-        "id": m.id, "state": m.phase.value, "reason": m.reason,
+        "id": m.id, "state": m.shown.value, "reason": m.reason,
         "aliases": list(m.serve.aliases), "pin": m.serve.pin, "ttl_s": m.serve.ttl_s,
         "pid": server.pid if server else None,
         "memory_mib": round(need_mib) if need_mib else None,
@@ -101,7 +101,7 @@ def create_serve_app(server: ModelServer, tokens: Tokens | None) -> Any:
             return model
         await (server.scheduler.load if action == "load" else server.scheduler.unload)(model)
         return JSONResponse(model_row(model, None, time.monotonic()),
-                            503 if model.phase is Phase.FAILED else 200)
+                            503 if model.shown is Phase.FAILED else 200)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -147,7 +147,7 @@ class _PerModel:
         model = models.by_id.get(models.aliases.get(model_id, model_id))
         if model is None or model.controller is None:
             why = (f"no model {model_id!r}; models: {', '.join(sorted(models.by_id))}"
-                   if model is None else f"model {model.id!r} is {model.phase.value}: "
+                   if model is None else f"model {model.id!r} is {model.shown.value}: "
                    f"POST /v1/models/{model.id}/load first")
             response = JSONResponse({"error": why}, 404 if model is None else 409)
             await response(scope, receive, send)
@@ -173,7 +173,7 @@ def exposition(server: ModelServer) -> str:
     for m in server.models.by_id.values():
         for phase in Phase:
             lines.append(f'corral_serve_model_state{{model="{m.id}",state="{phase.value}"}} '
-                         f"{int(m.phase is phase)}")
+                         f"{int(m.shown is phase)}")
     family("loads_total", "counter", "loads started")
     for m in server.models.by_id.values():
         lines.append(f'corral_serve_loads_total{{model="{m.id}"}} {m.loads}')

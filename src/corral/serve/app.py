@@ -109,7 +109,8 @@ async def serve(cmd: ServeCommand) -> int:
     estimator = Estimator()
     models = Models(CatalogSource(tables, store.description, cmd.models_dir, binary,
                                   cmd.dir_args),
-                    store, cmd.settings, cmd.front, cmd.state_dir, catalogs, estimator)
+                    store, cmd.settings, cmd.front, cmd.state_dir, catalogs, estimator,
+                    echo_output=cmd.settings.echo_output)
     cmd.state_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha1(store.description.encode()).hexdigest()[:12]
     lock = InstanceLock(cmd.state_dir / f"serve-{key}.lock")

@@ -65,7 +65,7 @@ class Edge:
         data = []
         for m in self.models.values():
             item: dict[str, Any] = {"id": m.id, "object": "model", "created": self.created,
-                                    "owned_by": "corral", "state": m.phase.value,
+                                    "owned_by": "corral", "state": m.shown.value,
                                     "aliases": list(m.serve.aliases)}
             if m.reason:
                 item["reason"] = m.reason

@@ -118,7 +118,7 @@ class ServedModel:
         if self.unloading:
             return Phase.UNLOADING
         if self.controller is None or self.task is None or self.task.done():
-            return Phase.FAILED if self.refused else Phase.UNLOADED
+            return Phase.UNLOADED  # refused included: its next request is judged again
         state = self.controller.state
         if state is State.FATAL:
             return Phase.FAILED
@@ -127,6 +127,13 @@ class ServedModel:
         # Ready, and its door routes to it, while the supervisor still watches it for
         # --min-healthy: it serves, so it is loaded.
         return Phase.LOADED if self.door.stats().mode == "routing" else Phase.LOADING
+
+    @property
+    def shown(self) -> Phase:
+        """The state people see: a refused model is ``failed`` (with its reason) although
+        the scheduler judges its next request again."""
+        phase = self.phase
+        return Phase.FAILED if self.refused and phase is Phase.UNLOADED else phase
 
     @property
     def reason(self) -> str | None:

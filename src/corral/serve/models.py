@@ -54,22 +54,23 @@ class CatalogSource:
     dir_args: list[str] = field(default_factory=list)
 
 
+@dataclass
 class Models:
-    def __init__(self, source: CatalogSource, store: ConfigStore, settings: Settings,
-                 front: FrontSettings, state_dir: Path, catalogs: CatalogCache,
-                 estimator: Estimator, echo_output: bool = True) -> None:
-        self.source = source
-        self.store = store
-        self.settings = settings
-        self.front = front
-        self.state_dir = state_dir
-        self.catalogs = catalogs
-        self.estimator = estimator
-        self.echo_output = echo_output
-        self.entries: dict[str, Entry] = {}
-        self.by_id: dict[str, ServedModel] = {}
-        self.aliases: dict[str, str] = {}
-        self._doors: dict[str, asyncio.Task[None]] = {}  # each model's door accepting
+    """Every model of the catalog, and the parts each one's supervisor is built from."""
+
+    source: CatalogSource
+    store: ConfigStore
+    settings: Settings
+    front: FrontSettings
+    state_dir: Path
+    catalogs: CatalogCache
+    estimator: Estimator
+    echo_output: bool = True
+    entries: dict[str, Entry] = field(default_factory=dict, init=False)
+    by_id: dict[str, ServedModel] = field(default_factory=dict, init=False)
+    aliases: dict[str, str] = field(default_factory=dict, init=False)
+    # each model's door, accepting
+    _doors: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)
 
     async def read(self) -> tuple[list[str], list[str]]:
         """(Re-)read the catalog: (ids added, ids removed). UsageError if it is malformed."""

@@ -221,10 +221,13 @@ class Scheduler:
         await model.stop(self.drain_timeout_s)
 
     def _refuse(self, model: ServedModel, why: str) -> None:
+        """Answer what ``model`` holds 503 with ``why``; later requests are held and judged
+        again (the limits or the pinned models may have changed by then)."""
         if model.refused != why:
             log.error("%s", why)
         model.refused = why
         model.door.refuse(why)
+        model.door.hold()
 
     # ---- the operator's commands --------------------------------------------------------
 
