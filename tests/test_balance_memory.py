@@ -150,3 +150,34 @@ def test_nothing_is_removed_while_etcd_is_out_of_reach_and_haproxy_is_rebuilt() 
         assert h.journal.count("add server bk/corral-a 10.0.0.1:8001") == 2
 
     run_virtual(rig(main))
+
+
+def test_an_ha_pair_both_drain_before_the_instance_applies() -> None:
+    """With two balancers (one per HAProxy of an HA pair), the drain completes only when
+    both HAProxies carry nothing to the instance."""
+
+    async def main(etcd: MemoryEtcd, h: FakeHAProxy, b: Balancer) -> None:
+        h2 = FakeHAProxy()
+        other = Balancer(EtcdStore(MemoryClient(etcd, "balancer2", random.Random(4))),
+                         "fleet", h2, BalanceSettings(BK, check=""), me="b2")
+        task = asyncio.create_task(other.run())
+        try:
+            lease = await register(etcd, "a")
+            await register(etcd, "bb")
+            await until(lambda: h2.mode("a") == h.mode("a") == "ready", 10, "both added")
+            h2.sessions["corral-a"] = 1
+            client = MemoryClient(etcd, "a-drain", random.Random(3))
+            facts = Facts(client)
+            await facts.changed_since(0, 0)
+            keys = DrainKeys(FleetKeys("/corral", "fleet"))
+            waiting = asyncio.create_task(request_drain(client, keys, "a", lease, facts, 60))
+            await until(lambda: h.mode("a") == h2.mode("a") == "drain", 10, "both draining")
+            await asyncio.sleep(5)
+            assert not waiting.done(), "acknowledged while the second HAProxy has a request"
+            h2.sessions["corral-a"] = 0
+            assert await asyncio.wait_for(waiting, 5) == "drained"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run_virtual(rig(main))
