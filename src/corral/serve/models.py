@@ -9,6 +9,7 @@ launcher, a door that picks loopback ports), and re-reads the catalog on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +20,7 @@ from corral.child.launcher import ProcessLauncher
 from corral.child.pidfile import PidFile
 from corral.child.preflight import CatalogCache, Preflight
 from corral.child.privilege import build_policy
-from corral.core.args import LlamaConfig
+from corral.core.args import Flag, LlamaConfig
 from corral.core.fit import Estimate
 from corral.errors import StoreError, UsageError
 from corral.front import FrontSettings
@@ -114,6 +115,7 @@ class Models:
         config = startup.preferred
         flags = await self.catalogs.get(config.binary)
         judge = build_policy(config, flags, model_dirs=self._model_dirs(config))
+        alias = flags.lookup("--alias")
         return Controller(
             model.id, store, startup, self.settings,
             pinned=dict.fromkeys(store.pinned_keys, WHY_PINNED),
@@ -122,7 +124,8 @@ class Models:
                                      allow_degraded=self.settings.allow_degraded),
             checks=Preflight(self.catalogs, picks_ports=True, fit_margin=self.settings.fit_margin,
                              estimator=self.estimator, judge=judge),
-            front=ModelFront(model.door), place=place_on_loopback)
+            front=ModelFront(model.door),
+            place=lambda c: named(place_on_loopback(c), model.id, alias))
 
     def _model_dirs(self, config: LlamaConfig) -> list[str]:
         dirs = [str(self.source.models_dir)] if self.source.models_dir else []
@@ -159,6 +162,15 @@ class Models:
         log.info("catalog re-read: %d model(s)%s%s", len(self.by_id),
                  f", added {', '.join(added)}" if added else "",
                  f", removed {', '.join(removed)}" if removed else "")
+
+
+def named(config: LlamaConfig, model_id: str, alias: Flag | None) -> LlamaConfig:
+    """``config`` answering to ``model_id`` (``--alias``, as llama.cpp's router gives its
+    children): a client then reads back the id it asked for in an answer's ``model``, not a
+    file path. A config that sets its own alias keeps it; not stored, like the port."""
+    if alias is None or any(alias.canonical == k or k in alias.aliases for k, _ in config.args):
+        return config
+    return dataclasses.replace(config, args=(*config.args, (alias.canonical, model_id)))
 
 
 def _safe(model_id: str) -> str:
