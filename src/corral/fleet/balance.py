@@ -43,6 +43,7 @@ from corral.errors import StoreUnavailable
 from corral.fleet.drain import DrainKeys
 from corral.fleet.haproxy import HAProxyError, HAProxyUnreachable, Runtime
 from corral.fleet.keys import FleetKeys
+from corral.fleet.mirror import PrefixMirror
 from corral.store.etcd import EtcdStore, KeyValue
 from corral.store.etcd.registration import Registration
 
@@ -71,8 +72,6 @@ class Balancer:
         self.haproxy = haproxy
         self.settings = settings
         self.me = me or instance_id()
-        self.kvs: dict[str, KeyValue] = {}
-        self.synced = False
         self.version = 0
         self._changed = asyncio.Event()
         self._retiring: Mapping[str, float] = {}
@@ -82,6 +81,10 @@ class Balancer:
             self.client, self.drains.balancer(self.me),
             {"host": socket.gethostname(), "backend": settings.backend,
              "haproxy": haproxy.socket_path}, ttl=settings.ttl)
+        self._mirror = PrefixMirror(self.client, self.keys.watched, self._touch,
+                                    keep=self._ours, probe=self.registration.probe,
+                                    probe_interval=self.registration.ttl / 3,
+                                    what="etcd watch")
         self.rounds = 0  # converging rounds done (tests wait on it)
 
     async def run(self) -> None:
@@ -97,34 +100,19 @@ class Balancer:
         d = self.drains
         return key.startswith((self.keys.instances, d.drains, d.acks, d.balancers))
 
+    @property
+    def kvs(self) -> dict[str, KeyValue]:
+        """The fleet's registrations and drain keys as etcd has them."""
+        return self._mirror.kvs
+
+    @property
+    def synced(self) -> bool:
+        return self._mirror.synced
+
     async def follow(self) -> None:
         """Keep ``kvs`` equal to the fleet's keys in etcd: read, then watch; again after
-        any break."""
-        delay = 0.1
-        while True:
-            try:
-                found = await self.client.range(self.keys.watched, prefix=True)
-                self.kvs = {kv.key: kv for kv in found.kvs if self._ours(kv.key)}
-                self.synced = True
-                self._touch()
-                delay = 0.1
-                events = self.client.watch(self.keys.watched, found.revision + 1, prefix=True,
-                                           probe=self.registration.probe,
-                                           probe_interval=self.registration.ttl / 3)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if not self._ours(event.kv.key):
-                            continue
-                        if event.kind == "PUT":
-                            self.kvs[event.kv.key] = event.kv
-                        else:
-                            self.kvs.pop(event.kv.key, None)
-                        self._touch()
-            except StoreUnavailable as exc:
-                self.synced = False
-                log.info("etcd watch interrupted (%s); reading again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        any break (the registration's probe notices a frozen etcd)."""
+        await self._mirror.run()
 
     def _touch(self) -> None:
         self.version += 1

@@ -93,7 +93,9 @@ class DrainKeys:
 class Facts(Protocol):
     """The etcd keys as a watcher keeps them (the rollout agent)."""
 
-    kvs: dict[str, KeyValue]
+    @property
+    def kvs(self) -> dict[str, KeyValue]: ...
+
     version: int
 
     async def changed_since(self, seen: int, timeout: float | None) -> None: ...

@@ -44,6 +44,7 @@ from corral.core.rollout import (
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.drain import DrainKeys, drained
 from corral.fleet.keys import FleetKeys, digest_of, same_config
+from corral.fleet.mirror import PrefixMirror
 from corral.fleet.records import dump_record, parse_record, step_words
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
@@ -85,10 +86,9 @@ class RolloutAgent:
         self.me = me
         self.settings = settings
         self._lease = lease  # this instance's registration lease, once it has one
-        self._probe, self._probe_interval = probe, probe_interval  # see EtcdClient.watch
-        self.kvs: dict[str, KeyValue] = {}
+        self._mirror = PrefixMirror(self.client, keys.watched, self._touch, probe=probe,
+                                    probe_interval=probe_interval, what="fleet watch")
         self._parsed: dict[str, tuple[int, Any]] = {}  # key -> (mod_revision, parsed value)
-        self.synced = False  # kvs reflect etcd as of the last watch event
         self.apply_lock = asyncio.Lock()  # one apply at a time: ours or an API change's
         self.version = 0  # bumped at every change of the facts
         self._waiters: set[asyncio.Future[None]] = set()
@@ -96,31 +96,18 @@ class RolloutAgent:
 
     # ---- the facts ----------------------------------------------------------------------
 
+    @property
+    def kvs(self) -> dict[str, KeyValue]:
+        """The fleet's keys as etcd has them (as of ``synced``)."""
+        return self._mirror.kvs
+
+    @property
+    def synced(self) -> bool:
+        return self._mirror.synced
+
     async def follow(self) -> None:
         """Keep ``kvs`` equal to etcd: read everything, then watch; again after any break."""
-        delay = 0.1
-        while True:
-            try:
-                found = await self.client.range(self.keys.watched, prefix=True)
-                self.kvs = {kv.key: kv for kv in found.kvs}
-                self.synced = True
-                self._touch()
-                delay = 0.1
-                events = self.client.watch(self.keys.watched, found.revision + 1, prefix=True,
-                                           probe=self._probe,
-                                           probe_interval=self._probe_interval)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if event.kind == "PUT":
-                            self.kvs[event.kv.key] = event.kv
-                        else:
-                            self.kvs.pop(event.kv.key, None)
-                        self._touch()
-            except StoreUnavailable as exc:
-                self.synced = False
-                log.info("fleet watch interrupted (%s); reading again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        await self._mirror.run()
 
     def _touch(self) -> None:
         self.version += 1
