@@ -15,6 +15,7 @@ import pytest
 from tests.fixtures_etcd import EtcdServer
 from tests.fleet_helpers import (
     etcd_args,
+    fleet_applies,
     fleet_json,
     instance_of,
     phase,
@@ -90,8 +91,15 @@ def test_real_config_that_fails_to_load_runs_on_one_host_only(
             wait_for(lambda: stored(etcd_server, NAME) == before, 10, "the key reverted")
             for s in sups:
                 s.wait_running(120)
-        assert len(seen.pids) == 1, f"llama-servers that ran it: {seen.pids} ({seen.others})"
+        # Who tried it: each host's change history (a llama-server that fails at once on a
+        # truncated file can live less than one /proc scan; the sample may only miss it).
+        tried = [fleet_applies(s.http.get("/v1/changes", params={"limit": 1000}).json()
+                               ["changes"]) for s in sups]
         canary = [instance_of(s) for s in sups].index(failed["canary"])
+        assert [len(t) for t in tried] == [int(i == canary) for i in range(len(sups))], tried
+        assert tried[canary][0]["outcome"] == "rejected", tried[canary]
+        assert "exited with code" in tried[canary][0]["error"], tried[canary]
+        assert len(seen.pids) <= 1, f"llama-servers that ran it: {seen.pids} ({seen.others})"
         assert [s.llama_pid() for i, s in enumerate(sups) if i != canary] == \
             [p for i, p in enumerate(pids) if i != canary], "a non-canary instance restarted"
         report = fleet_json(etcd_server, NAME)
