@@ -13,9 +13,9 @@ medians are reported (the machine is shared: single figures move by +-30 %):
 Contenders: ``direct``; ``corral`` (``corral.front.FrontDoor`` in a process of its own,
 pointed at the server: the byte pump the controller drives); ``haproxy`` (Debian's, a plain
 reverse-proxy config, its defaults otherwise). ``--alternatives`` adds what the choice was
-made against: the same FrontDoor on uvloop, an aiohttp server + aiohttp client streaming pair,
-and a bare TCP splice (the floor for any Python proxy). When ``corral supervise --listen``
-exists, ``CorralFront.argv`` is the one line to change.
+made against: the same FrontDoor on asyncio's own loop, an aiohttp server + aiohttp client
+streaming pair, and a bare TCP splice (the floor for any Python proxy). ``corral`` runs on
+the loop ``corral supervise`` picks by default (uvloop when installed).
 
     .venv/bin/python -m bench.front_door [--rounds 3] [--seconds 3] [--alternatives]
         [--no-streams] [--budget-s 900]
@@ -87,10 +87,11 @@ class Direct(Contender):
 
 
 class CorralFront(Contender):
-    """Corral's front door. Today the bare FrontDoor; later ``corral supervise --listen``."""
+    """Corral's front door (the FrontDoor ``corral supervise --listen`` runs) on the loop
+    ``supervise`` runs by default: uvloop when it is installed."""
 
     name = "corral"
-    impl, loop = "front", "asyncio"
+    impl, loop = "front", "auto"
 
     def argv(self, tmp: Path) -> list[str]:
         return [sys.executable, "-m", "bench.front_proxies", "--impl", self.impl,
@@ -98,8 +99,8 @@ class CorralFront(Contender):
                 "--upstream", str(self.upstream)]
 
 
-class CorralFrontUvloop(CorralFront):
-    name, loop = "corral-uvloop", "uvloop"
+class CorralFrontAsyncio(CorralFront):
+    name, loop = "corral-asyncio", "asyncio"
 
 
 class AiohttpPair(CorralFront):
@@ -267,7 +268,7 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
     figures so far are written to bench/results/front_door.json after every round."""
     kinds: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
     if alternatives:
-        kinds += [CorralFrontUvloop, AiohttpPair, Splice]
+        kinds += [CorralFrontAsyncio, AiohttpPair, Splice]
     if shutil.which("haproxy") is None:
         log("front_door: haproxy is not installed; measuring without it")
         kinds.remove(HAProxy)

@@ -19,6 +19,7 @@ import signal
 import socket
 from typing import Any
 
+from corral.cli.loop import LOOPS, run
 from corral.front import FrontDoor, FrontSettings, Upstream
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -127,17 +128,12 @@ async def main_async(impl: str, listen: int, upstream: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=sorted(IMPLS), default="front")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--loop", choices=LOOPS, default="auto",
+                   help="auto: what `corral supervise` runs by default (uvloop if installed)")
     p.add_argument("--listen", type=int, required=True)
     p.add_argument("--upstream", type=int, required=True)
     ns = p.parse_args()
-    coro = main_async(ns.impl, ns.listen, ns.upstream)
-    if ns.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run(main_async(ns.impl, ns.listen, ns.upstream), ns.loop)
 
 
 if __name__ == "__main__":
