@@ -46,9 +46,9 @@ def read_catalog(tables: Mapping[str, Mapping[str, object]], where: str,
             args = (("--model", str(path.resolve())), *common)
             entries[path.stem] = Entry(path.stem, LlamaConfig(binary, tuple(args)))
     if not entries:
-        raise UsageError(f"no models: {where} has no named config and "
-                         f"{'--models-dir ' + str(models_dir) if models_dir else 'no --models-dir'}"
-                         " has no *.gguf")
+        folder = (f"--models-dir {models_dir} has no *.gguf" if models_dir
+                  else "no --models-dir was given")
+        raise UsageError(f"no models: {where} has no named config, and {folder}")
     _check_ids(entries)
     return entries
 
