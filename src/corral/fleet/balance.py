@@ -43,8 +43,8 @@ from corral.errors import StoreUnavailable
 from corral.fleet.drain import DrainKeys
 from corral.fleet.haproxy import HAProxyError, HAProxyUnreachable, Runtime
 from corral.fleet.keys import FleetKeys
-from corral.fleet.mirror import PrefixMirror
-from corral.store.etcd import EtcdStore, KeyValue
+from corral.fleet.mirror import Mirrored, PrefixMirror
+from corral.store.etcd import EtcdStore
 from corral.store.etcd.registration import Registration
 
 __all__ = ["BalanceSettings", "Balancer"]
@@ -63,7 +63,7 @@ class BalanceSettings:
     ttl: int = 5  # the balancer's own registration
 
 
-class Balancer:
+class Balancer(Mirrored):
     def __init__(self, etcd: EtcdStore, name: str, haproxy: Runtime,
                  settings: BalanceSettings, me: str | None = None) -> None:
         self.client = etcd.client
@@ -99,20 +99,6 @@ class Balancer:
     def _ours(self, key: str) -> bool:
         d = self.drains
         return key.startswith((self.keys.instances, d.drains, d.acks, d.balancers))
-
-    @property
-    def kvs(self) -> dict[str, KeyValue]:
-        """The fleet's registrations and drain keys as etcd has them."""
-        return self._mirror.kvs
-
-    @property
-    def synced(self) -> bool:
-        return self._mirror.synced
-
-    async def follow(self) -> None:
-        """Keep ``kvs`` equal to the fleet's keys in etcd: read, then watch; again after
-        any break (the registration's probe notices a frozen etcd)."""
-        await self._mirror.run()
 
     def _touch(self) -> None:
         self.version += 1

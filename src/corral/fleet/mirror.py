@@ -66,3 +66,23 @@ class PrefixMirror:
                          delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY_S)
+
+
+class Mirrored:
+    """For a class that keeps one :class:`PrefixMirror` as ``_mirror``: its keys and
+    whether they are in sync, read through, and ``follow`` to run it."""
+
+    _mirror: PrefixMirror
+
+    @property
+    def kvs(self) -> dict[str, KeyValue]:
+        """The watched keys as etcd has them (as of the last read or event)."""
+        return self._mirror.kvs
+
+    @property
+    def synced(self) -> bool:
+        return self._mirror.synced
+
+    async def follow(self) -> None:
+        """Keep ``kvs`` equal to etcd: read, then watch; again after any break."""
+        await self._mirror.run()

@@ -44,7 +44,7 @@ from corral.core.rollout import (
 from corral.errors import StoreCorrupt, StoreUnavailable
 from corral.fleet.drain import DrainKeys, drained
 from corral.fleet.keys import FleetKeys, digest_of, same_config
-from corral.fleet.mirror import PrefixMirror
+from corral.fleet.mirror import Mirrored, PrefixMirror
 from corral.fleet.records import dump_record, parse_record, step_words
 from corral.store.base import StoredConfig
 from corral.store.etcd import EtcdStore, KeyValue
@@ -73,7 +73,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class RolloutAgent:
+class RolloutAgent(Mirrored):
     def __init__(self, controller: Supervisor, store: LocalStore, etcd: EtcdStore,
                  keys: FleetKeys, me: str, settings: RolloutSettings,
                  lease: Callable[[], int | None],
@@ -95,19 +95,6 @@ class RolloutAgent:
         self.on_change: Callable[[], None] = lambda: None
 
     # ---- the facts ----------------------------------------------------------------------
-
-    @property
-    def kvs(self) -> dict[str, KeyValue]:
-        """The fleet's keys as etcd has them (as of ``synced``)."""
-        return self._mirror.kvs
-
-    @property
-    def synced(self) -> bool:
-        return self._mirror.synced
-
-    async def follow(self) -> None:
-        """Keep ``kvs`` equal to etcd: read everything, then watch; again after any break."""
-        await self._mirror.run()
 
     def _touch(self) -> None:
         self.version += 1
