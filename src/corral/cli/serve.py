@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from corral.cli.flags import add_hold_flags, add_output_flags, add_start_flags, positive
+
 EPILOG = """\
 The catalog: every named config of --config-file is a model (its name is the model id),
 with an optional [NAME.serve] table:
@@ -73,7 +75,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    "has available at start)")
     m.add_argument("--max-models", type=int, metavar="N",
                    help="at most N models loaded at once (default: no count limit)")
-    m.add_argument("--fit-margin", type=float, default=10.0, metavar="PCT",
+    m.add_argument("--fit-margin", type=positive(float), default=10.0, metavar="PCT",
                    help="headroom on top of each memory estimate (default: %(default)g %%)")
     m.add_argument("--max-wait", type=float, default=10.0, metavar="S",
                    help="a busy model gives way once another model's oldest request has "
@@ -81,32 +83,18 @@ def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     m.add_argument("--idle-grace", type=float, default=1.0, metavar="S",
                    help="a model whose last request ended less than this ago counts as busy "
                    "(an agent's next request usually follows within it) (default: %(default)g)")
-    h = p.add_argument_group("held requests")
-    h.add_argument("--max-held", type=int, default=256, metavar="N",
-                   help="requests held per model while it loads; past it 503 with Retry-After "
-                   "(default: %(default)s)")
-    h.add_argument("--hold-timeout", type=float, default=120.0, metavar="S",
-                   help="a held request gets 503 with Retry-After after this long "
-                   "(default: %(default)g)")
-    h.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="an unload waits this long for requests in flight, then cuts them "
-                   "(default: %(default)g)")
-    t = p.add_argument_group("each model's supervisor")
-    t.add_argument("--ready-timeout", type=float, default=300.0, metavar="S")
-    t.add_argument("--max-start-failures", type=int, default=5, metavar="N")
-    t.add_argument("--stop-timeout", type=float, default=10.0, metavar="S")
+    add_hold_flags(p.add_argument_group("held requests (per model)"))
+    t = p.add_argument_group("each model's supervisor, and output")
+    add_start_flags(t)
     t.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' on the API")
-    t.add_argument("--quiet-llama", action="store_true",
-                   help="do not echo llama-server's output")
-    t.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_output_flags(t)
     p.set_defaults(runner="serve")
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    import asyncio
-
     import platformdirs
 
+    from corral.cli.loop import run
     from corral.core.backoff import BackoffPolicy
     from corral.core.placement import Limits, parse_memory
     from corral.errors import CorralError
@@ -142,7 +130,7 @@ def run_serve(ns: argparse.Namespace) -> int:
             limits=limits, settings=settings,
             front=FrontSettings(max_held=max(0, ns.max_held), hold_timeout_s=ns.hold_timeout),
             api_token=ns.api_token or os.environ.get("CORRAL_API_TOKEN"))
-        return asyncio.run(serve(cmd))
+        return run(serve(cmd), ns.loop)
     except CorralError as exc:
         log.error("%s", exc)
         return 2
