@@ -19,6 +19,7 @@ from corral.child.privilege import RunAs, realpath
 from corral.core.args import LlamaConfig
 from corral.errors import NotAllowed, StartFailed
 from corral.sense.estimate import Estimator
+from tests.waiting import until
 
 
 def program(folder: Path, name: str, body: str) -> Path:
@@ -26,6 +27,10 @@ def program(folder: Path, name: str, body: str) -> Path:
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
     return path
+
+
+def proc(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
 
 
 async def test_a_symlink_repointed_after_the_check_never_runs_the_other_program(
@@ -53,6 +58,58 @@ async def test_a_symlink_repointed_after_the_check_never_runs_the_other_program(
         await launcher.aclose()
     assert marker.read_text() == "good\n"
     assert realpath(str(link)) == str(evil)  # the swap did happen
+
+
+async def test_a_file_renamed_over_the_checked_binary_after_the_check_never_runs(
+        tmp_path: Path) -> None:
+    """The check passes the allowed file, then another file is renamed over it (same path,
+    so a path check cannot tell) before the exec: the file that was checked runs."""
+    marker = tmp_path / "ran"
+    good = program(tmp_path, "llama-server", f"echo good >> {marker}")
+    evil = program(tmp_path, "evil", f"echo evil >> {marker}")
+    checked: list[str] = []
+
+    def check_then_swap(real: str) -> None:
+        checked.append(real)
+        if real != str(good):
+            raise NotAllowed("binary", f"{real} is not allowed")
+        os.rename(evil, good)   # the swap, after the check and before the exec
+
+    launcher = ProcessLauncher(echo_output=False, check_binary=check_then_swap)
+    try:
+        child = await launcher.spawn(LlamaConfig(str(good), ()), 1)
+        assert await child.exited == 0
+        await child.kill()
+    finally:
+        await launcher.aclose()
+    assert checked == [str(good)]
+    assert marker.read_text() == "good\n"
+    assert "evil" in good.read_text()  # the swap did happen
+
+
+async def test_the_checked_file_runs_under_its_own_name(tmp_path: Path) -> None:
+    """Exec'd through its open descriptor, the program is still called by its name in ps
+    and top (comm), and argv[0] ends with it, so pgrep/pkill llama-server find it."""
+    release = tmp_path / "release"
+    binary = program(tmp_path, "llama-server",
+                     f"while [ ! -e {release} ]; do sleep 0.05; done")
+    launcher = ProcessLauncher(echo_output=False, check_binary=lambda real: None)
+    try:
+        child = await launcher.spawn(LlamaConfig(str(binary), (("--port", "1"),)), 1)
+        try:
+            # /bin/sh runs the script: the interpreter names it by the path it was given
+            await until(lambda: proc(child.pid, "cmdline").split(b"\0")[0].endswith(b"sh"),
+                        5, "the script running")
+            cmdline = proc(child.pid, "cmdline").split(b"\0")
+            assert cmdline[1].decode().endswith("/llama-server")
+            assert cmdline[2:4] == [b"--port", b"1"]
+            assert proc(child.pid, "comm").strip() == b"llama-server"
+        finally:
+            release.touch()
+        assert await child.exited == 0
+        await child.kill()
+    finally:
+        await launcher.aclose()
 
 
 async def test_a_binary_swapped_before_the_start_is_refused(tmp_path: Path) -> None:
@@ -98,6 +155,24 @@ def nobody() -> RunAs:
     if shutil.which("setpriv") is None:
         pytest.skip("no setpriv")
     return RunAs.lookup("nobody")
+
+
+async def test_the_checked_file_runs_as_the_user(shared_dir: Path, nobody: RunAs) -> None:
+    """Under --user the open descriptor is exec'd after setpriv switched the uid: it runs,
+    as that user."""
+    out = shared_dir / "uid"
+    out.touch()
+    out.chmod(0o666)
+    binary = program(shared_dir, "llama-server", f"id -u >> {out}")
+    launcher = ProcessLauncher(echo_output=False, user=nobody.identity,
+                               check_binary=lambda real: None)
+    try:
+        child = await launcher.spawn(LlamaConfig(str(binary), ()), 1)
+        assert await child.exited == 0
+        await child.kill()
+    finally:
+        await launcher.aclose()
+    assert out.read_text() == f"{nobody.uid}\n"
 
 
 async def test_help_and_fit_params_run_as_the_user(shared_dir: Path, nobody: RunAs) -> None:

@@ -304,7 +304,11 @@ def test_binary_change_runs_the_new_program(tmp_path: Path, real_binary: Path,
         assert r.status_code == 200, r.text
         status = sup.wait_running(60)
         assert status["config"]["binary"] == str(other)
-        # What runs is the real path checked at the start (a symlink re-pointed after the
-        # check cannot change it); the config keeps the name it was given.
-        assert psutil.Process(status["pid"]).cmdline()[0] == os.path.realpath(other)
+        # What runs is the file checked at the start, exec'd through its open descriptor
+        # (nothing re-pointed or renamed after the check can change it), under the real
+        # file's name; the config keeps the name it was given.
+        running = psutil.Process(status["pid"])
+        assert running.exe() == os.path.realpath(other)
+        assert running.name() == os.path.basename(os.path.realpath(other))
+        assert running.cmdline()[0].endswith("/" + running.name())
         assert sup.stored()["binary"] == str(other)

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from corral.child.exec_file import CheckedProgram, open_checked
 from corral.child.privilege import realpath
 from corral.child.process import Child, Identity, spawn
 from corral.child.ready import probe_health, wait_ready
@@ -54,8 +55,8 @@ class ProcessLauncher:
                  user: Identity | None = None, lines: LineBus | None = None,
                  check_binary: Callable[[str], None] | None = None) -> None:
         """``check_binary``: the least-privilege rule for binaries (raises NotAllowed); the
-        binary's real path is resolved once, checked, and that path is what is executed,
-        so a symlink re-pointed after the check cannot change what runs."""
+        binary is opened, the open file's path is checked, and that open file is what is
+        executed, so nothing renamed or re-pointed after the check can change what runs."""
         self._check_binary = check_binary
         self._echo = echo_output
         self._user = user
@@ -64,17 +65,18 @@ class ProcessLauncher:
         self._http = httpx.AsyncClient()
 
     async def spawn(self, config: LlamaConfig, generation: int) -> Child:
-        program = None
-        if self._check_binary is not None:
-            program = realpath(config.binary)
-            try:
-                self._check_binary(program)
-            except NotAllowed as exc:
-                raise StartFailed(str(exc)) from None
+        program: CheckedProgram | None = None
         try:
+            if self._check_binary is not None:
+                program = open_checked(realpath(config.binary), self._check_binary)
             child = await spawn(config, generation, self._echo, self._user, program)
+        except NotAllowed as exc:
+            raise StartFailed(str(exc)) from None
         except OSError as exc:
             raise StartFailed(f"cannot execute {config.binary}: {exc.strerror or exc}") from None
+        finally:
+            if program is not None:
+                program.close()
         if self._lines is not None:
             # No await since spawn created the drain task: it has not read a line yet.
             child.output.sink = functools.partial(self._lines.add, "llama-server")

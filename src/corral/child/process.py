@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from corral.child.exec_file import CheckedProgram, exec_path
 from corral.child.output import OutputRing, drain
 from corral.core.args import LlamaConfig
 
@@ -145,13 +146,19 @@ def death_signal_prefix() -> list[str]:
     return _with_death_signal([])
 
 
-def _posix_spawn(argv: list[str], output_fd: int, env: dict[str, str]) -> int:
+def _posix_spawn(argv: list[str], output_fd: int, env: dict[str, str],
+                 inherit: int | None = None) -> int:
+    """``inherit``: a close-on-exec descriptor the child keeps (a dup2 onto itself clears
+    the flag in the child alone, glibc >= 2.29)."""
     executable = argv[0]
-    return os.posix_spawn(executable, argv, env, setsid=True, file_actions=[
+    actions: list[tuple[int, ...]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, output_fd, 1),
         (os.POSIX_SPAWN_DUP2, output_fd, 2),
-    ])
+    ]
+    if inherit is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, inherit, inherit))
+    return os.posix_spawn(executable, argv, env, setsid=True, file_actions=actions)
 
 
 def _watch_exit(pid: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future[int]:
@@ -183,9 +190,10 @@ async def _read_pipe(fd: int, loop: asyncio.AbstractEventLoop) -> asyncio.Stream
 
 
 async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True,
-                user: Identity | None = None, program: str | None = None) -> Child:
+                user: Identity | None = None, program: CheckedProgram | None = None) -> Child:
     """Start ``config`` as a new session; its output goes to a ring buffer and the log.
-    ``program``: the file to execute instead of the config's binary (its checked real path).
+    ``program``: the open file to execute instead of the config's binary (the one that was
+    checked: :mod:`corral.child.exec_file`); the caller closes it after the spawn.
 
     Raises OSError if the program cannot be executed.
     """
@@ -195,8 +203,9 @@ async def spawn(config: LlamaConfig, generation: int, echo_output: bool = True,
         env = {**os.environ, **dict(config.env)}
         argv = config.argv()
         if program is not None:
-            argv[0] = program
-        pid = _posix_spawn(_with_death_signal(argv, user), write_fd, env)
+            argv[0] = exec_path(program)
+        pid = _posix_spawn(_with_death_signal(argv, user), write_fd, env,
+                           program.fd if program is not None else None)
     except BaseException:
         os.close(read_fd)
         raise
