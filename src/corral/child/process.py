@@ -151,7 +151,7 @@ def _posix_spawn(argv: list[str], output_fd: int, env: dict[str, str],
     """``inherit``: a close-on-exec descriptor the child keeps (a dup2 onto itself clears
     the flag in the child alone, glibc >= 2.29)."""
     executable = argv[0]
-    actions: list[tuple[int, ...]] = [
+    actions: list[tuple[int | str, ...]] = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, output_fd, 1),
         (os.POSIX_SPAWN_DUP2, output_fd, 2),
