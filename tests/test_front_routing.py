@@ -142,6 +142,38 @@ async def test_a_stream_cut_midway_closes_the_client_and_is_counted() -> None:
         assert stats.cut == 1 and stats.retried == 0 and stats.in_flight == 0
 
 
+@pytest.mark.parametrize("head, body, cut", [
+    # no length: the response ends with the connection, and is whole
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"all of it", 0),
+    # an interim 100 first, then the same
+    (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"all of it", 0),
+    # a declared length not reached: cut
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 100\r\n\r\n", b"short", 1),
+])
+async def test_a_response_that_ends_with_its_connection(head: bytes, body: bytes,
+                                                        cut: int) -> None:
+    """A response with no length ends with its connection and is passed on whole; one that
+    declared a length and stops short of it is a cut (its head read back after the fact)."""
+    async def close_after(req: Req, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+                          ) -> bool:
+        w.write(head)
+        await w.drain()
+        w.write(body)
+        return False   # the fake closes the connection
+
+    async with upstreams(close_after) as [up], front() as d:
+        d.door.route_to(up.upstream)
+        async with httpx.AsyncClient(base_url=d.url, timeout=DEADLINE) as c:
+            if cut:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await c.get("/r")
+            else:
+                assert (await c.get("/r")).content == body
+        await until(lambda: d.door.stats().in_flight == 0, DEADLINE, "the exchange ended")
+        assert d.door.stats().cut == cut
+
+
 def gated(gate: asyncio.Event):  # type: ignore[no-untyped-def]
     async def handler(req: Req, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
         await asyncio.wait_for(gate.wait(), DEADLINE)

@@ -48,7 +48,7 @@ class UpstreamConn(asyncio.Protocol):
         self.final = False           # the head of the final (non-1xx) response arrived
         self.complete = False
         self.keep_alive = False
-        self.has_length = False      # Content-Length or chunked: the end is in the bytes
+        self.head: list[bytes] = []  # what arrived until the final head was parsed
         self.reading = True
         self.paused_client = False   # this connection paused the client's reading
 
@@ -59,8 +59,9 @@ class UpstreamConn(asyncio.Protocol):
         ex.conn = self
         ex.sent = 0
         if self.parser is None:
-            self.parser = httptools.HttpResponseParser(self)
-        self.final = self.complete = self.keep_alive = self.has_length = False
+            self.parser = httptools.HttpResponseParser(_HeadCallbacks(self))
+        self.final = self.complete = self.keep_alive = False
+        self.head = []
         if ex.client.write_paused:
             self.set_reading(False)
 
@@ -111,6 +112,8 @@ class UpstreamConn(asyncio.Protocol):
             ex.responded = True
             del ex.buf[:ex.sent]
             ex.sent = 0
+        if not self.final:
+            self.head.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -147,17 +150,10 @@ class UpstreamConn(asyncio.Protocol):
 
     # ---- httptools callbacks ------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        n = len(name)
-        if (n == 14 and name.lower() == b"content-length") or (
-                n == 17 and name.lower() == b"transfer-encoding"):
-            self.has_length = True
-
     def on_headers_complete(self) -> None:
         assert self.parser is not None and self.ex is not None
         status = self.parser.get_status_code()
         if status < 200:
-            self.has_length = False
             return  # 1xx: forwarded, the final answer follows
         self.final = True
         self.keep_alive = self.parser.should_keep_alive()
@@ -168,10 +164,38 @@ class UpstreamConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.final:
             self.complete = True
+            self.head = []  # not needed once the end came: pooled, it would pin a chunk
 
     def is_eof_delimited(self) -> bool:
         """The response's end is the end of the connection (no length, not chunked)."""
-        return self.final and not self.has_length and not self.complete
+        return (self.final and not self.complete
+                and not final_head_declares_length(b"".join(self.head)))
+
+
+class _HeadCallbacks:
+    """The response parser's callbacks, without ``on_header``: with it, llhttp calls into
+    Python once per header of every response. The headers matter only when a connection
+    ends before its response did (is that the end the response declared?), and then they
+    are read from the saved head (``final_head_declares_length``)."""
+
+    __slots__ = ("on_headers_complete", "on_message_complete")
+
+    def __init__(self, conn: UpstreamConn) -> None:
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_message_complete = conn.on_message_complete
+
+
+def final_head_declares_length(raw: bytes) -> bool:
+    """Whether the final (non-1xx) response head at the start of ``raw`` has a
+    Content-Length or Transfer-Encoding header, i.e. its end is in the bytes rather than
+    at the end of the connection."""
+    for head in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        status_line, _, fields = head.partition(b"\n")
+        if status_line[9:10] == b"1":
+            continue  # an interim 1xx head: the final one follows
+        names = {line.partition(b":")[0].strip().lower() for line in fields.split(b"\n")}
+        return bool(names & {b"content-length", b"transfer-encoding"})
+    return False
 
 
 class Pool:
