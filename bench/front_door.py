@@ -9,6 +9,10 @@ medians are reported (the machine is shared: single figures move by +-30 %):
   direct's p50 in the same round;
 - streamed completions (``/completion``, ``n_predict`` 64, ``ignore_eos``, no prompt cache)
   at concurrency 1 and 4: time to first token and tokens/s per stream, measured by the client.
+  Streams differ by several per cent from one to the next whoever forwards them, so they are
+  a phase of their own: ``--stream-cycles`` cycles, each one stream (at c=4: four at once)
+  per contender, in an order that rotates every cycle; "vs direct" and "added" are medians
+  of each cycle's pairs with direct.
 
 Contenders: ``direct``; ``corral`` (``corral.front.FrontDoor`` in a process of its own,
 pointed at the server: the byte pump the controller drives); ``haproxy`` (Debian's, a plain
@@ -18,7 +22,7 @@ streaming pair, and a bare TCP splice (the floor for any Python proxy). ``corral
 the loop ``corral supervise`` picks by default (uvloop when installed).
 
     .venv/bin/python -m bench.front_door [--rounds 3] [--seconds 3] [--alternatives]
-        [--no-streams] [--budget-s 900]
+        [--no-streams] [--stream-cycles 8] [--budget-s 900]
 """
 
 from __future__ import annotations
@@ -249,23 +253,43 @@ def streams(port: int, conc: int, per_client: int) -> dict[str, float]:
             "tok_s": statistics.median(r[1] for r in results)}
 
 
-def one_round(c: Contender, seconds: float, with_streams: bool) -> dict[str, float]:
+def one_round(c: Contender, seconds: float) -> dict[str, float]:
     out: dict[str, float] = {}
     for conc in (1, 16):
         for k, v in wrk_health(c.port, conc, seconds, c.pid).items():
             out[f"health_c{conc}_{k}"] = v
-    for conc, per_client in ((1, 2), (4, 1)) if with_streams else ():
-        for k, v in streams(c.port, conc, per_client).items():
-            out[f"stream_c{conc}_{k}"] = v
     return out
+
+
+def rotating_streams(contenders: list[Contender], cycles: int
+                  ) -> dict[str, list[dict[str, float]]]:
+    """Per contender, one entry per cycle: ``stream_c1_*`` of one stream and ``stream_c4_*``
+    (medians) of four at once. Each cycle runs every contender in turn, starting one further
+    along than the cycle before, so slow drifts of the machine fall on all alike."""
+    per: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    for i in range(cycles):
+        order = contenders[i % len(contenders):] + contenders[:i % len(contenders)]
+        figures: dict[str, dict[str, float]] = {c.name: {} for c in contenders}
+        for conc in (1, 4):
+            for c in order:
+                try:
+                    for k, v in streams(c.port, conc, 1).items():
+                        figures[c.name][f"stream_c{conc}_{k}"] = v
+                except RuntimeError as exc:
+                    log(f"front_door: {c.name} streams failed in cycle {i + 1}: {exc!r}")
+        for name, f in figures.items():
+            per[name].append(f)
+    return per
 
 
 # ---- the run ------------------------------------------------------------------------------
 
 def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
-        streams: bool = True, budget_s: float = 900.0) -> dict[str, Any]:
-    """``rounds`` interleaved rounds, fewer if ``budget_s`` runs out (at least one). The
-    figures so far are written to bench/results/front_door.json after every round."""
+        streams: bool = True, stream_cycles: int = 8, budget_s: float = 900.0
+        ) -> dict[str, Any]:
+    """``rounds`` interleaved rounds of /health, fewer if ``budget_s`` runs out (at least
+    one), then the streams' cycles. The figures so far are written to
+    bench/results/front_door.json after every round."""
     kinds: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
     if alternatives:
         kinds += [CorralFrontAsyncio, AiohttpPair, Splice]
@@ -273,7 +297,8 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
         log("front_door: haproxy is not installed; measuring without it")
         kinds.remove(HAProxy)
     result: dict[str, Any] = {"rounds": 0, "seconds": seconds, "llama_server_args": LLAMA_ARGS,
-                              "n_predict": N_PREDICT, "loadavg_before": loadavg()}
+                              "n_predict": N_PREDICT, "stream_cycles": 0,
+                              "loadavg_before": loadavg()}
     per: dict[str, list[dict[str, Any]]] = {}
     started = time.monotonic()
     with temp_dir("front") as tmp:
@@ -290,48 +315,57 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
                         break
                     for c in contenders:
                         log(f"front_door: round {r + 1}/{rounds}: {c.name}")
-                        per.setdefault(c.name, []).append(_measure(c, seconds, streams))
+                        per.setdefault(c.name, []).append(_measure(c, seconds))
                     result.update(rounds=r + 1, summary=summarize(per), runs=per,
                                   loadavg_after=loadavg())
+                    write_json(RESULTS / "front_door.json", result)
+                if streams and stream_cycles > 0:
+                    log(f"front_door: streams, {stream_cycles} cycles")
+                    cycles = rotating_streams(contenders, stream_cycles)
+                    result.update(stream_cycles=stream_cycles, streams=cycles,
+                                  summary=summarize(per, cycles), loadavg_after=loadavg())
                     write_json(RESULTS / "front_door.json", result)
         finally:
             server.stop()
     return result
 
 
-def _measure(c: Contender, seconds: float, with_streams: bool) -> dict[str, Any]:
+def _measure(c: Contender, seconds: float) -> dict[str, Any]:
     try:
-        return one_round(c, seconds, with_streams)
+        return one_round(c, seconds)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         log(f"front_door: {c.name} failed this round: {exc!r}")
         return {"error": repr(exc)}
 
 
-def summarize(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
-    """Medians over rounds; "added" and "vs direct" pair each round with direct's same round
-    (rounds where either lacks the figure are left out)."""
+def summarize(per: dict[str, list[dict[str, Any]]],
+              cycles: dict[str, list[dict[str, float]]] | None = None
+              ) -> dict[str, dict[str, float | None]]:
+    """Medians over rounds (and stream cycles); "added" and "vs direct" pair each round or
+    cycle with direct's same one (those where either lacks the figure are left out)."""
     def median(values: list[float], digits: int) -> float | None:
         return round(statistics.median(values), digits) if values else None
 
-    direct = per["direct"]
-    keys = sorted({k for runs in per.values() for r in runs for k in r if k != "error"})
+    def paired(runs: list[dict[str, Any]], direct: list[dict[str, Any]], key: str,
+               op: Callable[[float, float], float], digits: int) -> float | None:
+        return median([op(r[key], d[key]) for r, d in zip(runs, direct, strict=True)
+                       if key in r and key in d], digits)
+
     out: dict[str, dict[str, float | None]] = {}
     for name, runs in per.items():
-        s = out[name] = {k: median([r[k] for r in runs if k in r], 3) for k in keys}
-
-        def paired(key: str, op: Callable[[float, float], float], digits: int,
-                   runs: list[dict[str, Any]] = runs) -> float | None:
-            return median([op(r[key], d[key]) for r, d in zip(runs, direct, strict=True)
-                           if key in r and key in d], digits)
-
+        streamed = (cycles or {}).get(name, [])
+        every = runs + streamed
+        keys = sorted({k for r in every for k in r if k != "error"})
+        s = out[name] = {k: median([r[k] for r in every if k in r], 3) for k in keys}
         for conc in (1, 16):
             s[f"health_c{conc}_added_p50_ms"] = paired(
-                f"health_c{conc}_p50_ms", lambda a, b: a - b, 3)
+                runs, per["direct"], f"health_c{conc}_p50_ms", lambda a, b: a - b, 3)
         for conc in (1, 4):
+            direct = (cycles or {}).get("direct", [])
             s[f"stream_c{conc}_tok_s_vs_direct"] = paired(
-                f"stream_c{conc}_tok_s", lambda a, b: a / b, 4)
+                streamed, direct, f"stream_c{conc}_tok_s", lambda a, b: a / b, 4)
             s[f"stream_c{conc}_ttft_added_ms"] = paired(
-                f"stream_c{conc}_ttft_ms", lambda a, b: a - b, 2)
+                streamed, direct, f"stream_c{conc}_ttft_ms", lambda a, b: a - b, 2)
         s["failed_rounds"] = sum(1 for r in runs if "error" in r)
     return out
 
@@ -373,8 +407,10 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main() -> int:
     return cli(__doc__, run, rows, lambda r: f"Front door cost (medians of {r['rounds']} "
-               f"interleaved rounds, {r['seconds']:g} s of wrk each)",
-               rounds=3, seconds=3.0, alternatives=False, streams=True, budget_s=900.0)
+               f"interleaved rounds, {r['seconds']:g} s of wrk each; streams: "
+               f"{r['stream_cycles']} rotating cycles)",
+               rounds=3, seconds=3.0, alternatives=False, streams=True, stream_cycles=8,
+               budget_s=900.0)
 
 
 if __name__ == "__main__":

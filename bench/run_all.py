@@ -58,7 +58,8 @@ def main() -> int:
         ("respawn_profile", "Corral's crash path, step by step (in-process diagnostic)",
          lambda: profile_respawn.run(10 if not ns.quick else 3), profile_respawn.rows),
         ("front_door", "7. the front door: direct vs Corral vs HAProxy (medians of rounds)",
-         lambda: front_door.run(rounds=1 if ns.quick else 3, seconds=2.0 if ns.quick else 3.0),
+         lambda: front_door.run(rounds=1 if ns.quick else 3, seconds=2.0 if ns.quick else 3.0,
+                                stream_cycles=2 if ns.quick else 8),
          front_door.rows),
         ("front_applies", f"8. applies under load through the front door ({3 if ns.quick else 10} "
          "per strategy, 4 clients)",
