@@ -139,8 +139,11 @@ class ClientConn(asyncio.Protocol):
             return  # answered early (400, 408, 431, 503) and closing: nothing more is read
         fresh = self.parsing is None
         self._begins = 0
-        if not self._feed(data):
-            return
+        try:
+            self.parser.feed_data(data)  # not through _feed: one call less per request
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not self._parse_failed(data, exc):
+                return
         if self.too_large and self.edge is not None:
             self.edge.head_too_large(self)
             return
@@ -163,16 +166,20 @@ class ClientConn(asyncio.Protocol):
     def _feed(self, data: bytes) -> bool:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            return self._parse_failed(data, exc)
+        return True
+
+    def _parse_failed(self, data: bytes, exc: Exception) -> bool:
+        """False when the request was malformed (answered 400)."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
             # An Upgrade (h2c, websocket) request: llama-server ignores the header and
             # answers in HTTP/1.1, so it is forwarded as a plain request.
             rest = data[exc.args[0]:]
             self._begins += 2  # not forwarded as received
             return self._feed(rest) if rest else True
-        except httptools.HttpParserError as exc:
-            self.door.bad_request(self, f"malformed HTTP request: {exc}")
-            return False
-        return True
+        self.door.bad_request(self, f"malformed HTTP request: {exc}")
+        return False
 
     def eof_received(self) -> bool:
         return False  # close; anything in flight for this client is abandoned

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """One llama-server the front door can forward to (a generation on a loopback port)."""
+class Upstream(NamedTuple):
+    """One llama-server the front door can forward to (a generation on a loopback port).
+
+    A named tuple, not a dataclass: it keys the in-flight counts and the pool, hashed about
+    eight times per request, and a tuple's hash and equality run in C."""
 
     host: str
     port: int
     generation: int
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # It keys the in-flight counts and the pool: hashed a few times per request.
-        object.__setattr__(self, "_hash", hash((self.host, self.port, self.generation)))
-
-    def __hash__(self) -> int:
-        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
