@@ -28,12 +28,22 @@ from tests.harness import FAKE, SupervisorProcess, make_fake_model, supervisor, 
 pytestmark = [pytest.mark.slow]
 
 
+_EXEC_WITH_SIGINT_IGNORED = ("import os, signal, sys; signal.signal(signal.SIGINT, "
+                             "signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])")
+
+
 class Follower:
     """A client command that keeps printing (``corral logs -f``, ``corral events``)."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        """``sigint_ignored``: started as a shell without job control starts a background
+        command (``corral events &`` in a script, a CI step run that way): SIGINT ignored,
+        which exec keeps and Python then leaves alone (no KeyboardInterrupt)."""
+        command = [sys.executable, "-m", "corral", *args]
+        if sigint_ignored:
+            command = [sys.executable, "-c", _EXEC_WITH_SIGINT_IGNORED, *command]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -165,6 +175,18 @@ def test_events_follow_a_crash_and_the_revival(sup: SupervisorProcess,
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert ready["id"] > crash["id"]
     assert events.interrupt() == 0
+
+
+@pytest.mark.parametrize("command", [["logs", "-f"], ["events", "--since", "0"]])
+def test_ctrl_c_ends_a_follow_started_with_sigint_ignored(
+        sup: SupervisorProcess, followers: list[Follower], command: list[str]) -> None:
+    """Started with SIGINT ignored (what a background job of a script inherits, and what
+    made both follow tests above time out in a CI run started that way), Ctrl-C still
+    ends `corral logs -f` and `corral events` with 0."""
+    follower = Follower(*command, *addr(sup), sigint_ignored=True)
+    followers.append(follower)
+    follower.wait_line(bool, "a first line")
+    assert follower.interrupt() == 0
 
 
 def test_events_reconnect_with_last_event_id(sup: SupervisorProcess) -> None:

@@ -5,9 +5,13 @@ and the commands that ask a running supervisor over HTTP (:mod:`.client`), print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -192,7 +196,7 @@ def _readable(ns: argparse.Namespace, body: object) -> str:
 def _run_stream(ns: argparse.Namespace, supervisor: SupervisorClient) -> int:
     """``logs`` and ``events``: print as things come; Ctrl-C or the supervisor ending the
     stream exit 0."""
-    from corral.cli.render import render_event, render_line
+    from corral.cli.render import render_line
 
     try:
         if ns.command == "logs" and not ns.follow:
@@ -203,24 +207,50 @@ def _run_stream(ns: argparse.Namespace, supervisor: SupervisorClient) -> int:
             for line in reply.body:
                 print(render_line(line))
             return 0
-        stream = (supervisor.follow_logs(ns.tail) if ns.command == "logs"
-                  else supervisor.events(ns.since))
-        for message in stream:
-            if message.event == "gap":
-                gap = message.json()
-                missed = gap.get("missed")
-                print(f"corral: {'some' if missed is None else missed} "
-                      f"{'line' if ns.command == 'logs' else 'event'}(s) missed "
-                      "(no longer kept)", file=sys.stderr, flush=True)
-                continue
-            data = message.json()
-            if ns.command == "logs":
-                print(render_line(data), flush=True)
-            else:
-                print(json.dumps(data) if ns.json else render_event(data), flush=True)
+        with _ctrl_c_interrupts():
+            _follow(ns, supervisor)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # | head
         sys.stderr.close()
         return 0
     return 0
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt while a stream is followed, even when this process
+    was started with SIGINT ignored: Python then installs no handler of its own, and a
+    shell without job control ignores SIGINT in what it runs in the background
+    (``cmd &`` in a script, a CI step), so Ctrl-C or ``kill -INT`` would be lost and the
+    follow would never end. The supervisor's own handlers override an inherited SIG_IGN
+    the same way. The handler before is put back (``main`` may be called in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _follow(ns: argparse.Namespace, supervisor: SupervisorClient) -> None:
+    """Print the messages of ``logs -f`` or ``events`` until the stream ends."""
+    from corral.cli.render import render_event, render_line
+
+    stream = (supervisor.follow_logs(ns.tail) if ns.command == "logs"
+              else supervisor.events(ns.since))
+    for message in stream:
+        if message.event == "gap":
+            gap = message.json()
+            missed = gap.get("missed")
+            print(f"corral: {'some' if missed is None else missed} "
+                  f"{'line' if ns.command == 'logs' else 'event'}(s) missed "
+                  "(no longer kept)", file=sys.stderr, flush=True)
+            continue
+        data = message.json()
+        if ns.command == "logs":
+            print(render_line(data), flush=True)
+        else:
+            print(json.dumps(data) if ns.json else render_event(data), flush=True)
