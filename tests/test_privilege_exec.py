@@ -190,3 +190,28 @@ async def test_help_and_fit_params_run_as_the_user(shared_dir: Path, nobody: Run
                           wrap=nobody.command)
     await estimator.estimate(LlamaConfig(str(binary), (("--model", str(model)),)))
     assert uids.read_text().split("\n")[:2] == [f"--help {nobody.uid}", f"fit {nobody.uid}"]
+
+
+async def test_the_exec_links_live_in_one_directory_of_this_user(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every start of every supervisor of a user shares <tmp>/corral-exec-<uid> (nothing is
+    left per run); one that another user could have prepared is refused, and nothing runs."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    marker = tmp_path / "ran"
+    binary = program(tmp_path, "llama-server", f"echo ran >> {marker}")
+    launcher = ProcessLauncher(echo_output=False, check_binary=lambda real: None)
+    try:
+        for _ in range(2):
+            child = await launcher.spawn(LlamaConfig(str(binary), ()), 1)
+            assert await child.exited == 0
+            await child.kill()
+        assert [n for n in os.listdir(tmp_path) if n.startswith("corral-exec-")] == [
+            f"corral-exec-{os.geteuid()}"]
+        assert marker.read_text() == "ran\nran\n"
+        shared = tmp_path / f"corral-exec-{os.geteuid()}"
+        shared.chmod(0o777)   # anyone could have put links there now
+        with pytest.raises(StartFailed, match="this user's alone"):
+            await launcher.spawn(LlamaConfig(str(binary), ()), 1)
+    finally:
+        await launcher.aclose()
+    assert marker.read_text() == "ran\nran\n"

@@ -15,9 +15,10 @@ Theory of operation
   by, and ``argv[0]`` is that path too). So the exec goes through a symlink named like the
   binary, ``<private dir>/N/llama-server -> /proc/self/fd/N``: the process is still called
   ``llama-server``, and the symlink resolves in the child, to the child's own descriptor.
-  The directory is this supervisor's (mode 0711: a ``--user`` child may pass through, no
-  one else may write), and its links depend only on N and the name, so they are made once
-  and shared by every start.
+  The directory is this user's (``<tmp>/corral-exec-<uid>``, mode 0711: a ``--user`` child
+  may pass through, no one else may write; one owned by anyone else is refused), and its
+  links depend only on N and the name, so they are made once and shared by every start of
+  every supervisor that user runs.
 - A script (the fake llama-server in the tests) works too: the descriptor stays open in
   the interpreter, which opens the script through the same link.
 """
@@ -71,21 +72,32 @@ def open_checked(real_path: str, check: Callable[[str], None]) -> CheckedProgram
     return CheckedProgram(fd, opened)
 
 
-_private_dir: str | None = None
-
-
 def exec_path(program: CheckedProgram) -> str:
     """The path a child execs to run ``program``'s open descriptor under its own name."""
-    global _private_dir
-    if _private_dir is None or not os.path.isdir(_private_dir):
-        # tmpfiles may age out a long-lived directory: a new one is made when it is gone.
-        _private_dir = tempfile.mkdtemp(prefix="corral-exec-")
-        os.chmod(_private_dir, 0o711)
-    folder = os.path.join(_private_dir, str(program.fd))
+    folder = os.path.join(_private_dir(), str(program.fd))
     with contextlib.suppress(FileExistsError):
         os.mkdir(folder, 0o711)
         os.chmod(folder, 0o711)  # mkdir's mode is masked by the umask
     link = os.path.join(folder, program.name)
-    with contextlib.suppress(FileExistsError):
-        os.symlink(f"/proc/self/fd/{program.fd}", link)
+    target = f"/proc/self/fd/{program.fd}"
+    try:
+        os.symlink(target, link)
+    except FileExistsError:
+        if os.readlink(link) != target:  # only this user could have put it there
+            raise OSError(f"{link} does not point to {target}; remove it") from None
     return link
+
+
+def _private_dir() -> str:
+    """``<tmp>/corral-exec-<uid>``: one per user, shared by every supervisor of that user
+    (the links are the same for all), so nothing is left behind per run. Used only if this
+    user owns it and no one else may write to it; else it is made anew."""
+    path = os.path.join(tempfile.gettempdir(), f"corral-exec-{os.geteuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o711)
+        os.chmod(path, 0o711)
+    st = os.lstat(path)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
+            or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise OSError(f"{path} is not a directory of this user's alone: remove it")
+    return path
