@@ -206,10 +206,7 @@ class FrontDoor:
             decision = self._router.admit(ex)
             if ex.expect_continue and not ex.body_done and type(decision) is not Rejected:
                 ex.client.write(CONTINUE)
-            if type(decision) is Upstream:
-                self._start(ex, decision)  # _decide's first case, without the call
-            else:
-                self._decide(ex, decision)
+            self._decide(ex, decision)
         elif ex.conn is not None:
             ex.conn.send(ex)
 
