@@ -261,11 +261,12 @@ def one_round(c: Contender, seconds: float) -> dict[str, float]:
     return out
 
 
-def rotating_streams(contenders: list[Contender], cycles: int
-                  ) -> dict[str, list[dict[str, float]]]:
-    """Per contender, one entry per cycle: ``stream_c1_*`` of one stream and ``stream_c4_*``
-    (medians) of four at once. Each cycle runs every contender in turn, starting one further
-    along than the cycle before, so slow drifts of the machine fall on all alike."""
+def rotating_streams(contenders: list[Contender], cycles: int, prefix: str = "stream"
+                     ) -> dict[str, list[dict[str, float]]]:
+    """Per contender, one entry per cycle: ``<prefix>_c1_*`` of one stream and
+    ``<prefix>_c4_*`` (medians) of four at once. Each cycle runs every contender in turn,
+    starting one further along than the cycle before, so slow drifts of the machine fall on
+    all alike."""
     per: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
     for i in range(cycles):
         order = contenders[i % len(contenders):] + contenders[:i % len(contenders)]
@@ -274,7 +275,7 @@ def rotating_streams(contenders: list[Contender], cycles: int
             for c in order:
                 try:
                     for k, v in streams(c.port, conc, 1).items():
-                        figures[c.name][f"stream_c{conc}_{k}"] = v
+                        figures[c.name][f"{prefix}_c{conc}_{k}"] = v
                 except RuntimeError as exc:
                     log(f"front_door: {c.name} streams failed in cycle {i + 1}: {exc!r}")
         for name, f in figures.items():
@@ -285,11 +286,12 @@ def rotating_streams(contenders: list[Contender], cycles: int
 # ---- the run ------------------------------------------------------------------------------
 
 def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
-        streams: bool = True, stream_cycles: int = 8, budget_s: float = 900.0
-        ) -> dict[str, Any]:
+        streams: bool = True, stream_cycles: int = 8, paced_cycles: int = 30,
+        budget_s: float = 900.0) -> dict[str, Any]:
     """``rounds`` interleaved rounds of /health, fewer if ``budget_s`` runs out (at least
-    one), then the streams' cycles. The figures so far are written to
-    bench/results/front_door.json after every round."""
+    one), then the streams' cycles: from llama-server, then (direct, Corral, HAProxy) from
+    the paced upstream. The figures so far are written to bench/results/front_door.json
+    after every round."""
     kinds: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
     if alternatives:
         kinds += [CorralFrontAsyncio, AiohttpPair, Splice]
@@ -319,15 +321,42 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
                     result.update(rounds=r + 1, summary=summarize(per), runs=per,
                                   loadavg_after=loadavg())
                     write_json(RESULTS / "front_door.json", result)
+                cycles: dict[str, dict[str, list[dict[str, float]]]] = {}
                 if streams and stream_cycles > 0:
                     log(f"front_door: streams, {stream_cycles} cycles")
-                    cycles = rotating_streams(contenders, stream_cycles)
-                    result.update(stream_cycles=stream_cycles, streams=cycles,
+                    cycles["stream"] = rotating_streams(contenders, stream_cycles)
+                    result.update(stream_cycles=stream_cycles, streams=cycles["stream"],
+                                  summary=summarize(per, cycles), loadavg_after=loadavg())
+                    write_json(RESULTS / "front_door.json", result)
+                if streams and paced_cycles > 0:
+                    log(f"front_door: paced streams, {paced_cycles} cycles")
+                    cycles["paced"] = _paced(tmp, [k for k in kinds if k in PACED_KINDS],
+                                             paced_cycles)
+                    result.update(paced_cycles=paced_cycles, paced=cycles["paced"],
                                   summary=summarize(per, cycles), loadavg_after=loadavg())
                     write_json(RESULTS / "front_door.json", result)
         finally:
             server.stop()
     return result
+
+
+class PacedUpstream(CorralFront):
+    name, impl = "paced-upstream", "paced"
+
+
+PACED_KINDS: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
+
+
+def _paced(tmp: Path, kinds: list[Callable[[int], Contender]], cycles: int
+           ) -> dict[str, list[dict[str, float]]]:
+    """``rotating_streams`` (``paced_*``) through each contender from the paced upstream
+    (``bench.front_proxies`` ``paced``: a token every 10 ms after 30 ms, on a clock)."""
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(PacedUpstream(0).running(tmp))
+        paced_dir = tmp / "paced"
+        paced_dir.mkdir(exist_ok=True)
+        contenders = [stack.enter_context(k(upstream.port).running(paced_dir)) for k in kinds]
+        return rotating_streams(contenders, cycles, prefix="paced")
 
 
 def _measure(c: Contender, seconds: float) -> dict[str, Any]:
@@ -339,7 +368,7 @@ def _measure(c: Contender, seconds: float) -> dict[str, Any]:
 
 
 def summarize(per: dict[str, list[dict[str, Any]]],
-              cycles: dict[str, list[dict[str, float]]] | None = None
+              cycles: dict[str, dict[str, list[dict[str, float]]]] | None = None
               ) -> dict[str, dict[str, float | None]]:
     """Medians over rounds (and stream cycles); "added" and "vs direct" pair each round or
     cycle with direct's same one (those where either lacks the figure are left out)."""
@@ -352,20 +381,24 @@ def summarize(per: dict[str, list[dict[str, Any]]],
                        if key in r and key in d], digits)
 
     out: dict[str, dict[str, float | None]] = {}
+    phases = cycles or {}   # "stream" (llama-server), "paced": per contender, per cycle
     for name, runs in per.items():
-        streamed = (cycles or {}).get(name, [])
-        every = runs + streamed
+        every = runs + [c for phase in phases.values() for c in phase.get(name, [])]
         keys = sorted({k for r in every for k in r if k != "error"})
         s = out[name] = {k: median([r[k] for r in every if k in r], 3) for k in keys}
         for conc in (1, 16):
             s[f"health_c{conc}_added_p50_ms"] = paired(
                 runs, per["direct"], f"health_c{conc}_p50_ms", lambda a, b: a - b, 3)
-        for conc in (1, 4):
-            direct = (cycles or {}).get("direct", [])
-            s[f"stream_c{conc}_tok_s_vs_direct"] = paired(
-                streamed, direct, f"stream_c{conc}_tok_s", lambda a, b: a / b, 4)
-            s[f"stream_c{conc}_ttft_added_ms"] = paired(
-                streamed, direct, f"stream_c{conc}_ttft_ms", lambda a, b: a - b, 2)
+        for prefix, phase in phases.items():
+            if name not in phase:
+                continue
+            for conc in (1, 4):
+                s[f"{prefix}_c{conc}_tok_s_vs_direct"] = paired(
+                    phase[name], phase["direct"], f"{prefix}_c{conc}_tok_s",
+                    lambda a, b: a / b, 4)
+                s[f"{prefix}_c{conc}_ttft_added_ms"] = paired(
+                    phase[name], phase["direct"], f"{prefix}_c{conc}_ttft_ms",
+                    lambda a, b: a - b, 2)
         s["failed_rounds"] = sum(1 for r in runs if "error" in r)
     return out
 
@@ -394,13 +427,15 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     line("/health c=16 p99 ms", "health_c16_p99_ms", ".3f")
     line("/health c=16 req/s", "health_c16_rps", ".0f")
     line("/health c=16 proxy CPU us/request", "health_c16_cpu_us_per_req", ".1f")
-    for conc in (1, 4):
-        if all(v.get(f"stream_c{conc}_tok_s") is None for v in s.values()):
-            continue
-        line(f"stream c={conc} first token ms", f"stream_c{conc}_ttft_ms", ".1f")
-        line(f"stream c={conc} first token added ms", f"stream_c{conc}_ttft_added_ms", "+.2f")
-        line(f"stream c={conc} tokens/s", f"stream_c{conc}_tok_s", ".1f")
-        line(f"stream c={conc} tokens/s vs direct", f"stream_c{conc}_tok_s_vs_direct", ".1%")
+    for prefix, what in (("stream", "stream"), ("paced", "paced stream")):
+        for conc in (1, 4):
+            if all(v.get(f"{prefix}_c{conc}_tok_s") is None for v in s.values()):
+                continue
+            key = f"{prefix}_c{conc}"
+            line(f"{what} c={conc} first token ms", f"{key}_ttft_ms", ".2f")
+            line(f"{what} c={conc} first token added ms", f"{key}_ttft_added_ms", "+.2f")
+            line(f"{what} c={conc} tokens/s", f"{key}_tok_s", ".1f")
+            line(f"{what} c={conc} tokens/s vs direct", f"{key}_tok_s_vs_direct", ".1%")
     line("failed rounds", "failed_rounds", "d")
     return out
 
@@ -410,7 +445,7 @@ def main() -> int:
                f"interleaved rounds, {r['seconds']:g} s of wrk each; streams: "
                f"{r['stream_cycles']} rotating cycles)",
                rounds=3, seconds=3.0, alternatives=False, streams=True, stream_cycles=8,
-               budget_s=900.0)
+               paced_cycles=30, budget_s=900.0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
   streams each request through an aiohttp ``ClientSession`` (keep-alive pool) and streams the
   answer back with ``StreamResponse`` (hop-by-hop headers dropped, as a proxy must);
 - ``splice``: a bare TCP splice, two asyncio Protocols copying bytes: no HTTP at all, the
-  floor for any proxy written in Python on that loop.
+  floor for any proxy written in Python on that loop;
+- ``paced``: not a proxy but an upstream whose streams are paced by a clock (a token every
+  10 ms after 30 ms), to measure what a proxy adds to time to first token.
 
     .venv/bin/python -m bench.front_proxies --impl front --loop uvloop --listen P --upstream Q
 """
@@ -114,7 +116,50 @@ async def splice(listen: int, upstream: int) -> None:
         await server.serve_forever()
 
 
-IMPLS: dict[str, Any] = {"front": front, "aiohttp": aiohttp_pair, "splice": splice}
+# The paced stream: what a stream of llama-server looks like on the wire, on a clock.
+PACED_FIRST_S = 0.030   # "prompt processing": the head and the first token after this
+PACED_EVERY_S = 0.010   # one token every 10 ms after it
+PACED_TOKENS = 64
+
+
+async def paced(listen: int, upstream: int) -> None:
+    """Not a proxy: an upstream whose streams are paced by a clock, not by a CPU-bound
+    model, so a proxy's added time to first token is not lost in the model's own spread.
+    Every request gets ``PACED_TOKENS`` SSE events of llama-server's /completion form."""
+    del upstream
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                await asyncio.sleep(PACED_FIRST_S)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                for i in range(PACED_TOKENS):
+                    if i:
+                        await asyncio.sleep(PACED_EVERY_S)
+                    last = i == PACED_TOKENS - 1
+                    event = b'data: {"content": "x", "stop": %s}\n\n' % (
+                        b"true" if last else b"false")
+                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                writer.write(b"0\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", listen, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+IMPLS: dict[str, Any] = {"front": front, "aiohttp": aiohttp_pair, "splice": splice,
+                         "paced": paced}
 
 
 async def main_async(impl: str, listen: int, upstream: int) -> None:

@@ -59,7 +59,8 @@ def main() -> int:
          lambda: profile_respawn.run(10 if not ns.quick else 3), profile_respawn.rows),
         ("front_door", "7. the front door: direct vs Corral vs HAProxy (medians of rounds)",
          lambda: front_door.run(rounds=1 if ns.quick else 3, seconds=2.0 if ns.quick else 3.0,
-                                stream_cycles=2 if ns.quick else 8),
+                                stream_cycles=2 if ns.quick else 8,
+                                paced_cycles=5 if ns.quick else 30),
          front_door.rows),
         ("front_applies", f"8. applies under load through the front door ({3 if ns.quick else 10} "
          "per strategy, 4 clients)",
