@@ -29,6 +29,7 @@ class Req:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    version: str = "HTTP/1.1"
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -44,9 +45,9 @@ async def read_request(reader: asyncio.StreamReader) -> Req | None:
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
+    method, target, version = lines[0].split(" ", 2)
     headers = [(k, v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:] if ln)]
-    req = Req(method, target, headers, b"")
+    req = Req(method, target, headers, b"", version)
     if (req.header("transfer-encoding") or "").lower() == "chunked":
         parts = []
         while size := int((await reader.readline()).split(b";")[0], 16):

@@ -197,6 +197,33 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         assert got.index(b'"/a"') < got.index(b'"/b"') < got.index(b'"/c"')
 
 
+async def test_each_request_keeps_its_http_version_when_its_head_is_rebuilt() -> None:
+    """Heads rebuilt from the parse (pipelined, or cut across reads) carry their own
+    request's HTTP version: the parser is asked only when a head is rebuilt, and must be
+    asked before the next request line replaces it."""
+    async with upstreams(echo) as [up], front() as d:
+        d.door.route_to(up.upstream)
+        reqs = (b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = await raw(d.port, reqs, until_bytes=b" 200 ", n=4)
+        assert got.count(b" 200 ") == 4
+        # one request's head cut in two reads, the next one behind it in the second read
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"GET /e HTTP/1.0\r\nConnection: keep-")
+        await writer.drain()
+        await until(lambda: any(c.head_timed for c in d.door.edge.open), DEADLINE,
+                    "the first read parsed, its head not whole")
+        writer.write(b"alive\r\n\r\nGET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await until(lambda: len(up.requests) == 6, DEADLINE, "both forwarded")
+        writer.close()
+    assert [(r.target, r.version) for r in up.requests] == [
+        ("/a", "HTTP/1.0"), ("/b", "HTTP/1.1"), ("/c", "HTTP/1.0"), ("/d", "HTTP/1.1"),
+        ("/e", "HTTP/1.0"), ("/f", "HTTP/1.1")]
+
+
 async def test_a_malformed_request_gets_400_and_a_close() -> None:
     """A malformed request gets a 400 invalid_request_error and never reaches the upstream."""
     async with upstreams(echo) as [up], front() as d:

@@ -96,7 +96,12 @@ class ConnectionTable(Generic[C]):
             self._idle[conn] = now
         return decision, evicted
 
+    def left_idle(self, conn: C) -> None:
+        """A request began on ``conn``."""
+        self._idle.pop(conn, None)
+
     def head_began(self, conn: C, now: float) -> None:
+        """``conn``'s request head began at ``now`` and is not whole yet."""
         self._idle.pop(conn, None)
         if conn in self.open:
             self._heads.pop(conn, None)

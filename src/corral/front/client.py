@@ -40,7 +40,11 @@ class HeadEvents(Protocol):
 
     max_head_bytes: int
 
-    def head_began(self, client: ClientConn) -> None: ...
+    def busy(self, client: ClientConn) -> None:
+        """A request began: the connection is no longer idle."""
+
+    def head_began(self, client: ClientConn) -> None:
+        """A read ended with a head begun and not whole: its header timeout runs."""
 
     def head_ended(self, client: ClientConn) -> None: ...
 
@@ -69,13 +73,13 @@ class Exchange:
     __slots__ = ("client", "method", "url", "version", "headers", "is_head", "keep_alive",
                  "expect_continue", "chunked", "buf", "sent", "body_done", "submitted",
                  "upstream", "conn", "attempt", "responded", "retried", "stale_retried",
-                 "timer", "gone")
+                 "timer", "gone", "began")
 
     def __init__(self, client: ClientConn) -> None:
         self.client = client
         self.method = b""
         self.url = b""
-        self.version = "1.1"
+        self.version: str | None = None  # read from the parser only if the head is rebuilt
         self.headers: list[tuple[bytes, bytes]] = []
         self.is_head = False
         self.keep_alive = True
@@ -93,9 +97,11 @@ class Exchange:
         self.stale_retried = False      # a pooled connection was found dead: free retry used
         self.timer: asyncio.TimerHandle | None = None
         self.gone = False               # the client left or was answered
+        self.began = 0.0                # when its head was whole (the door's clock)
 
     def build_head(self) -> bytes:
-        parts = [self.method, b" ", self.url, b" HTTP/", self.version.encode(), b"\r\n"]
+        parts = [self.method, b" ", self.url, b" HTTP/", (self.version or "1.1").encode(),
+                 b"\r\n"]
         for name, value in self.headers:
             if self.expect_continue and name.lower() == b"expect":
                 continue  # the front door answered the 100 itself; the body follows anyway
@@ -116,6 +122,7 @@ class ClientConn(asyncio.Protocol):
         self.door = door
         self.edge = edge   # None: no limit on heads (their size and time)
         self.in_head = False      # a request's head began and is not whole yet
+        self.head_timed = False   # ... and a read ended so: the edge times it
         self.head_bytes = 0       # bytes read since it began (at most one read too many)
         self.parsed_head = 0      # its URL and headers as parsed so far
         self.too_large = False    # a head over the limit was parsed: answered 431
@@ -152,12 +159,17 @@ class ClientConn(asyncio.Protocol):
             if self.head_bytes > self.edge.max_head_bytes:
                 self.edge.head_too_large(self)
                 return
+            if not self.head_timed:  # a head whole in the read that began it is never timed
+                self.head_timed = True
+                self.edge.head_began(self)
         if self._new:
             whole = fresh and self._begins == 1 and self.parsing is None
             for ex in self._new:
                 if whole and not ex.expect_continue:
                     ex.buf[:] = [data]   # exactly one whole request: forward it as received
                 else:
+                    if ex.version is None:  # the last to begin: the parser still has it
+                        ex.version = self.parser.get_http_version()
                     ex.buf[0] = ex.build_head()
             self._new.clear()
         if self.queue:
@@ -203,13 +215,18 @@ class ClientConn(asyncio.Protocol):
     # ---- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._new and self._new[-1].version is None:
+            # Another request in the read that completed the last head: that head will be
+            # rebuilt, and until this one's request line is parsed the parser still holds
+            # its version (reading it costs as much as a third of the parse: only then).
+            self._new[-1].version = self.parser.get_http_version()
         self._begins += 1
         self.parsing = Exchange(self)
         self.in_head = True
         self.head_bytes = 0
         self.parsed_head = 0
         if self.edge is not None:
-            self.edge.head_began(self)
+            self.edge.busy(self)
 
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
@@ -232,7 +249,9 @@ class ClientConn(asyncio.Protocol):
         assert ex is not None
         self.in_head = False
         if self.edge is not None:
-            self.edge.head_ended(self)
+            if self.head_timed:
+                self.head_timed = False
+                self.edge.head_ended(self)
             # A head can arrive whole in one read, before any read is counted: measured as
             # parsed, an oversized one is never queued (431 once this read is parsed).
             if self.parsed_head > self.edge.max_head_bytes:
@@ -240,7 +259,6 @@ class ClientConn(asyncio.Protocol):
                 return
         parser = self.parser
         ex.method = parser.get_method()
-        ex.version = parser.get_http_version()
         ex.keep_alive = parser.should_keep_alive()
         ex.is_head = ex.method == b"HEAD"
         ex.buf.append(b"")  # the head's place, filled in after this read

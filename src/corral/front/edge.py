@@ -38,6 +38,8 @@ class Edge:
         self._clock = clock
         self._answer = answer
         self._sweeper: asyncio.TimerHandle | None = None
+        # A request began: the table's own method, called once per request (no wrapper).
+        self.busy: Callable[[ClientConn], None] = self.table.left_idle
 
     @property
     def open(self) -> set[ClientConn]:
@@ -69,6 +71,8 @@ class Edge:
         return True
 
     def head_began(self, client: ClientConn) -> None:
+        """A read ended with ``client``'s head begun and not whole: the header timeout runs
+        from now (a head that arrives whole in one read costs nothing here)."""
         self.table.head_began(client, self._clock.monotonic())
 
     def head_ended(self, client: ClientConn) -> None:

@@ -15,14 +15,15 @@ class IdleWaiters:
 
     def __init__(self, in_flight: Callable[[Upstream | None], int]) -> None:
         self._in_flight = in_flight
-        self._waiters: dict[Upstream | None, list[asyncio.Future[None]]] = {}
+        # who waits for which upstream; empty while nobody drains (nearly always)
+        self.waiters: dict[Upstream | None, list[asyncio.Future[None]]] = {}
 
     async def wait(self, upstream: Upstream | None, timeout_s: float) -> int:
         """Until ``upstream`` is idle or ``timeout_s`` passed; how many are still in flight."""
         if self._in_flight(upstream) == 0:
             return 0
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(upstream, [])
+        waiters = self.waiters.setdefault(upstream, [])
         waiters.append(fut)
         try:
             await asyncio.wait_for(fut, timeout_s)
@@ -31,19 +32,17 @@ class IdleWaiters:
         finally:
             waiters.remove(fut)
             if not waiters:
-                del self._waiters[upstream]
+                del self.waiters[upstream]
         return self._in_flight(upstream)
 
     def finished(self, upstream: Upstream, left: int) -> None:
         """An attempt on ``upstream`` ended, ``left`` still run there: wake who waits."""
-        if not self._waiters:
-            return  # nobody drains: the case of nearly every request
         if left == 0:
             self._wake(upstream)
-        if None in self._waiters and self._in_flight(None) == 0:
+        if None in self.waiters and self._in_flight(None) == 0:
             self._wake(None)
 
     def _wake(self, upstream: Upstream | None) -> None:
-        for fut in self._waiters.get(upstream, ()):
+        for fut in self.waiters.get(upstream, ()):
             if not fut.done():
                 fut.set_result(None)

@@ -82,8 +82,8 @@ class FrontDoor:
         self._retried = 0
         self._cut = 0
         self._failed: Counter[str] = Counter()
-        self._classes = [0] * 6
-        self.timing = Timings(clock)
+        self.status_classes = [0] * 6   # responses by status class (upstream ones counted
+        self.timing = Timings(clock)    # by the upstream connection, when the head comes)
         self.edge = Edge(self.settings, self.timing.clock, self.answer_early)
         self._clients = self.edge.open
 
@@ -180,7 +180,7 @@ class FrontDoor:
 
     def stats(self) -> FrontStats:
         active = self._router.active
-        classes = {f"{i}xx": n for i, n in enumerate(self._classes) if i and n}
+        classes = {f"{i}xx": n for i, n in enumerate(self.status_classes) if i and n}
         return FrontStats(
             listen=self._listen, mode=self._router.mode.value,
             active_port=active.port if active else None,
@@ -202,11 +202,14 @@ class FrontDoor:
         """The client's current exchange has news: submit it, or send what arrived."""
         if not ex.submitted:
             ex.submitted = True
-            self.timing.began(ex)
+            ex.began = self.timing.clock.monotonic()
             decision = self._router.admit(ex)
             if ex.expect_continue and not ex.body_done and type(decision) is not Rejected:
                 ex.client.write(CONTINUE)
-            self._decide(ex, decision)
+            if type(decision) is Upstream:   # nearly always: no call through _decide
+                self._start(ex, decision)
+            else:
+                self._decide(ex, decision)
         elif ex.conn is not None:
             ex.conn.send(ex)
 
@@ -243,7 +246,8 @@ class FrontDoor:
             self._decide(ex, decision)
 
     def _start(self, ex: Exchange, upstream: Upstream, fresh: bool = False) -> None:
-        self.timing.waited(ex)
+        if self.timing.waiting:
+            self.timing.waited(ex)
         self._router.started(upstream)
         ex.upstream = upstream
         ex.attempt += 1
@@ -278,7 +282,9 @@ class FrontDoor:
             return
         ex.upstream = None
         ex.conn = None
-        self._idle.finished(upstream, self._router.finished(upstream))
+        left = self._router.finished(upstream)
+        if self._idle.waiters:   # someone drains (rarely): wake them if it is done
+            self._idle.finished(upstream, left)
 
     def _attempt_failed(self, ex: Exchange, upstream: Upstream, reused: bool, why: str) -> None:
         self._end_attempt(ex)
@@ -323,7 +329,8 @@ class FrontDoor:
     def _client_done(self, ex: Exchange, close: bool) -> None:
         client = ex.client
         ex.gone = True
-        self.timing.ended(ex)
+        timing = self.timing
+        timing.durations.observe(timing.clock.monotonic() - ex.began)
         if client.queue and client.queue[0] is ex:
             client.queue.popleft()
         if close or client.closing or self._closing:
@@ -335,7 +342,7 @@ class FrontDoor:
             self.edge.went_idle(client)
 
     def count_status(self, status: int) -> None:
-        self._classes[min(status // 100, 5)] += 1
+        self.status_classes[min(status // 100, 5)] += 1
 
     # ---- called by the connections ------------------------------------------------------
 
@@ -352,8 +359,7 @@ class FrontDoor:
         for ex in client.queue:
             ex.gone = True
             ex.cancel_timer()
-            self.timing.waited(ex)
-            self.timing.forget(ex)
+            self.timing.waited(ex)   # a request whose client left has no duration
             self._router.withdraw(ex)
             conn = ex.conn
             self._end_attempt(ex)

@@ -46,48 +46,39 @@ class Durations:
 
 
 class Timings:
-    """Each request from its head to its end, and each wait (held or parked for a retry)."""
+    """Each request from its head to its end, and each wait (held or parked for a retry).
+
+    A request's start is kept by the caller (on the request: no lookup per request), and
+    its end is ``durations.observe(now - start)``; the waits are kept here, since
+    ``longest_wait`` looks at all of them.
+    """
 
     def __init__(self, clock: MonotonicClock | None = None) -> None:
         self.clock = clock or SystemClock()
-        self._began: dict[Hashable, float] = {}  # head received -> monotonic time
-        self._waiting: dict[Hashable, float] = {}  # waiting (held or parked) since
+        self.waiting: dict[Hashable, float] = {}  # waiting (held or parked) since
         self.durations = Durations(REQUEST_BOUNDS)
         self.held_time = Durations(HELD_BOUNDS)
 
-    def began(self, request: Hashable) -> None:
-        self._began[request] = self.clock.monotonic()
-
-    def ended(self, request: Hashable) -> None:
-        """The request was answered (or its client left): its duration counts."""
-        began = self._began.pop(request, None)
-        if began is not None:
-            self.durations.observe(self.clock.monotonic() - began)
-
-    def forget(self, request: Hashable) -> None:
-        """The client left before an answer: the request's duration does not count."""
-        self._began.pop(request, None)
-
     def waits(self, request: Hashable) -> None:
         """The request waits (again): from now, unless it already was waiting."""
-        self._waiting.setdefault(request, self.clock.monotonic())
+        self.waiting.setdefault(request, self.clock.monotonic())
 
     def waited(self, request: Hashable) -> None:
         """The request's wait ended: its time counts."""
-        since = self._waiting.pop(request, None)
+        since = self.waiting.pop(request, None)
         if since is not None:
             self.held_time.observe(self.clock.monotonic() - since)
 
     def longest_wait(self) -> float:
         """Seconds the request waiting longest has waited so far (0: none waits)."""
-        if not self._waiting:
+        if not self.waiting:
             return 0.0
-        return self.clock.monotonic() - min(self._waiting.values())
+        return self.clock.monotonic() - min(self.waiting.values())
 
     @property
     def pending(self) -> int:
-        """Requests with a duration or a wait not yet counted."""
-        return len(self._began.keys() | self._waiting.keys())
+        """Waits not yet counted."""
+        return len(self.waiting)
 
     def histograms(self) -> dict[str, tuple[str, tuple[float, ...], list[int], float]]:
         """Histograms for /metrics: name -> (help, upper bounds, per-bucket counts with
