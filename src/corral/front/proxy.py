@@ -94,7 +94,8 @@ class FrontDoor:
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         handshake_s = (self.settings.header_timeout_s or None) if self._tls else None
-        self._server = await loop.create_server(lambda: ClientConn(self, self.edge),
+        # ClientConn and UpstreamConn are protocols by their methods (see ClientConn)
+        self._server = await loop.create_server(lambda: ClientConn(self, self.edge),  # type: ignore[arg-type,return-value]
                                                 sock=self._sock, backlog=1024, ssl=self._tls,
                                                 ssl_handshake_timeout=handshake_s)
         self.edge.start()
@@ -263,8 +264,8 @@ class FrontDoor:
     async def _connect(self, ex: Exchange, upstream: Upstream, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: UpstreamConn(self, upstream),
-                                                   upstream.host, upstream.port)
+            _, conn = await loop.create_connection(  # type: ignore[type-var]
+                lambda: UpstreamConn(self, upstream), upstream.host, upstream.port)
         except OSError as exc:
             if ex.attempt == attempt and not ex.gone:
                 self._attempt_failed(ex, upstream, False, f"connect: {exc.strerror or exc}")

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from corral.front.model import Upstream
 
@@ -50,8 +50,7 @@ class Rejected:
 Decision = Upstream | Held | Rejected
 
 
-@dataclass(frozen=True, slots=True)
-class Switched(Generic[T]):
+class Switched(NamedTuple, Generic[T]):
     """What a switch lets go: ``release`` to forward (FIFO), ``reject`` to refuse."""
 
     release: list[T]

@@ -35,8 +35,9 @@ class UpstreamEvents(Protocol):
     status_classes: list[int]  # responses by status class: [0, 1xx, 2xx, 3xx, 4xx, 5xx]
 
 
-class UpstreamConn(asyncio.Protocol):
-    """A connection to one upstream."""
+class UpstreamConn:
+    """A connection to one upstream (an ``asyncio.Protocol`` by its methods, as
+    ``client.ClientConn`` is)."""
 
     def __init__(self, door: UpstreamEvents, upstream: Upstream) -> None:
         self.door = door
