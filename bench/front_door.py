@@ -17,9 +17,11 @@ medians are reported (the machine is shared: single figures move by +-30 %):
 Contenders: ``direct``; ``corral`` (``corral.front.FrontDoor`` in a process of its own,
 pointed at the server: the byte pump the controller drives); ``haproxy`` (Debian's, a plain
 reverse-proxy config, its defaults otherwise). ``--alternatives`` adds what the choice was
-made against: the same FrontDoor on asyncio's own loop, an aiohttp server + aiohttp client
-streaming pair, and a bare TCP splice (the floor for any Python proxy). ``corral`` runs on
-the loop ``corral supervise`` picks by default (uvloop when installed).
+made against: the same FrontDoor as pure Python (not compiled by mypyc), on asyncio's own
+loop, an aiohttp server + aiohttp client streaming pair, and a bare TCP splice (the floor
+for any Python proxy). ``corral`` runs as installed (compiled where ``setup.py`` could) on
+the loop ``corral supervise`` picks by default (uvloop when installed). "vs HAProxy" pairs
+each round's req/s with HAProxy's in the same round.
 
     .venv/bin/python -m bench.front_door [--rounds 3] [--seconds 3] [--alternatives]
         [--no-streams] [--stream-cycles 8] [--budget-s 900]
@@ -67,6 +69,10 @@ class Contender:
         """The command that serves ``self.port`` (None: nothing to start)."""
         return None
 
+    def env(self, tmp: Path) -> dict[str, str] | None:
+        """The command's environment (None: this one's)."""
+        return None
+
     @contextlib.contextmanager
     def running(self, tmp: Path) -> Iterator[Contender]:
         self.port = free_port()
@@ -76,7 +82,7 @@ class Contender:
             yield self
             return
         with open(tmp / f"{self.name}.log", "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=self.env(tmp),
                                     stdout=subprocess.DEVNULL, stderr=err)
         self.pid = proc.pid
         try:
@@ -105,6 +111,20 @@ class CorralFront(Contender):
 
 class CorralFrontAsyncio(CorralFront):
     name, loop = "corral-asyncio", "asyncio"
+
+
+class CorralFrontPure(CorralFront):
+    """The same front door as pure Python (as installed without a C compiler, or with
+    ``CORRAL_PURE=1``): this checkout's source without its compiled modules."""
+
+    name = "corral-pure"
+
+    def env(self, tmp: Path) -> dict[str, str]:
+        src = tmp / "pure-src"
+        if not src.exists():
+            shutil.copytree(Path(__file__).resolve().parent.parent / "src", src,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
+        return {**os.environ, "PYTHONPATH": str(src)}
 
 
 class AiohttpPair(CorralFront):
@@ -294,7 +314,7 @@ def run(rounds: int = 3, seconds: float = 3.0, alternatives: bool = False,
     after every round."""
     kinds: list[Callable[[int], Contender]] = [Direct, CorralFront, HAProxy]
     if alternatives:
-        kinds += [CorralFrontAsyncio, AiohttpPair, Splice]
+        kinds += [CorralFrontPure, CorralFrontAsyncio, AiohttpPair, Splice]
     if shutil.which("haproxy") is None:
         log("front_door: haproxy is not installed; measuring without it")
         kinds.remove(HAProxy)
@@ -389,6 +409,9 @@ def summarize(per: dict[str, list[dict[str, Any]]],
         for conc in (1, 16):
             s[f"health_c{conc}_added_p50_ms"] = paired(
                 runs, per["direct"], f"health_c{conc}_p50_ms", lambda a, b: a - b, 3)
+        if "haproxy" in per:  # the issue's goal: req/s against HAProxy's in the same round
+            s["health_c16_rps_vs_haproxy"] = paired(
+                runs, per["haproxy"], "health_c16_rps", lambda a, b: a / b, 4)
         for prefix, phase in phases.items():
             if name not in phase:
                 continue
@@ -426,6 +449,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     line("/health c=16 added p50 ms", "health_c16_added_p50_ms", "+.3f")
     line("/health c=16 p99 ms", "health_c16_p99_ms", ".3f")
     line("/health c=16 req/s", "health_c16_rps", ".0f")
+    line("/health c=16 req/s vs HAProxy", "health_c16_rps_vs_haproxy", ".1%")
     line("/health c=16 proxy CPU us/request", "health_c16_cpu_us_per_req", ".1f")
     for prefix, what in (("stream", "stream"), ("paced", "paced stream")):
         for conc in (1, 4):
