@@ -20,7 +20,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The modules every request runs through, compiled together (one mypyc group: their calls
-# to each other are C calls). Keep in step with corral.front.COMPILED.
+# to each other are C calls). scripts/compiled_front.py and the tests read this list.
 COMPILED = [
     "src/corral/core/edge.py",
     "src/corral/front/client.py",
@@ -55,7 +55,12 @@ def compiled_modules() -> list:
     except ImportError as exc:
         print(f"corral: mypyc is not available ({exc}); the front door runs as pure Python")
         return []
-    return mypycify(COMPILED, opt_level="3")
+    try:
+        return mypycify(COMPILED, opt_level="3")
+    except (Exception, SystemExit) as exc:  # noqa: BLE001  # mypyc exits on a type error
+        print(f"corral: mypyc could not compile the front door ({exc!r}); it runs as pure "
+              "Python", file=sys.stderr)
+        return []
 
 
 if __name__ == "__main__":  # as setuptools runs it (scripts/compiled_front.py reads COMPILED)
