@@ -37,6 +37,8 @@ class IdleWaiters:
 
     def finished(self, upstream: Upstream, left: int) -> None:
         """An attempt on ``upstream`` ended, ``left`` still run there: wake who waits."""
+        if not self.waiters:
+            return  # nobody drains: the case of nearly every request
         if left == 0:
             self._wake(upstream)
         if None in self.waiters and self._in_flight(None) == 0:

@@ -94,7 +94,6 @@ class FrontDoor:
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         handshake_s = (self.settings.header_timeout_s or None) if self._tls else None
-        # ClientConn and UpstreamConn are protocols by their methods (see ClientConn)
         self._server = await loop.create_server(lambda: ClientConn(self, self.edge),  # type: ignore[arg-type,return-value]
                                                 sock=self._sock, backlog=1024, ssl=self._tls,
                                                 ssl_handshake_timeout=handshake_s)
@@ -207,10 +206,7 @@ class FrontDoor:
             decision = self._router.admit(ex)
             if ex.expect_continue and not ex.body_done and type(decision) is not Rejected:
                 ex.client.write(CONTINUE)
-            if type(decision) is Upstream:   # nearly always: no call through _decide
-                self._start(ex, decision)
-            else:
-                self._decide(ex, decision)
+            self._decide(ex, decision)
         elif ex.conn is not None:
             ex.conn.send(ex)
 
@@ -283,9 +279,7 @@ class FrontDoor:
             return
         ex.upstream = None
         ex.conn = None
-        left = self._router.finished(upstream)
-        if self._idle.waiters:   # someone drains (rarely): wake them if it is done
-            self._idle.finished(upstream, left)
+        self._idle.finished(upstream, self._router.finished(upstream))
 
     def _attempt_failed(self, ex: Exchange, upstream: Upstream, reused: bool, why: str) -> None:
         self._end_attempt(ex)
@@ -330,8 +324,7 @@ class FrontDoor:
     def _client_done(self, ex: Exchange, close: bool) -> None:
         client = ex.client
         ex.gone = True
-        timing = self.timing
-        timing.durations.observe(timing.clock.monotonic() - ex.began)
+        self.timing.durations.observe(self.timing.clock.monotonic() - ex.began)
         if client.queue and client.queue[0] is ex:
             client.queue.popleft()
         if close or client.closing or self._closing:
