@@ -222,7 +222,7 @@ class ClientConn:
         if self._new and self._new[-1].version is None:
             # Another request in the read that completed the last head: that head will be
             # rebuilt, and until this one's request line is parsed the parser still holds
-            # its version (reading it costs as much as a third of the parse: only then).
+            # its version (reading it formats a string: done only for rebuilt heads).
             self._new[-1].version = self.parser.get_http_version()
         self._begins += 1
         self.parsing = Exchange(self)
