@@ -423,6 +423,9 @@ def processing_slots(http: httpx.Client) -> int:
     return sum(1 for s in r.json() if s.get("is_processing"))
 
 
+# Serial: in the parallel pass it failed once in a clean-clone run (/slots counted 0
+# processing right after the stream's first event, under 3 workers' load); cause not found.
+@pytest.mark.timing
 def test_a_disconnecting_streaming_client_frees_its_slot(
         keyed: tuple[SupervisorProcess, str]) -> None:
     """A streaming client that disconnects frees its llama-server slot, counted as no cut."""
