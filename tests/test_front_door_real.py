@@ -36,9 +36,7 @@ from tests.harness import (
 )
 from tests.loadgen import KINDS, LoadGen, Outcome
 
-# Only the load test is marked timing (make test runs it alone): the others wait for
-# conditions with generous deadlines and assert no duration, so they run in the parallel pass.
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.timing]  # load and latency
 
 LLAMA_ARGS = ["-c", "1024", "-np", "1"]
 READY = 180.0        # a real llama-server start on a busy 2-core machine: ~10 s, often more
@@ -86,7 +84,6 @@ def last_event(lines: Iterator[str]) -> dict[str, Any]:
 
 # ---- 1 + 2: applies, a crash and a shutdown under load, per strategy ----------------------------
 
-@pytest.mark.timing  # 4 clients of load: not one failed request, latencies printed: run alone
 @pytest.mark.parametrize("strategy", ["start-first", "stop-first"])
 def test_no_request_lost_across_applies_crash_and_shutdown(
         strategy: str, tmp_path: Path, real_binary: Path, real_model: Path,
@@ -423,9 +420,6 @@ def processing_slots(http: httpx.Client) -> int:
     return sum(1 for s in r.json() if s.get("is_processing"))
 
 
-# Serial: in the parallel pass it failed once in a clean-clone run (/slots counted 0
-# processing right after the stream's first event, under 3 workers' load); cause not found.
-@pytest.mark.timing
 def test_a_disconnecting_streaming_client_frees_its_slot(
         keyed: tuple[SupervisorProcess, str]) -> None:
     """A streaming client that disconnects frees its llama-server slot, counted as no cut."""

@@ -16,7 +16,7 @@ import pytest
 from corral.front import FrontDoor, FrontSettings, Upstream
 from tests.harness import end_process, free_port, wait_for
 
-pytestmark = pytest.mark.real  # no duration asserted: the parallel pass runs it
+pytestmark = [pytest.mark.real, pytest.mark.timing]  # latency figures
 DEADLINE = 60.0
 
 

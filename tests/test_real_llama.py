@@ -222,7 +222,7 @@ def test_proposal_example_1_merges_into_one_restart(tmp_path: Path, real_binary:
         assert props(sup.port)["model_path"] == str(foo)
 
 
-# Not timing: 120 s per request, and slower restarts only lower the restart count bound.
+@pytest.mark.timing  # probes or timed steps: run alone
 def test_flood_of_posts_while_restarts_take_2_s(tmp_path: Path, slow_binary,  # type: ignore[no-untyped-def]
                                                 real_model: Path) -> None:
     """Hundreds of POSTs from 8 clients: no 5xx, bounded restarts, last write wins."""

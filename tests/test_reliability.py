@@ -194,7 +194,7 @@ def test_never_ready_at_boot_is_killed_at_the_deadline(tmp_path: Path, model: Pa
 # ---- 5: a child that ignores SIGTERM --------------------------------------------------------
 
 
-# Not timing: its bounds are lower ones (the 1 s stop timeout waited) or 7 s past them.
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_child_ignoring_sigterm_is_killed_on_apply_and_on_stop(tmp_path: Path,
                                                                  model: Path) -> None:
     """A server that ignores SIGTERM is SIGKILLed after --stop-timeout, on apply and on stop."""
@@ -308,7 +308,7 @@ def test_killed_mid_apply_restarts_one_server_with_a_committed_config(
 # ---- 12: a second supervisor of the same config ---------------------------------------------
 
 
-# Not timing: "at once" is within 15 s, a Python start and a lock check.
+@pytest.mark.timing  # asserts on wall-clock durations: run alone
 def test_second_supervisor_of_the_same_config_refuses(tmp_path: Path, model: Path) -> None:
     """A second supervisor of the same config exits at once and disturbs nothing."""
     with supervisor(tmp_path, FAKE, model) as first:
